@@ -1,0 +1,90 @@
+//! Domain records of the coordinator: sweeps and trials as stored in redb and shown in reports.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Lifecycle of a trial. Completed and Failed are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrialStatus {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+}
+
+/// Optimisation direction of the sweep metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Goal {
+    #[default]
+    Minimize,
+    Maximize,
+}
+
+/// The lease a trial is running under.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    pub lease_id: String,
+    pub worker: String,
+    /// Unix ms after which the lease is expired unless renewed.
+    pub deadline_ms: u64,
+    /// Unix ms when this attempt started.
+    pub started_ms: u64,
+}
+
+/// One trial of a sweep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrialRecord {
+    pub sweep: String,
+    /// Position in the sweep's proposal order (0-based); the trial id is `{sweep}/{index}`.
+    pub index: u64,
+    /// The swept parameters of this trial (dotted trial-config paths).
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// The full trial config (base + params) as JSON.
+    pub config: serde_json::Value,
+    pub status: TrialStatus,
+    /// Attempts started so far (1 after the first lease).
+    pub attempt: u32,
+    pub lease: Option<LeaseInfo>,
+    /// Latest progress step and scalars, then the final metrics.
+    pub step: u64,
+    pub metrics: BTreeMap<String, f64>,
+    /// Why the trial failed, or why earlier attempts did.
+    pub errors: Vec<String>,
+    pub worker: Option<String>,
+    pub artifact: Option<String>,
+    pub created_ms: u64,
+    pub finished_ms: Option<u64>,
+    /// Duration of the successful attempt in seconds, as reported by the worker.
+    pub duration_s: Option<f64>,
+}
+
+impl TrialRecord {
+    pub fn trial_id(&self) -> String {
+        format!("{}/{}", self.sweep, self.index)
+    }
+}
+
+/// A sweep as stored: the YAML it was started from and its fingerprint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepRecord {
+    pub name: String,
+    /// The sweep YAML text, verbatim.
+    pub yaml: String,
+    /// Hash of the normalised spec; a changed YAML under the same name is refused.
+    pub fingerprint: String,
+    pub created_ms: u64,
+    /// Proposals made so far (trial indexes 0..proposed exist).
+    pub proposed: u64,
+    /// True once the strategy reported it is done and every trial is final.
+    pub finished: bool,
+}
+
+/// Current Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,719 @@
+//! The trial configuration: every hyperparameter of one modular-SAE training run.
+//!
+//! One source of truth for the coordinator (sweep expansion and validation), the protocol
+//! (carried as JSON) and the worker (training). Every field has a default, unknown keys are
+//! rejected, and [`TrialConfig::validate`] names the offending field and says why.
+//!
+//! Nested blocks (`data`, `data.synthetic`) are addressed with dotted paths in sweeps
+//! (`data.synthetic.noise_std`); see [`TrialConfig::has_path`] and [`TrialConfig::from_value`].
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// A configuration value that is wrong, with the dotted path of the field and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { field: field.into(), message: message.into() }
+    }
+}
+
+/// k-sparsity across the whole code layer, ignoring stripe boundaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerSparsityMode {
+    /// No layer sparsity.
+    #[default]
+    None,
+    /// Per sample, exactly the `layer_k` largest activations survive (top-k per row).
+    Ordinary,
+    /// Per code neuron, across the batch, its ceil(lifetime_rate * B) largest activations survive
+    /// (the WTA-autoencoder rule, arXiv 1409.2752).
+    Lifetime,
+    /// The original code's variant: one shared set of `layer_k` neurons chosen by batch-mean
+    /// activation survives for every sample.
+    LifetimeBatchMean,
+    /// k-winners of the boosted activations x * exp(beta * (k/N - duty)); outputs unboosted x
+    /// (Numenta, arXiv 1903.11257). Duty cycles update in training only.
+    Boosted,
+}
+
+/// k-sparsity across stripes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StripeSparsityMode {
+    /// No stripe sparsity.
+    #[default]
+    None,
+    /// Per sample, the `stripe_k` stripes with the highest mean activation survive.
+    Ordinary,
+    /// A learned linear router scores stripes from the layer before the code; the top `stripe_k`
+    /// survive. The router learns from reconstruction through the gate (see [`RoutingGate`]).
+    Routing,
+}
+
+/// How the routing gate passes gradient to the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingGate {
+    /// Kept stripes are multiplied by their router score (hard_topk * scores), so the router
+    /// receives the reconstruction gradient directly.
+    #[default]
+    Scores,
+    /// Forward multiplies by a 0/1 mask; backward passes the gradient to the selected scores as
+    /// if the gate were the identity on them (straight-through estimator).
+    StraightThrough,
+}
+
+/// Activation of the code layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    #[default]
+    Relu,
+    /// JumpReLU: z * H(z - theta) with a learned per-neuron threshold theta (straight-through
+    /// gradient for theta with a rectangle kernel of width `jumprelu_bandwidth`).
+    JumpRelu,
+}
+
+/// Optimiser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    /// Adam (weight decay, if any, added to the gradient).
+    Adam,
+    /// AdamW (decoupled weight decay).
+    #[default]
+    Adamw,
+    /// SGD with momentum (the original code used SGD, momentum 0.9).
+    Sgd,
+}
+
+/// Where the training data comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSource {
+    /// Generated from `seed` (see [`SyntheticConfig`]); identical on every worker, no files.
+    #[default]
+    Synthetic,
+    /// A NumPy `.npy` array (float32/float64), 2-D, or N-D flattened to (N, prod(rest)).
+    Npy,
+    /// A named tensor in a safetensors file.
+    Safetensors,
+    /// MNIST IDX images (optionally gzipped), with an optional labels file.
+    Mnist,
+}
+
+/// Per-feature scaling applied to the data (statistics from the training split).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Scaling {
+    #[default]
+    None,
+    /// Subtract the mean and divide by the standard deviation of each input dimension.
+    Standardize,
+    /// Divide each sample by its L2 norm.
+    UnitNorm,
+    /// Divide everything by the largest absolute value (images: 255 -> 1).
+    MaxAbs,
+}
+
+/// The synthetic dataset: unit ground-truth features grouped into clusters ("true stripes").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyntheticConfig {
+    /// Dimension of the samples.
+    pub input_dim: usize,
+    /// Number of feature clusters.
+    pub num_clusters: usize,
+    /// Features per cluster.
+    pub features_per_cluster: usize,
+    /// Clusters active in each sample.
+    pub active_clusters: usize,
+    /// Features active within each active cluster.
+    pub active_features: usize,
+    /// Number of samples generated (train + validation).
+    pub num_samples: usize,
+    /// Coefficients are uniform in [coef_min, coef_max].
+    pub coef_min: f64,
+    pub coef_max: f64,
+    /// Std of Gaussian noise added to every sample.
+    pub noise_std: f64,
+}
+
+impl Default for SyntheticConfig {
+    fn default() -> Self {
+        SyntheticConfig {
+            input_dim: 64,
+            num_clusters: 8,
+            features_per_cluster: 8,
+            active_clusters: 2,
+            active_features: 2,
+            num_samples: 16384,
+            coef_min: 0.5,
+            coef_max: 1.5,
+            noise_std: 0.0,
+        }
+    }
+}
+
+impl SyntheticConfig {
+    /// Total number of ground-truth features.
+    pub fn num_features(&self) -> usize {
+        self.num_clusters * self.features_per_cluster
+    }
+}
+
+/// Data configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    pub source: DataSource,
+    /// Data file (npy, safetensors, mnist images).
+    pub path: Option<PathBuf>,
+    /// Tensor name inside a safetensors file (default: the only tensor).
+    pub tensor: Option<String>,
+    /// Labels file (MNIST IDX labels, or an .npy of integer labels) for per-class stripe usage.
+    pub labels: Option<PathBuf>,
+    /// Fraction of samples held out for validation, in [0, 1).
+    pub validation_fraction: f64,
+    pub scaling: Scaling,
+    /// Use at most this many samples (0 = all).
+    pub limit: usize,
+    pub synthetic: SyntheticConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            source: DataSource::Synthetic,
+            path: None,
+            tensor: None,
+            labels: None,
+            validation_fraction: 0.1,
+            scaling: Scaling::None,
+            limit: 0,
+            synthetic: SyntheticConfig::default(),
+        }
+    }
+}
+
+/// Every hyperparameter of one trial. Field names match the original code's flags.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrialConfig {
+    /// Seed for initialisation, batching, noise and synthetic data.
+    pub seed: u64,
+    pub data: DataConfig,
+
+    // --- architecture ---
+    /// Width of the optional intermediate layer (0 = none: a classic one-layer SAE with a
+    /// linear decoder of unit-norm atoms).
+    pub intermediate_dim: usize,
+    /// Number of stripes S.
+    pub num_stripes: usize,
+    /// Neurons per stripe D; the code layer has S*D neurons.
+    pub stripe_dim: usize,
+    /// Decoder weights are the encoder's, transposed.
+    pub tied_weights: bool,
+    /// L2-normalise decoder atoms in the forward pass.
+    pub normalize_decoder: bool,
+    /// Code-layer activation.
+    pub activation: Activation,
+    /// Initial JumpReLU threshold.
+    pub jumprelu_threshold: f64,
+    /// Width of the straight-through kernel for the JumpReLU threshold gradient.
+    pub jumprelu_bandwidth: f64,
+    /// ReLU on the reconstruction (the original applied it; off by default).
+    pub output_relu: bool,
+
+    // --- layer sparsity ---
+    pub layer_sparsity_mode: LayerSparsityMode,
+    /// k of layer sparsity ("num_active_neurons" in the original).
+    pub layer_k: usize,
+    /// Fraction of the batch each neuron keeps in `lifetime` mode, in (0, 1].
+    pub lifetime_rate: f64,
+    /// Boost strength beta of `boosted` mode.
+    pub boost_strength: f64,
+    /// Duty cycle period of `boosted` mode: the EMA weight of the newest batch is 1/period.
+    pub duty_cycle_period: usize,
+
+    // --- stripe sparsity ---
+    pub stripe_sparsity_mode: StripeSparsityMode,
+    /// Stripes kept per sample ("num_active_stripes" in the original).
+    pub stripe_k: usize,
+    /// lambda * ||router.weight||_1 added to the loss in `routing` mode.
+    pub routing_l1_regularization: f64,
+    pub routing_gate: RoutingGate,
+    /// Fraction of the batch each stripe may be active for, in (0, 1]; 1 = off.
+    pub active_stripes_per_batch: f64,
+
+    // --- penalties ---
+    /// Weight of the L1 penalty (mean |z|).
+    pub l1_weight: f64,
+    /// Weight of the KL penalty to the target rate.
+    pub kl_weight: f64,
+    /// Target activation rate rho of the KL penalty, in (0, 1).
+    pub kl_target: f64,
+    /// Weight of the Hoyer penalty (1 - Hoyer sparseness, mean over samples).
+    pub hoyer_weight: f64,
+
+    // --- variants ---
+    /// AuxK: number of dead latents used to reconstruct the residual (0 = off).
+    pub aux_k: usize,
+    /// Weight of the AuxK loss.
+    pub aux_k_coef: f64,
+    /// A latent that has not fired for this many training samples counts as dead.
+    pub dead_after_samples: usize,
+    /// Resample dead neurons every this many steps (0 = never).
+    pub resample_dead_every: usize,
+    /// Linear k curriculum: start at this k and decay to the target (0 = off).
+    pub k_curriculum_start: usize,
+    /// Steps over which the curriculum decays.
+    pub k_curriculum_steps: usize,
+    /// Std of Gaussian noise added to the inputs in training.
+    pub input_noise_std: f64,
+
+    // --- training ---
+    pub optimizer: Optimizer,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub batch_size: usize,
+    /// Training steps (batches).
+    pub steps: usize,
+    /// Evaluate on the validation set every this many steps (0 = only at the end).
+    pub eval_every: usize,
+    /// Stop after this many evaluations without improvement of the validation loss (0 = off).
+    pub early_stopping_patience: usize,
+    /// Minimum decrease of the validation loss that counts as an improvement.
+    pub early_stopping_min_delta: f64,
+}
+
+impl Default for TrialConfig {
+    fn default() -> Self {
+        TrialConfig {
+            seed: 0,
+            data: DataConfig::default(),
+            intermediate_dim: 0,
+            num_stripes: 16,
+            stripe_dim: 16,
+            tied_weights: false,
+            normalize_decoder: true,
+            activation: Activation::Relu,
+            jumprelu_threshold: 0.01,
+            jumprelu_bandwidth: 0.01,
+            output_relu: false,
+            layer_sparsity_mode: LayerSparsityMode::Ordinary,
+            layer_k: 8,
+            lifetime_rate: 0.05,
+            boost_strength: 1.0,
+            duty_cycle_period: 1000,
+            stripe_sparsity_mode: StripeSparsityMode::None,
+            stripe_k: 4,
+            routing_l1_regularization: 0.0,
+            routing_gate: RoutingGate::Scores,
+            active_stripes_per_batch: 1.0,
+            l1_weight: 0.0,
+            kl_weight: 0.0,
+            kl_target: 0.05,
+            hoyer_weight: 0.0,
+            aux_k: 0,
+            aux_k_coef: 1.0 / 32.0,
+            dead_after_samples: 100_000,
+            resample_dead_every: 0,
+            k_curriculum_start: 0,
+            k_curriculum_steps: 0,
+            input_noise_std: 0.0,
+            optimizer: Optimizer::Adamw,
+            lr: 1e-3,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            batch_size: 256,
+            steps: 2000,
+            eval_every: 250,
+            early_stopping_patience: 0,
+            early_stopping_min_delta: 0.0,
+        }
+    }
+}
+
+impl TrialConfig {
+    /// Number of code neurons N = num_stripes * stripe_dim.
+    pub fn code_dim(&self) -> usize {
+        self.num_stripes * self.stripe_dim
+    }
+
+    /// Input dimension when it is known without reading files (synthetic data).
+    pub fn known_input_dim(&self) -> Option<usize> {
+        match self.data.source {
+            DataSource::Synthetic => Some(self.data.synthetic.input_dim),
+            _ => None,
+        }
+    }
+
+    /// Build a config from a JSON value (sweep expansion works on values). Unknown keys and
+    /// wrong types are errors naming the field.
+    pub fn from_value(value: serde_json::Value) -> Result<Self, ConfigError> {
+        serde_json::from_value(value).map_err(|e| ConfigError::new("config", e.to_string()))
+    }
+
+    /// Parse a YAML trial config (`msae-worker train --config trial.yaml`) and validate it.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: TrialConfig = crate::yaml::from_str(text)
+            .map_err(|e| ConfigError::new("config", e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Whether `path` (dotted, e.g. `data.synthetic.noise_std`) names a field of the config.
+    pub fn has_path(path: &str) -> bool {
+        let mut value = serde_json::to_value(TrialConfig::default()).expect("config serializes");
+        for part in path.split('.') {
+            match value {
+                serde_json::Value::Object(mut map) => match map.remove(part) {
+                    Some(v) => value = v,
+                    None => return false,
+                },
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Every leaf field path, for suggestions on misspelt parameter names.
+    pub fn field_paths() -> Vec<String> {
+        fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+            if let serde_json::Value::Object(map) = value {
+                for (k, v) in map {
+                    let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    if v.is_object() {
+                        walk(&path, v, out);
+                    }
+                    out.push(path);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let value = serde_json::to_value(TrialConfig::default()).expect("config serializes");
+        walk("", &value, &mut out);
+        out
+    }
+
+    /// The known field path closest to `name`, if any is close enough to be a likely typo.
+    pub fn suggest_path(name: &str) -> Option<String> {
+        Self::field_paths()
+            .into_iter()
+            .map(|p| (strsim::jaro_winkler(name, &p), p))
+            .filter(|(score, _)| *score > 0.8)
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, p)| p)
+    }
+
+    /// The layer k in effect at `step` (the linear curriculum decays from `k_curriculum_start`).
+    pub fn layer_k_at(&self, step: usize) -> usize {
+        if self.k_curriculum_start == 0 || self.k_curriculum_steps == 0 {
+            return self.layer_k;
+        }
+        let start = self.k_curriculum_start as f64;
+        let end = self.layer_k as f64;
+        let t = (step as f64 / self.k_curriculum_steps as f64).min(1.0);
+        (start + (end - start) * t).round().max(1.0) as usize
+    }
+
+    /// Check every value; the error names the field and says why it is impossible.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |f: &str, m: String| Err(ConfigError::new(f, m));
+        let n = self.code_dim();
+        if self.num_stripes == 0 {
+            return err("num_stripes", "must be at least 1".into());
+        }
+        if self.stripe_dim == 0 {
+            return err("stripe_dim", "must be at least 1".into());
+        }
+        if let Some(d) = self.known_input_dim() {
+            if d == 0 {
+                return err("data.synthetic.input_dim", "must be at least 1".into());
+            }
+        }
+        if self.tied_weights && self.intermediate_dim > 0 {
+            // Tied weights mirror every layer; supported, nothing to check.
+        }
+        let uses_layer_k = matches!(
+            self.layer_sparsity_mode,
+            LayerSparsityMode::Ordinary | LayerSparsityMode::LifetimeBatchMean | LayerSparsityMode::Boosted
+        );
+        if uses_layer_k {
+            if self.layer_k == 0 {
+                return err("layer_k", "must be at least 1".into());
+            }
+            if self.layer_k > n {
+                return err(
+                    "layer_k",
+                    format!(
+                        "{} is larger than the code layer ({} stripes x {} = {n} neurons)",
+                        self.layer_k, self.num_stripes, self.stripe_dim
+                    ),
+                );
+            }
+        }
+        if self.k_curriculum_start > 0 {
+            if !uses_layer_k {
+                return err(
+                    "k_curriculum_start",
+                    "a k curriculum needs a layer_sparsity_mode that uses layer_k".into(),
+                );
+            }
+            if self.k_curriculum_start > n {
+                return err(
+                    "k_curriculum_start",
+                    format!("{} is larger than the code layer ({n} neurons)", self.k_curriculum_start),
+                );
+            }
+            if self.k_curriculum_steps == 0 {
+                return err("k_curriculum_steps", "must be at least 1 when k_curriculum_start is set".into());
+            }
+        }
+        unit_interval("lifetime_rate", self.lifetime_rate)?;
+        unit_interval("active_stripes_per_batch", self.active_stripes_per_batch)?;
+        if !(self.boost_strength.is_finite() && self.boost_strength >= 0.0) {
+            return err("boost_strength", format!("{} must be a finite number >= 0", self.boost_strength));
+        }
+        if self.duty_cycle_period == 0 {
+            return err("duty_cycle_period", "must be at least 1".into());
+        }
+        if self.stripe_sparsity_mode != StripeSparsityMode::None {
+            if self.stripe_k == 0 {
+                return err("stripe_k", "must be at least 1".into());
+            }
+            if self.stripe_k > self.num_stripes {
+                return err(
+                    "stripe_k",
+                    format!("{} is larger than num_stripes ({})", self.stripe_k, self.num_stripes),
+                );
+            }
+        }
+        for (name, v) in [
+            ("routing_l1_regularization", self.routing_l1_regularization),
+            ("l1_weight", self.l1_weight),
+            ("kl_weight", self.kl_weight),
+            ("hoyer_weight", self.hoyer_weight),
+            ("aux_k_coef", self.aux_k_coef),
+            ("input_noise_std", self.input_noise_std),
+            ("weight_decay", self.weight_decay),
+            ("early_stopping_min_delta", self.early_stopping_min_delta),
+            ("jumprelu_threshold", self.jumprelu_threshold),
+            ("data.synthetic.noise_std", self.data.synthetic.noise_std),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return err(name, format!("{v} must be a finite number >= 0"));
+            }
+        }
+        if !(self.kl_target > 0.0 && self.kl_target < 1.0) {
+            return err("kl_target", format!("{} must be in (0, 1)", self.kl_target));
+        }
+        if !(self.jumprelu_bandwidth.is_finite() && self.jumprelu_bandwidth > 0.0) {
+            return err("jumprelu_bandwidth", format!("{} must be > 0", self.jumprelu_bandwidth));
+        }
+        if self.aux_k > n {
+            return err("aux_k", format!("{} is larger than the code layer ({n} neurons)", self.aux_k));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return err("lr", format!("{} must be a finite number > 0", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return err("momentum", format!("{} must be in [0, 1)", self.momentum));
+        }
+        if !(0.0..1.0).contains(&self.beta1) {
+            return err("beta1", format!("{} must be in [0, 1)", self.beta1));
+        }
+        if !(0.0..1.0).contains(&self.beta2) {
+            return err("beta2", format!("{} must be in [0, 1)", self.beta2));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return err("eps", format!("{} must be > 0", self.eps));
+        }
+        if self.batch_size == 0 {
+            return err("batch_size", "must be at least 1".into());
+        }
+        if self.steps == 0 {
+            return err("steps", "must be at least 1".into());
+        }
+        self.validate_data()
+    }
+
+    fn validate_data(&self) -> Result<(), ConfigError> {
+        let d = &self.data;
+        if !(0.0..1.0).contains(&d.validation_fraction) {
+            return Err(ConfigError::new(
+                "data.validation_fraction",
+                format!("{} must be in [0, 1)", d.validation_fraction),
+            ));
+        }
+        match d.source {
+            DataSource::Synthetic => {
+                let s = &d.synthetic;
+                for (name, v) in [
+                    ("data.synthetic.num_clusters", s.num_clusters),
+                    ("data.synthetic.features_per_cluster", s.features_per_cluster),
+                    ("data.synthetic.active_clusters", s.active_clusters),
+                    ("data.synthetic.active_features", s.active_features),
+                    ("data.synthetic.num_samples", s.num_samples),
+                ] {
+                    if v == 0 {
+                        return Err(ConfigError::new(name, "must be at least 1"));
+                    }
+                }
+                if s.active_clusters > s.num_clusters {
+                    return Err(ConfigError::new(
+                        "data.synthetic.active_clusters",
+                        format!("{} is larger than num_clusters ({})", s.active_clusters, s.num_clusters),
+                    ));
+                }
+                if s.active_features > s.features_per_cluster {
+                    return Err(ConfigError::new(
+                        "data.synthetic.active_features",
+                        format!(
+                            "{} is larger than features_per_cluster ({})",
+                            s.active_features, s.features_per_cluster
+                        ),
+                    ));
+                }
+                if !(s.coef_min.is_finite() && s.coef_min >= 0.0 && s.coef_max >= s.coef_min) {
+                    return Err(ConfigError::new(
+                        "data.synthetic.coef_min",
+                        format!("need 0 <= coef_min ({}) <= coef_max ({})", s.coef_min, s.coef_max),
+                    ));
+                }
+                let val = (s.num_samples as f64 * d.validation_fraction).ceil() as usize;
+                if s.num_samples <= val {
+                    return Err(ConfigError::new(
+                        "data.synthetic.num_samples",
+                        format!("{} leaves no training samples after the validation split", s.num_samples),
+                    ));
+                }
+            }
+            DataSource::Npy | DataSource::Safetensors | DataSource::Mnist => {
+                if d.path.is_none() {
+                    return Err(ConfigError::new(
+                        "data.path",
+                        format!("required when data.source is {:?}", d.source).to_lowercase(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn unit_interval(field: &str, v: f64) -> Result<(), ConfigError> {
+    if v > 0.0 && v <= 1.0 {
+        Ok(())
+    } else {
+        Err(ConfigError::new(field, format!("{v} must be in (0, 1]")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        TrialConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn k_larger_than_layer_is_named() {
+        let cfg = TrialConfig { layer_k: 1000, ..Default::default() };
+        let e = cfg.validate().unwrap_err();
+        assert_eq!(e.field, "layer_k");
+        assert!(e.message.contains("larger than the code layer"), "{e}");
+        assert!(e.message.contains("256"), "{e}");
+    }
+
+    #[test]
+    fn stripe_k_larger_than_num_stripes() {
+        let cfg = TrialConfig {
+            stripe_sparsity_mode: StripeSparsityMode::Ordinary,
+            stripe_k: 17,
+            ..Default::default()
+        };
+        let e = cfg.validate().unwrap_err();
+        assert_eq!(e.field, "stripe_k");
+        assert!(e.message.contains("num_stripes (16)"), "{e}");
+    }
+
+    #[test]
+    fn rates_outside_unit_interval() {
+        for bad in [0.0, -0.1, 1.5, f64::NAN] {
+            let cfg = TrialConfig { lifetime_rate: bad, ..Default::default() };
+            assert_eq!(cfg.validate().unwrap_err().field, "lifetime_rate");
+            let cfg = TrialConfig { active_stripes_per_batch: bad, ..Default::default() };
+            assert_eq!(cfg.validate().unwrap_err().field, "active_stripes_per_batch");
+        }
+        let cfg = TrialConfig { active_stripes_per_batch: 1.0, lifetime_rate: 1.0, ..Default::default() };
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_rejected() {
+        let e = TrialConfig::from_yaml("layer_k: 4\nlayer_kk: 5\n").unwrap_err();
+        assert!(e.message.contains("unknown field `layer_kk`"), "{e}");
+        let e = TrialConfig::from_yaml("data:\n  synthetic:\n    noise: 1\n").unwrap_err();
+        assert!(e.message.contains("unknown field `noise`"), "{e}");
+    }
+
+    #[test]
+    fn yaml_round_trip_and_modes() {
+        let cfg = TrialConfig::from_yaml(
+            "layer_sparsity_mode: boosted\nstripe_sparsity_mode: routing\nstripe_k: 2\noptimizer: sgd\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.layer_sparsity_mode, LayerSparsityMode::Boosted);
+        assert_eq!(cfg.stripe_sparsity_mode, StripeSparsityMode::Routing);
+        assert_eq!(cfg.optimizer, Optimizer::Sgd);
+        let text = crate::yaml::to_string(&cfg).unwrap();
+        assert_eq!(TrialConfig::from_yaml(&text).unwrap(), cfg);
+        let e = TrialConfig::from_yaml("layer_sparsity_mode: sideways\n").unwrap_err();
+        assert!(e.message.contains("unknown variant `sideways`"), "{e}");
+    }
+
+    #[test]
+    fn paths_and_suggestions() {
+        assert!(TrialConfig::has_path("lr"));
+        assert!(TrialConfig::has_path("data.synthetic.noise_std"));
+        assert!(!TrialConfig::has_path("data.synthetic.nope"));
+        assert!(!TrialConfig::has_path("lr.x"));
+        assert_eq!(TrialConfig::suggest_path("stripe_kk").as_deref(), Some("stripe_k"));
+        assert_eq!(TrialConfig::suggest_path("zzzzzz"), None);
+    }
+
+    #[test]
+    fn file_sources_need_a_path() {
+        let mut cfg = TrialConfig::default();
+        cfg.data.source = DataSource::Npy;
+        assert_eq!(cfg.validate().unwrap_err().field, "data.path");
+    }
+
+    #[test]
+    fn curriculum_decays_linearly() {
+        let cfg = TrialConfig { layer_k: 8, k_curriculum_start: 64, k_curriculum_steps: 100, ..Default::default() };
+        assert_eq!(cfg.layer_k_at(0), 64);
+        assert_eq!(cfg.layer_k_at(50), 36);
+        assert_eq!(cfg.layer_k_at(100), 8);
+        assert_eq!(cfg.layer_k_at(1000), 8);
+    }
+}

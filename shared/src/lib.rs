@@ -1,0 +1,21 @@
+//! msae-shared: what the coordinator and the workers must agree on.
+//!
+//! - [`config`]: the one trial configuration type (every SAE hyperparameter), with serde
+//!   defaults, unknown keys rejected, and [`config::TrialConfig::validate`].
+//! - [`proto`]: the generated gRPC protocol (`proto/msae.proto`, package `msae.v1`).
+//! - [`metrics`]: the stable metric names every trial reports.
+
+pub mod config;
+pub mod metrics;
+pub mod yaml;
+
+/// Generated protocol code. Core logic converts to domain types at the edge.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("msae.v1");
+}
+
+/// Version of the coordinator/worker protocol; a worker with another version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+pub use config::{ConfigError, TrialConfig};

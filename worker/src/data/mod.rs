@@ -1,0 +1,429 @@
+//! Training data: the seeded synthetic default and file loaders (npy, safetensors, MNIST IDX).
+//!
+//! Everything becomes a [`Dataset`]: row-major f32 samples split into train and validation,
+//! scaled as configured, with optional labels and, for synthetic data, the ground truth.
+//!
+//! [`load`] is the one entry point. It reads (or generates) every sample as a [`Matrix`], attaches
+//! labels, rejects non-finite values, applies `limit`, shuffles deterministically with the seed,
+//! splits off the validation set, and scales both splits with statistics fitted on the training
+//! split only (so validation numbers never see validation statistics). Every failure is a
+//! [`DataError`] that names the file (or config field) and the problem.
+
+use msae_shared::config::{DataConfig, DataSource, Scaling};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub mod idx;
+pub mod npy;
+pub mod safetensors_file;
+pub mod synthetic;
+
+/// Ground truth of a synthetic dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroundTruth {
+    /// Unit-norm true features, row-major (num_features, dim).
+    pub features: Vec<f32>,
+    pub num_features: usize,
+    /// Cluster ("true stripe") of each feature.
+    pub feature_cluster: Vec<usize>,
+    pub num_clusters: usize,
+}
+
+/// A dataset ready for training.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    /// Sample dimension.
+    pub dim: usize,
+    /// Training samples, row-major (n_train, dim).
+    pub train: Vec<f32>,
+    /// Validation samples, row-major (n_val, dim).
+    pub val: Vec<f32>,
+    /// Labels of the validation samples, when a labels source exists.
+    pub val_labels: Option<Vec<u32>>,
+    /// Labels of the training samples, when a labels source exists.
+    pub train_labels: Option<Vec<u32>>,
+    /// Known ground truth (synthetic data only).
+    pub truth: Option<GroundTruth>,
+}
+
+impl Dataset {
+    pub fn n_train(&self) -> usize {
+        self.train.len() / self.dim
+    }
+    pub fn n_val(&self) -> usize {
+        self.val.len() / self.dim
+    }
+}
+
+/// A data or configuration problem found while loading. Every message names the file (or the
+/// config field) and says what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The file does not exist.
+    #[error("{}: file not found", path.display())]
+    NotFound { path: PathBuf },
+    /// Any other I/O failure (permissions, a directory, a corrupt gzip stream).
+    #[error("{}: cannot read: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not start with the magic bytes of the expected format.
+    #[error("{}: not {format}: bad magic {found} (expected {expected})", path.display())]
+    BadMagic { path: PathBuf, format: &'static str, found: String, expected: String },
+    /// The header is malformed or describes something unsupported.
+    #[error("{}: bad header: {reason}", path.display())]
+    Header { path: PathBuf, reason: String },
+    /// Fewer data bytes than the header's shape and dtype require.
+    #[error(
+        "{}: truncated: the header describes {expected} data bytes but the file holds {actual}",
+        path.display()
+    )]
+    Truncated { path: PathBuf, expected: usize, actual: usize },
+    /// More data bytes than the header's shape and dtype describe.
+    #[error(
+        "{}: {actual} data bytes where the header describes {expected}: unexpected trailing data",
+        path.display()
+    )]
+    TrailingData { path: PathBuf, expected: usize, actual: usize },
+    /// An element type that this use does not accept.
+    #[error("{}: unsupported dtype {found} (accepted: {expected})", path.display())]
+    Dtype { path: PathBuf, found: String, expected: String },
+    /// A shape that cannot be read as (samples, features) or as a label vector.
+    #[error("{}: wrong shape {shape:?}: {reason}", path.display())]
+    Shape { path: PathBuf, shape: Vec<usize>, reason: String },
+    /// `data.tensor` names a tensor the safetensors file lacks.
+    #[error("{}: tensor {name:?} not found; tensors present: {}", path.display(), available.join(", "))]
+    TensorNotFound { path: PathBuf, name: String, available: Vec<String> },
+    /// No `data.tensor` and the safetensors file does not hold exactly one tensor.
+    #[error(
+        "{}: holds {} tensors ({}); set data.tensor to choose one",
+        path.display(), available.len(), available.join(", ")
+    )]
+    AmbiguousTensor { path: PathBuf, available: Vec<String> },
+    /// The labels file does not have one label per sample.
+    #[error("{}: {labels} labels for {samples} samples in {data}", path.display())]
+    LabelsMismatch { path: PathBuf, labels: usize, samples: usize, data: String },
+    /// A label that is negative or does not fit in u32.
+    #[error("{}: invalid label {value} at index {index}: labels must be integers in [0, 2^32)", path.display())]
+    BadLabel { path: PathBuf, index: usize, value: i64 },
+    /// A NaN or infinite sample value.
+    #[error("{origin}: non-finite value {value} at sample {row}, dimension {col}")]
+    NonFinite { origin: String, row: usize, col: usize, value: f32 },
+    /// Too few samples for a train/validation split.
+    #[error("{origin}: not enough samples: {reason}")]
+    NotEnoughSamples { origin: String, reason: String },
+    /// A data configuration value that cannot be used.
+    #[error("{field}: {reason}")]
+    InvalidConfig { field: String, reason: String },
+}
+
+impl DataError {
+    fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        DataError::InvalidConfig { field: field.into(), reason: reason.into() }
+    }
+}
+
+/// Samples as a row-major (rows, cols) f32 matrix, before splitting.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Matrix {
+    /// Keep only the first `rows` rows (no-op when there are fewer).
+    pub fn truncate_rows(&mut self, rows: usize) {
+        if rows < self.rows {
+            self.rows = rows;
+            self.data.truncate(rows * self.cols);
+        }
+    }
+}
+
+/// Load (or generate) the configured data, split it and scale it.
+///
+/// `seed` drives the synthetic generator and the train/validation shuffle, so every worker given
+/// the same config and seed builds identical datasets. Steps, in order:
+/// 1. read the samples (`data.source`) and, when `data.labels` is set, one label per sample;
+/// 2. reject NaN/inf values;
+/// 3. `data.limit` (> 0) keeps the first `limit` samples in file order;
+/// 4. a seeded shuffle, then the last `ceil(validation_fraction * n)` samples are validation;
+/// 5. scaling fitted on the training split, applied to both splits.
+pub fn load(cfg: &DataConfig, seed: u64) -> Result<Dataset, DataError> {
+    let (mut matrix, truth, origin) = match cfg.source {
+        DataSource::Synthetic => {
+            let s = &cfg.synthetic;
+            // The generator is sequential, so the first `limit` samples are the same whether or
+            // not the rest are generated: generate only what is kept.
+            let n = if cfg.limit > 0 { cfg.limit.min(s.num_samples) } else { s.num_samples };
+            let data = synthetic::generate_n(s, seed, n)?;
+            let m = Matrix { data: data.samples, rows: data.num_samples, cols: data.dim };
+            (m, Some(data.truth), "synthetic data".to_string())
+        }
+        DataSource::Npy => {
+            let path = require_path(cfg)?;
+            (npy::load_matrix(path)?, None, path.display().to_string())
+        }
+        DataSource::Safetensors => {
+            let path = require_path(cfg)?;
+            let m = safetensors_file::load_matrix(path, cfg.tensor.as_deref())?;
+            (m, None, path.display().to_string())
+        }
+        DataSource::Mnist => {
+            let path = require_path(cfg)?;
+            (idx::load_images(path)?, None, path.display().to_string())
+        }
+    };
+    let mut labels = None;
+    if let Some(lpath) = &cfg.labels {
+        let mut l = read_labels(lpath)?;
+        // Synthetic data was possibly generated short (limit); compare against what the file
+        // sources hold in full, which is every row for them.
+        let expected = match cfg.source {
+            DataSource::Synthetic => cfg.synthetic.num_samples,
+            _ => matrix.rows,
+        };
+        if l.len() != expected {
+            return Err(DataError::LabelsMismatch {
+                path: lpath.clone(),
+                labels: l.len(),
+                samples: expected,
+                data: origin.clone(),
+            });
+        }
+        l.truncate(matrix.rows);
+        labels = Some(l);
+    }
+    check_finite(&matrix, &origin)?;
+    if cfg.limit > 0 {
+        matrix.truncate_rows(cfg.limit);
+        if let Some(l) = labels.as_mut() {
+            l.truncate(matrix.rows);
+        }
+    }
+    let mut ds = split(matrix, labels, cfg.validation_fraction, seed, &origin)?;
+    let scaler = Scaler::fit(cfg.scaling, &ds.train, ds.dim);
+    scaler.apply(&mut ds.train, ds.dim);
+    scaler.apply(&mut ds.val, ds.dim);
+    ds.truth = truth;
+    tracing::info!(
+        origin = %origin,
+        dim = ds.dim,
+        train = ds.n_train(),
+        val = ds.n_val(),
+        labels = ds.val_labels.is_some(),
+        scaling = ?cfg.scaling,
+        "data loaded"
+    );
+    Ok(ds)
+}
+
+fn require_path(cfg: &DataConfig) -> Result<&Path, DataError> {
+    cfg.path.as_deref().ok_or_else(|| {
+        DataError::invalid(
+            "data.path",
+            format!("required when data.source is {}", source_name(cfg.source)),
+        )
+    })
+}
+
+fn source_name(s: DataSource) -> &'static str {
+    match s {
+        DataSource::Synthetic => "synthetic",
+        DataSource::Npy => "npy",
+        DataSource::Safetensors => "safetensors",
+        DataSource::Mnist => "mnist",
+    }
+}
+
+/// Read a whole file, transparently decompressing gzip (detected by the magic bytes 1f 8b, not
+/// by the file name, so `train-images-idx3-ubyte` and `.gz` variants both work).
+pub fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => DataError::NotFound { path: path.to_path_buf() },
+        _ => DataError::Io { path: path.to_path_buf(), source: e },
+    })?;
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::with_capacity(bytes.len() * 4);
+        flate2::read::MultiGzDecoder::new(&bytes[..])
+            .read_to_end(&mut out)
+            .map_err(|e| DataError::Io { path: path.to_path_buf(), source: e })?;
+        tracing::debug!(path = %path.display(), compressed = bytes.len(), size = out.len(), "gunzipped");
+        return Ok(out);
+    }
+    Ok(bytes)
+}
+
+/// Read a labels file: an `.npy` of integers (detected by its magic) or an IDX labels file
+/// (optionally gzipped).
+pub fn read_labels(path: &Path) -> Result<Vec<u32>, DataError> {
+    let bytes = read_bytes(path)?;
+    if bytes.starts_with(npy::MAGIC) {
+        let arr = npy::parse(path, &bytes)?;
+        npy::labels_from_array(path, arr)
+    } else {
+        idx::parse_labels(path, &bytes)
+    }
+}
+
+/// Reject NaN and infinite values, naming the first one's position.
+fn check_finite(m: &Matrix, origin: &str) -> Result<(), DataError> {
+    if let Some(i) = m.data.iter().position(|v| !v.is_finite()) {
+        return Err(DataError::NonFinite {
+            origin: origin.to_string(),
+            row: i / m.cols,
+            col: i % m.cols,
+            value: m.data[i],
+        });
+    }
+    Ok(())
+}
+
+/// The RNG stream of the train/validation shuffle, kept apart from the synthetic generator's.
+const SPLIT_STREAM: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Number of validation samples for `n` samples: `ceil(fraction * n)`, tolerant of binary
+/// floating-point error (0.1 * 30 is 3.0000000000000004 and must give 3, not 4).
+pub fn validation_count(n: usize, fraction: f64) -> usize {
+    let v = fraction * n as f64;
+    let rounded = v.round();
+    if (v - rounded).abs() < 1e-9 * v.max(1.0) { rounded as usize } else { v.ceil() as usize }
+}
+
+/// Shuffle `matrix` (and its labels) with `seed`, then hold out the last
+/// [`validation_count`] samples for validation. Errors on fewer than 2 samples or an empty split.
+pub fn split(
+    matrix: Matrix,
+    labels: Option<Vec<u32>>,
+    validation_fraction: f64,
+    seed: u64,
+    origin: &str,
+) -> Result<Dataset, DataError> {
+    let n = matrix.rows;
+    let dim = matrix.cols;
+    if !(0.0..1.0).contains(&validation_fraction) {
+        return Err(DataError::invalid(
+            "data.validation_fraction",
+            format!("{validation_fraction} must be in [0, 1)"),
+        ));
+    }
+    if n < 2 {
+        return Err(DataError::NotEnoughSamples {
+            origin: origin.to_string(),
+            reason: format!("{n} sample(s); a train/validation split needs at least 2"),
+        });
+    }
+    let n_val = validation_count(n, validation_fraction);
+    if n_val == 0 || n_val >= n {
+        let which = if n_val == 0 { "validation" } else { "training" };
+        return Err(DataError::NotEnoughSamples {
+            origin: origin.to_string(),
+            reason: format!(
+                "data.validation_fraction {validation_fraction} of {n} samples leaves the {which} split empty"
+            ),
+        });
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed ^ SPLIT_STREAM));
+    let n_train = n - n_val;
+    let gather = |idx: &[usize]| {
+        let mut out = Vec::with_capacity(idx.len() * dim);
+        for &i in idx {
+            out.extend_from_slice(&matrix.data[i * dim..(i + 1) * dim]);
+        }
+        out
+    };
+    let (tr, va) = order.split_at(n_train);
+    let pick = |l: &Vec<u32>, idx: &[usize]| idx.iter().map(|&i| l[i]).collect::<Vec<u32>>();
+    Ok(Dataset {
+        dim,
+        train: gather(tr),
+        val: gather(va),
+        train_labels: labels.as_ref().map(|l| pick(l, tr)),
+        val_labels: labels.as_ref().map(|l| pick(l, va)),
+        truth: None,
+    })
+}
+
+/// A fitted scaling: statistics come from the training split and are applied unchanged to
+/// validation data.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scaler {
+    /// Leave values as they are.
+    Identity,
+    /// `(x - mean[j]) * inv_std[j]` per dimension j; a constant dimension (std 0) is only centred.
+    Standardize { mean: Vec<f32>, inv_std: Vec<f32> },
+    /// Each sample divided by its own L2 norm (all-zero samples stay zero); needs no statistics.
+    UnitNorm,
+    /// Everything multiplied by `1 / max |x|` of the training split (1 when that is 0).
+    MaxAbs { scale: f32 },
+}
+
+impl Scaler {
+    /// Fit `scaling` on row-major `train` data of width `dim`.
+    pub fn fit(scaling: Scaling, train: &[f32], dim: usize) -> Scaler {
+        match scaling {
+            Scaling::None => Scaler::Identity,
+            Scaling::UnitNorm => Scaler::UnitNorm,
+            Scaling::MaxAbs => {
+                let m = train.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                Scaler::MaxAbs { scale: if m > 0.0 { 1.0 / m } else { 1.0 } }
+            }
+            Scaling::Standardize => {
+                let rows = (train.len() / dim.max(1)).max(1) as f64;
+                let mut sum = vec![0f64; dim];
+                for row in train.chunks_exact(dim) {
+                    for (s, &v) in sum.iter_mut().zip(row) {
+                        *s += v as f64;
+                    }
+                }
+                let mean: Vec<f64> = sum.iter().map(|s| s / rows).collect();
+                let mut var = vec![0f64; dim];
+                for row in train.chunks_exact(dim) {
+                    for ((q, &v), m) in var.iter_mut().zip(row).zip(&mean) {
+                        let d = v as f64 - m;
+                        *q += d * d;
+                    }
+                }
+                let inv_std = var
+                    .iter()
+                    .map(|q| {
+                        let sd = (q / rows).sqrt();
+                        if sd > 1e-12 { (1.0 / sd) as f32 } else { 1.0 }
+                    })
+                    .collect();
+                Scaler::Standardize { mean: mean.iter().map(|&m| m as f32).collect(), inv_std }
+            }
+        }
+    }
+
+    /// Scale row-major `data` of width `dim` in place.
+    pub fn apply(&self, data: &mut [f32], dim: usize) {
+        match self {
+            Scaler::Identity => {}
+            Scaler::MaxAbs { scale } => data.iter_mut().for_each(|v| *v *= scale),
+            Scaler::UnitNorm => {
+                for row in data.chunks_exact_mut(dim) {
+                    let norm = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt();
+                    if norm > 0.0 {
+                        let inv = (1.0 / norm) as f32;
+                        row.iter_mut().for_each(|v| *v *= inv);
+                    }
+                }
+            }
+            Scaler::Standardize { mean, inv_std } => {
+                for row in data.chunks_exact_mut(dim) {
+                    for ((v, m), s) in row.iter_mut().zip(mean).zip(inv_std) {
+                        *v = (*v - m) * s;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! The trial runner seam: the client loop and the standalone `train` command run trials through
+//! [`TrialRunner`], so orchestration is testable without training (see [`NoopRunner`]).
+
+use msae_shared::TrialConfig;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// What a running trial reports every so often. Also renews the trial's lease.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub step: u64,
+    pub total_steps: u64,
+    /// Scalars at this step (stable names from `msae_shared::metrics`).
+    pub scalars: BTreeMap<String, f64>,
+}
+
+/// The answer to a progress report.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    Continue,
+    /// Stop now (early stopping by the coordinator, cancellation, lease lost, shutdown).
+    Stop(String),
+}
+
+/// The outcome of a trial that ran to the end (or stopped on request).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrialOutcome {
+    /// Final metrics, stable names.
+    pub metrics: BTreeMap<String, f64>,
+    /// Directory holding the weights and the resolved config, when one was written.
+    pub artifact: Option<PathBuf>,
+    /// Set when the trial stopped because `Control::Stop` was returned.
+    pub stopped: Option<String>,
+}
+
+/// Options of a run that are not hyperparameters.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// CUDA device ordinal; None = CPU.
+    pub gpu: Option<usize>,
+    /// Write weights (safetensors) and the resolved config here.
+    pub out_dir: Option<PathBuf>,
+}
+
+/// Runs one trial. Implementations must call `progress` regularly (it renews leases) and stop
+/// promptly when it returns [`Control::Stop`].
+pub trait TrialRunner: Send + Sync {
+    fn run(
+        &self,
+        config: &TrialConfig,
+        options: &RunOptions,
+        progress: &mut dyn FnMut(&Progress) -> Control,
+    ) -> anyhow::Result<TrialOutcome>;
+}

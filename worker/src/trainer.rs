@@ -1,0 +1,33 @@
+//! The seam between the training loop and a model implementation.
+//!
+//! The loop in [`crate::train`] owns batching, input noise, evaluation, early stopping and
+//! progress; a [`Trainer`] owns parameters and optimiser state. The candle model
+//! ([`crate::model`]) works for every configuration; the hand-written top-k fast path
+//! ([`crate::fast`]) serves the configurations it supports and is tested against it.
+
+use std::path::Path;
+
+/// Codes and reconstructions of a set of samples, in evaluation mode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inference {
+    /// Row-major (rows, N) codes after every sparsity stage.
+    pub codes: Vec<f32>,
+    /// Row-major (rows, dim) reconstructions.
+    pub recon: Vec<f32>,
+    /// Total loss (reconstruction MSE + weighted penalties) over these rows.
+    pub loss: f64,
+}
+
+/// A trainable SAE with its optimiser state.
+pub trait Trainer {
+    /// One optimisation step on `batch` (row-major, (b, dim)) at training step `step` (0-based).
+    /// Returns the training loss of the batch.
+    fn step(&mut self, batch: &[f32], step: usize) -> anyhow::Result<f64>;
+    /// Evaluation-mode forward pass (no duty-cycle or dead-latent updates).
+    fn infer(&self, x: &[f32]) -> anyhow::Result<Inference>;
+    /// Decoder atoms in input space, row-major (N, dim): for a linear decoder its (normalised)
+    /// rows; for a decoder with an intermediate layer, decode(e_i) - decode(0).
+    fn atoms(&self) -> anyhow::Result<Vec<f32>>;
+    /// Write the weights as safetensors.
+    fn save(&self, path: &Path) -> anyhow::Result<()>;
+}
