@@ -181,7 +181,7 @@ pub struct DataConfig {
     pub tensor: Option<String>,
     /// Labels file (MNIST IDX labels, or an .npy of integer labels) for per-class stripe usage.
     pub labels: Option<PathBuf>,
-    /// Fraction of samples held out for validation, in [0, 1).
+    /// Fraction of samples held out for validation, in (0, 1).
     pub validation_fraction: f64,
     pub scaling: Scaling,
     /// Use at most this many samples (0 = all).
@@ -556,10 +556,11 @@ impl TrialConfig {
 
     fn validate_data(&self) -> Result<(), ConfigError> {
         let d = &self.data;
-        if !(0.0..1.0).contains(&d.validation_fraction) {
+        // Evaluation, early stopping and every reported metric need a validation split.
+        if !(d.validation_fraction > 0.0 && d.validation_fraction < 1.0) {
             return Err(ConfigError::new(
                 "data.validation_fraction",
-                format!("{} must be in [0, 1)", d.validation_fraction),
+                format!("{} must be in (0, 1)", d.validation_fraction),
             ));
         }
         match d.source {

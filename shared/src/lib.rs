@@ -6,7 +6,9 @@
 //! - [`metrics`]: the stable metric names every trial reports.
 
 pub mod config;
+pub mod logging;
 pub mod metrics;
+pub mod signal;
 pub mod yaml;
 
 /// Generated protocol code. Core logic converts to domain types at the edge.

@@ -427,3 +427,194 @@ impl Scaler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use msae_shared::config::SyntheticConfig;
+
+    fn npy_file(dir: &tempfile::TempDir, name: &str, rows: usize, cols: usize) -> PathBuf {
+        // Row i holds i * 10 + j, so rows are recognisable after shuffling.
+        let v: Vec<f32> = (0..rows * cols).map(|k| ((k / cols) * 10 + k % cols) as f32).collect();
+        let p = dir.path().join(name);
+        std::fs::write(&p, npy::encode("<f4", false, &[rows, cols], &npy::f32_bytes(&v), 1))
+            .unwrap();
+        p
+    }
+
+    fn npy_cfg(path: PathBuf) -> DataConfig {
+        DataConfig { source: DataSource::Npy, path: Some(path), ..Default::default() }
+    }
+
+    #[test]
+    fn synthetic_load_is_deterministic_and_split() {
+        let cfg = DataConfig {
+            synthetic: SyntheticConfig { num_samples: 1000, ..Default::default() },
+            ..Default::default()
+        };
+        let a = load(&cfg, 42).unwrap();
+        assert_eq!((a.n_train(), a.n_val(), a.dim), (900, 100, 64));
+        assert_eq!(a.truth.as_ref().unwrap().num_features, 64);
+        assert!(a.val_labels.is_none() && a.train_labels.is_none());
+        assert_eq!(a, load(&cfg, 42).unwrap());
+        assert_ne!(a.train, load(&cfg, 43).unwrap().train);
+    }
+
+    #[test]
+    fn split_sizes_and_labels_follow_samples() {
+        let m = Matrix { data: (0..30).map(|v| v as f32).collect(), rows: 30, cols: 1 };
+        let labels: Vec<u32> = (0..30).map(|v| v * 2).collect();
+        let ds = split(m.clone(), Some(labels.clone()), 0.1, 5, "t").unwrap();
+        // 0.1 * 30 is 3.0000000000000004 in binary: still 3 validation samples.
+        assert_eq!((ds.n_train(), ds.n_val()), (27, 3));
+        for (x, l) in ds.train.iter().zip(ds.train_labels.as_ref().unwrap()) {
+            assert_eq!(*x as u32 * 2, *l);
+        }
+        for (x, l) in ds.val.iter().zip(ds.val_labels.as_ref().unwrap()) {
+            assert_eq!(*x as u32 * 2, *l);
+        }
+        let mut all: Vec<f32> = ds.train.iter().chain(&ds.val).copied().collect();
+        all.sort_by(f32::total_cmp);
+        assert_eq!(all, m.data, "the split is a permutation");
+        assert_ne!(ds.train[..], m.data[..27], "shuffled");
+        let again = split(m.clone(), None, 0.1, 5, "t").unwrap();
+        assert_eq!((again.train.clone(), again.val.clone()), (ds.train.clone(), ds.val.clone()));
+        let other = split(m.clone(), None, 0.1, 6, "t").unwrap();
+        assert_ne!(other.train, ds.train);
+        assert_eq!(validation_count(10, 0.25), 3, "ceil");
+        assert_eq!(validation_count(60000, 1.0 / 6.0), 10000);
+    }
+
+    #[test]
+    fn too_few_samples_or_empty_split() {
+        let one = Matrix { data: vec![1.0, 2.0], rows: 1, cols: 2 };
+        let e = split(one, None, 0.5, 0, "x.npy").unwrap_err().to_string();
+        assert!(e.contains("x.npy") && e.contains("at least 2"), "{e}");
+        let two = Matrix { data: vec![1.0, 2.0], rows: 2, cols: 1 };
+        let e = split(two.clone(), None, 0.0, 0, "x.npy").unwrap_err().to_string();
+        assert!(e.contains("validation split empty"), "{e}");
+        let e = split(two, None, 0.9, 0, "x.npy").unwrap_err().to_string();
+        assert!(e.contains("training split empty"), "{e}");
+    }
+
+    #[test]
+    fn scaling_statistics_come_from_train_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = npy_file(&dir, "a.npy", 20, 3);
+        let raw = load(&npy_cfg(p.clone()), 9).unwrap();
+        let cfg = DataConfig { scaling: Scaling::Standardize, ..npy_cfg(p.clone()) };
+        let ds = load(&cfg, 9).unwrap();
+        // Expected: train statistics computed by hand from the unscaled split.
+        for j in 0..3 {
+            let col: Vec<f64> = raw.train.iter().skip(j).step_by(3).map(|&v| v as f64).collect();
+            let mean = col.iter().sum::<f64>() / col.len() as f64;
+            let sd =
+                (col.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / col.len() as f64).sqrt();
+            for (scaled, orig) in
+                ds.val.iter().skip(j).step_by(3).zip(raw.val.iter().skip(j).step_by(3))
+            {
+                let want = (*orig as f64 - mean) / sd;
+                assert!((*scaled as f64 - want).abs() < 1e-5, "dim {j}: {scaled} vs {want}");
+            }
+            let train_mean: f64 =
+                ds.train.iter().skip(j).step_by(3).map(|&v| v as f64).sum::<f64>() / 18.0;
+            assert!(train_mean.abs() < 1e-5);
+        }
+        let val_mean: f64 = ds.val.iter().step_by(3).map(|&v| v as f64).sum::<f64>() / 2.0;
+        assert!(val_mean.abs() > 1e-3, "validation is not re-centred on its own statistics");
+
+        let cfg = DataConfig { scaling: Scaling::MaxAbs, ..npy_cfg(p.clone()) };
+        let ds = load(&cfg, 9).unwrap();
+        let train_max = raw.train.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert_eq!(ds.train.iter().fold(0f32, |m, v| m.max(v.abs())), 1.0);
+        for (s, o) in ds.val.iter().zip(&raw.val) {
+            assert!((s - o / train_max).abs() < 1e-6);
+        }
+        let cfg = DataConfig { scaling: Scaling::UnitNorm, ..npy_cfg(p) };
+        let ds = load(&cfg, 9).unwrap();
+        for row in
+            ds.train.chunks(3).chain(ds.val.chunks(3)).filter(|r| r.iter().any(|&v| v != 0.0))
+        {
+            let n: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!((n - 1.0).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn constant_dimension_is_only_centred() {
+        let train = [1.0, 5.0, 3.0, 5.0];
+        let s = Scaler::fit(Scaling::Standardize, &train, 2);
+        let mut v = [2.0f32, 6.0];
+        s.apply(&mut v, 2);
+        // dim 0: mean 2, std 1; dim 1 is constant 5: centred, not divided by 0.
+        assert_eq!(v, [0.0, 1.0]);
+    }
+
+    #[test]
+    fn limit_keeps_the_first_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = npy_file(&dir, "a.npy", 50, 2);
+        let cfg = DataConfig { limit: 10, validation_fraction: 0.2, ..npy_cfg(p) };
+        let ds = load(&cfg, 1).unwrap();
+        assert_eq!((ds.n_train(), ds.n_val()), (8, 2));
+        assert!(ds.train.iter().chain(&ds.val).all(|&v| v < 100.0), "only rows 0..10");
+        let syn = DataConfig { limit: 100, ..Default::default() };
+        let ds = load(&syn, 1).unwrap();
+        assert_eq!(ds.n_train() + ds.n_val(), 100);
+    }
+
+    #[test]
+    fn labels_npy_and_idx_and_count_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = npy_file(&dir, "a.npy", 10, 2);
+        let lp = dir.path().join("l.npy");
+        let raw: Vec<u8> = (0..10i64).flat_map(|x| (x * 10).to_le_bytes()).collect();
+        std::fs::write(&lp, npy::encode("<i8", false, &[10], &raw, 1)).unwrap();
+        let cfg = DataConfig { labels: Some(lp), ..npy_cfg(p.clone()) };
+        let ds = load(&cfg, 3).unwrap();
+        // Row i starts with i * 10, its label is i * 10.
+        for (row, l) in ds.val.chunks(2).zip(ds.val_labels.as_ref().unwrap()) {
+            assert_eq!(row[0] as u32, *l);
+        }
+        assert_eq!(ds.train_labels.as_ref().unwrap().len(), 9);
+
+        let ip = dir.path().join("img");
+        std::fs::write(&ip, idx::encode(&[4, 2, 2], &[1; 16])).unwrap();
+        let lp = dir.path().join("lab");
+        std::fs::write(&lp, idx::encode(&[3], &[1, 2, 3])).unwrap();
+        let cfg = DataConfig {
+            source: DataSource::Mnist,
+            path: Some(ip),
+            labels: Some(lp.clone()),
+            validation_fraction: 0.25,
+            ..Default::default()
+        };
+        let e = load(&cfg, 0).unwrap_err();
+        assert!(matches!(e, DataError::LabelsMismatch { labels: 3, samples: 4, .. }), "{e}");
+        assert!(e.to_string().contains(&lp.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn non_finite_values_are_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("nan.npy");
+        let v = [1.0f32, 2.0, 3.0, f32::NAN, 5.0, 6.0];
+        std::fs::write(&p, npy::encode("<f4", false, &[3, 2], &npy::f32_bytes(&v), 1)).unwrap();
+        let e = load(&npy_cfg(p), 0).unwrap_err().to_string();
+        assert!(e.contains("nan.npy") && e.contains("sample 1, dimension 1"), "{e}");
+    }
+
+    #[test]
+    fn missing_path_and_missing_file() {
+        let cfg = DataConfig { source: DataSource::Safetensors, ..Default::default() };
+        let e = load(&cfg, 0).unwrap_err().to_string();
+        assert!(e.contains("data.path") && e.contains("safetensors"), "{e}");
+        let cfg = DataConfig {
+            source: DataSource::Mnist,
+            path: Some("/nonexistent/train-images.gz".into()),
+            ..Default::default()
+        };
+        let e = load(&cfg, 0).unwrap_err().to_string();
+        assert_eq!(e, "/nonexistent/train-images.gz: file not found");
+    }
+}

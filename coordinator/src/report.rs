@@ -1,0 +1,636 @@
+//! The ranked report of a sweep: completed trials ordered by the sweep metric, failed trials
+//! apart with their reasons, and how many are still queued or running.
+//!
+//! Built from stored records only, so it works on a database file as well as on a snapshot sent
+//! by a running coordinator. Rendered as an aligned table for people, RFC 4180 CSV for
+//! spreadsheets and dataframes (one row per trial, failed ones included with their error), or
+//! pretty JSON that deserializes back into [`Report`].
+
+use crate::model::{Goal, SweepRecord, TrialRecord, TrialStatus};
+use crate::spec::{MetricSpec, SweepSpec};
+use msae_shared::metrics;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+/// Metrics shown besides the sweep metric, when a trial reports them.
+pub const KEY_METRICS: &[&str] = &[
+    metrics::FVU,
+    metrics::MSE,
+    metrics::L0,
+    metrics::ACTIVE_STRIPES,
+    metrics::DEAD_NEURONS,
+    metrics::MMCS,
+];
+
+/// How many trials are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub total: usize,
+    pub completed: usize,
+    pub failed: usize,
+    pub running: usize,
+    pub queued: usize,
+}
+
+/// One completed trial, ranked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportRow {
+    /// 1-based rank by the sweep metric; trials without a finite value rank last.
+    pub rank: usize,
+    /// Trial index within the sweep.
+    pub trial: u64,
+    pub params: BTreeMap<String, Value>,
+    /// The sweep metric and the key metrics the trial reported; `None` for a reported value
+    /// that is not finite (NaN or infinite, e.g. a diverged run).
+    pub metrics: BTreeMap<String, Option<f64>>,
+    pub status: TrialStatus,
+    pub attempts: u32,
+    pub duration_s: Option<f64>,
+    pub worker: Option<String>,
+}
+
+/// One failed trial with why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedRow {
+    pub trial: u64,
+    pub params: BTreeMap<String, Value>,
+    pub attempts: u32,
+    /// The reason of each failed attempt, oldest first.
+    pub reasons: Vec<String>,
+    pub worker: Option<String>,
+}
+
+/// The ranked results of one sweep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub sweep: String,
+    pub metric: String,
+    pub goal: Goal,
+    pub rows: Vec<ReportRow>,
+    pub failed: Vec<FailedRow>,
+    pub counts: Counts,
+}
+
+/// Output format of `msae-coordinator report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ReportFormat {
+    /// An aligned table.
+    #[default]
+    Table,
+    /// RFC 4180 CSV, one row per trial (failed ones too).
+    Csv,
+    /// Pretty-printed JSON of the whole report.
+    Json,
+}
+
+impl Report {
+    /// Rank the completed `trials` of `sweep` by `metric` towards `goal`; keep the best `top`.
+    pub fn build(
+        sweep: &SweepRecord,
+        metric: &str,
+        goal: Goal,
+        trials: &[TrialRecord],
+        top: Option<usize>,
+    ) -> Report {
+        let mut counts = Counts { total: trials.len(), ..Counts::default() };
+        let mut completed: Vec<&TrialRecord> = Vec::new();
+        let mut failed = Vec::new();
+        for t in trials {
+            match t.status {
+                TrialStatus::Completed => {
+                    counts.completed += 1;
+                    completed.push(t);
+                }
+                TrialStatus::Failed => {
+                    counts.failed += 1;
+                    failed.push(FailedRow {
+                        trial: t.index,
+                        params: t.params.clone(),
+                        attempts: t.attempt,
+                        reasons: t.errors.clone(),
+                        worker: t.worker.clone(),
+                    });
+                }
+                TrialStatus::Running => counts.running += 1,
+                TrialStatus::Queued => counts.queued += 1,
+            }
+        }
+        let value = |t: &TrialRecord| t.metrics.get(metric).copied().filter(|v| v.is_finite());
+        completed.sort_by(|a, b| compare(value(a), value(b), goal).then(a.index.cmp(&b.index)));
+        if let Some(n) = top {
+            completed.truncate(n);
+        }
+        let rows = completed
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let metrics = std::iter::once(metric)
+                    .chain(KEY_METRICS.iter().copied())
+                    .filter_map(|m| {
+                        t.metrics
+                            .get(m)
+                            .map(|v| (m.to_string(), Some(*v).filter(|v| v.is_finite())))
+                    })
+                    .collect();
+                ReportRow {
+                    rank: i + 1,
+                    trial: t.index,
+                    params: t.params.clone(),
+                    metrics,
+                    status: t.status,
+                    attempts: t.attempt,
+                    duration_s: t.duration_s,
+                    worker: t.worker.clone(),
+                }
+            })
+            .collect();
+        failed.sort_by_key(|f| f.trial);
+        Report { sweep: sweep.name.clone(), metric: metric.to_string(), goal, rows, failed, counts }
+    }
+
+    /// [`Report::build`] with the metric and goal of the sweep's own YAML (`metric_override`
+    /// replaces the name, keeping the goal). A stored YAML that no longer validates (the trial
+    /// config changed since) still yields its `metric:` block when it can be read at all.
+    pub fn for_sweep(
+        sweep: &SweepRecord,
+        trials: &[TrialRecord],
+        top: Option<usize>,
+        metric_override: Option<&str>,
+    ) -> Report {
+        let spec_metric = match SweepSpec::parse(&sweep.yaml, &sweep.name) {
+            Ok(spec) => spec.metric,
+            Err(e) => {
+                tracing::warn!(sweep = %sweep.name, "stored sweep YAML does not validate any more ({e}); reading its metric block only");
+                metric_block(&sweep.yaml).unwrap_or_default()
+            }
+        };
+        let metric = metric_override.unwrap_or(&spec_metric.name);
+        Report::build(sweep, metric, spec_metric.goal, trials, top)
+    }
+
+    /// The report as text in `format`.
+    pub fn render(&self, format: ReportFormat) -> String {
+        match format {
+            ReportFormat::Table => self.table(),
+            ReportFormat::Csv => self.csv(),
+            ReportFormat::Json => {
+                let mut s = serde_json::to_string_pretty(self).expect("a report serializes");
+                s.push('\n');
+                s
+            }
+        }
+    }
+
+    /// Metric columns: the sweep metric first, then the key metrics any row has.
+    fn metric_columns(&self) -> Vec<String> {
+        let present: BTreeSet<&str> =
+            self.rows.iter().flat_map(|r| r.metrics.keys().map(String::as_str)).collect();
+        std::iter::once(self.metric.as_str())
+            .chain(KEY_METRICS.iter().copied().filter(|m| *m != self.metric && present.contains(m)))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn param_columns(&self) -> Vec<String> {
+        let names: BTreeSet<&String> = self
+            .rows
+            .iter()
+            .flat_map(|r| r.params.keys())
+            .chain(self.failed.iter().flat_map(|f| f.params.keys()))
+            .collect();
+        names.into_iter().cloned().collect()
+    }
+
+    fn table(&self) -> String {
+        let goal = match self.goal {
+            Goal::Minimize => "minimize",
+            Goal::Maximize => "maximize",
+        };
+        let c = &self.counts;
+        let mut out = format!(
+            "sweep {}: {} trials: {} completed, {} failed, {} running, {} queued; ranked by {} ({goal})\n",
+            self.sweep, c.total, c.completed, c.failed, c.running, c.queued, self.metric
+        );
+        let metric_cols = self.metric_columns();
+        let param_cols = self.param_columns();
+        if self.rows.is_empty() {
+            out.push_str("no completed trials yet\n");
+        } else {
+            let mut header: Vec<String> = vec!["rank".into(), "trial".into()];
+            header.extend(metric_cols.iter().cloned());
+            header.extend(param_cols.iter().cloned());
+            header.extend(["status", "attempts", "duration"].map(String::from));
+            // Numbers right-aligned; parameters are right-aligned only if every value is a number.
+            let mut right = vec![true; 2 + metric_cols.len()];
+            right.extend(
+                param_cols.iter().map(|p| {
+                    self.rows.iter().all(|r| r.params.get(p).is_none_or(Value::is_number))
+                }),
+            );
+            right.extend([false, true, true]);
+            let body: Vec<Vec<String>> = self
+                .rows
+                .iter()
+                .map(|r| {
+                    let mut cells = vec![r.rank.to_string(), r.trial.to_string()];
+                    cells.extend(metric_cols.iter().map(|m| match r.metrics.get(m) {
+                        Some(Some(v)) => fmt_num(*v),
+                        Some(None) => "nan".into(),
+                        None => "-".into(),
+                    }));
+                    cells.extend(
+                        param_cols.iter().map(|p| r.params.get(p).map_or("-".into(), show_value)),
+                    );
+                    cells.push(status_name(r.status).into());
+                    cells.push(r.attempts.to_string());
+                    cells.push(r.duration_s.map_or("-".into(), fmt_duration));
+                    cells
+                })
+                .collect();
+            write_aligned(&mut out, &header, &body, &right);
+        }
+        if !self.failed.is_empty() {
+            let _ = writeln!(out, "\nfailed trials ({}):", self.failed.len());
+            let header: Vec<String> = ["trial", "attempts", "reason"].map(String::from).to_vec();
+            let body: Vec<Vec<String>> = self
+                .failed
+                .iter()
+                .map(|f| vec![f.trial.to_string(), f.attempts.to_string(), reason_line(&f.reasons)])
+                .collect();
+            write_aligned(&mut out, &header, &body, &[true, true, false]);
+        }
+        out
+    }
+
+    fn csv(&self) -> String {
+        let metric_cols = self.metric_columns();
+        let param_cols = self.param_columns();
+        let mut header: Vec<String> =
+            ["rank", "trial", "status", "attempts", "duration_s"].map(String::from).to_vec();
+        header.extend(metric_cols.iter().cloned());
+        header.extend(param_cols.iter().cloned());
+        header.push("error".into());
+        let mut out = String::new();
+        csv_line(&mut out, &header);
+        for r in &self.rows {
+            let mut cells = vec![
+                r.rank.to_string(),
+                r.trial.to_string(),
+                status_name(r.status).into(),
+                r.attempts.to_string(),
+                r.duration_s.map(|d| d.to_string()).unwrap_or_default(),
+            ];
+            cells.extend(metric_cols.iter().map(|m| match r.metrics.get(m) {
+                Some(Some(v)) => v.to_string(),
+                Some(None) => "NaN".into(),
+                None => String::new(),
+            }));
+            cells.extend(
+                param_cols.iter().map(|p| r.params.get(p).map(show_value).unwrap_or_default()),
+            );
+            cells.push(String::new());
+            csv_line(&mut out, &cells);
+        }
+        for f in &self.failed {
+            let mut cells = vec![
+                String::new(),
+                f.trial.to_string(),
+                "failed".into(),
+                f.attempts.to_string(),
+                String::new(),
+            ];
+            cells.extend(metric_cols.iter().map(|_| String::new()));
+            cells.extend(
+                param_cols.iter().map(|p| f.params.get(p).map(show_value).unwrap_or_default()),
+            );
+            cells.push(f.reasons.join("\n"));
+            csv_line(&mut out, &cells);
+        }
+        out
+    }
+}
+
+/// Order two metric values so the better comes first; missing (or non-finite) values last.
+fn compare(a: Option<f64>, b: Option<f64>, goal: Goal) -> Ordering {
+    match (a, b) {
+        (Some(x), Some(y)) => match goal {
+            Goal::Minimize => x.total_cmp(&y),
+            Goal::Maximize => y.total_cmp(&x),
+        },
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    }
+}
+
+/// The `metric:` block of a YAML text that may not validate as a whole any more.
+fn metric_block(yaml_text: &str) -> Option<MetricSpec> {
+    let root = msae_shared::yaml::to_json_value(yaml_text).ok()?;
+    let m = root.get("metric")?;
+    let mut spec = MetricSpec::default();
+    if let Some(name) = m.get("name").and_then(Value::as_str) {
+        spec.name = name.to_string();
+    }
+    if m.get("goal").and_then(Value::as_str) == Some("maximize") {
+        spec.goal = Goal::Maximize;
+    }
+    Some(spec)
+}
+
+fn status_name(s: TrialStatus) -> &'static str {
+    match s {
+        TrialStatus::Queued => "queued",
+        TrialStatus::Running => "running",
+        TrialStatus::Completed => "completed",
+        TrialStatus::Failed => "failed",
+    }
+}
+
+/// The last reason, first line only, for the one-line table (the CSV and JSON keep them all).
+fn reason_line(reasons: &[String]) -> String {
+    match reasons.last() {
+        None => "(no reason recorded)".into(),
+        Some(r) => {
+            let line = r.lines().next().unwrap_or("").trim();
+            if reasons.len() > 1 {
+                format!("{line} (and {} earlier)", reasons.len() - 1)
+            } else {
+                line.to_string()
+            }
+        }
+    }
+}
+
+/// A parameter value for display: strings bare, numbers short, anything else as JSON.
+fn show_value(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) if n.is_f64() => fmt_num(n.as_f64().unwrap_or(f64::NAN)),
+        other => other.to_string(),
+    }
+}
+
+/// Six significant digits, trailing zeros trimmed; scientific notation for very small or
+/// large magnitudes.
+fn fmt_num(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return x.to_string();
+    }
+    let mag = x.abs().log10().floor() as i32;
+    if !(-3..6).contains(&mag) {
+        let s = format!("{x:.4e}");
+        // 1.2300e-5 -> 1.23e-5
+        return match s.split_once('e') {
+            Some((m, e)) => format!("{}e{e}", trim_zeros(m)),
+            None => s,
+        };
+    }
+    let decimals = (5 - mag).max(0) as usize;
+    trim_zeros(&format!("{x:.decimals$}")).to_string()
+}
+
+fn trim_zeros(s: &str) -> &str {
+    if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.') } else { s }
+}
+
+fn fmt_duration(s: f64) -> String {
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
+    }
+}
+
+/// Columns separated by two spaces, padded to the widest cell (in characters).
+fn write_aligned(out: &mut String, header: &[String], body: &[Vec<String>], right: &[bool]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in body {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut line = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i > 0 {
+                s.push_str("  ");
+            }
+            let pad = widths[i].saturating_sub(cell.chars().count());
+            if right.get(i).copied().unwrap_or(false) {
+                s.extend(std::iter::repeat_n(' ', pad));
+                s.push_str(cell);
+            } else {
+                s.push_str(cell);
+                s.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(header);
+    for row in body {
+        line(row);
+    }
+}
+
+/// One RFC 4180 record: fields with a comma, quote, CR or LF are quoted, quotes doubled; CRLF.
+fn csv_line(out: &mut String, cells: &[String]) {
+    for (i, cell) in cells.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if cell.contains([',', '"', '\n', '\r']) {
+            out.push('"');
+            out.push_str(&cell.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(cell);
+        }
+    }
+    out.push_str("\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sweep(yaml: &str) -> SweepRecord {
+        SweepRecord {
+            name: "s".into(),
+            yaml: yaml.into(),
+            fingerprint: "0".into(),
+            created_ms: 0,
+            proposed: 0,
+            finished: false,
+        }
+    }
+
+    fn trial(index: u64, status: TrialStatus, metrics: &[(&str, f64)]) -> TrialRecord {
+        TrialRecord {
+            sweep: "s".into(),
+            index,
+            params: [
+                ("lr".to_string(), json!(0.001 * (index + 1) as f64)),
+                ("mode".to_string(), json!("a,b")),
+            ]
+            .into_iter()
+            .collect(),
+            config: json!({}),
+            status,
+            attempt: 1,
+            lease: None,
+            step: 0,
+            metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            errors: Vec::new(),
+            worker: Some("w1".into()),
+            artifact: None,
+            created_ms: 0,
+            finished_ms: None,
+            duration_s: Some(1.5),
+        }
+    }
+
+    fn sample() -> Vec<TrialRecord> {
+        let mut failed = trial(4, TrialStatus::Failed, &[]);
+        failed.attempt = 3;
+        failed.errors =
+            vec!["lease expired".into(), "worker said: \"out of memory\"\nbacktrace".into()];
+        vec![
+            trial(0, TrialStatus::Completed, &[("fvu", 0.30), ("l0", 8.0)]),
+            trial(1, TrialStatus::Completed, &[("fvu", 0.10), ("l0", 4.0)]),
+            trial(2, TrialStatus::Completed, &[("l0", 2.0)]),
+            trial(3, TrialStatus::Completed, &[("fvu", 0.20), ("mse", 0.01)]),
+            failed,
+            trial(5, TrialStatus::Running, &[]),
+            trial(6, TrialStatus::Queued, &[]),
+            trial(7, TrialStatus::Completed, &[("fvu", f64::NAN)]),
+        ]
+    }
+
+    fn order(r: &Report) -> Vec<u64> {
+        r.rows.iter().map(|r| r.trial).collect()
+    }
+
+    #[test]
+    fn ranks_minimize_with_missing_and_nan_last() {
+        let r = Report::build(&sweep(""), "fvu", Goal::Minimize, &sample(), None);
+        assert_eq!(order(&r), vec![1, 3, 0, 2, 7]);
+        assert_eq!(r.rows.iter().map(|r| r.rank).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(r.rows[0].metrics["fvu"], Some(0.10));
+        assert_eq!(r.rows[0].metrics["l0"], Some(4.0));
+        assert_eq!(r.rows[4].metrics["fvu"], None, "NaN kept as a non-finite value");
+        assert!(!r.rows[3].metrics.contains_key("fvu"), "missing stays missing");
+        assert_eq!(r.counts, Counts { total: 8, completed: 5, failed: 1, running: 1, queued: 1 });
+    }
+
+    #[test]
+    fn ranks_maximize() {
+        let r = Report::build(&sweep(""), "fvu", Goal::Maximize, &sample(), None);
+        assert_eq!(order(&r), vec![0, 3, 1, 2, 7]);
+        let r = Report::build(&sweep(""), "l0", Goal::Maximize, &sample(), None);
+        assert_eq!(order(&r), vec![0, 1, 2, 3, 7]);
+    }
+
+    #[test]
+    fn top_n_keeps_the_best() {
+        let r = Report::build(&sweep(""), "fvu", Goal::Minimize, &sample(), Some(2));
+        assert_eq!(order(&r), vec![1, 3]);
+        assert_eq!(r.counts.completed, 5, "counts cover every trial");
+        assert_eq!(r.failed.len(), 1);
+    }
+
+    #[test]
+    fn failed_listed_apart_with_reasons() {
+        let r = Report::build(&sweep(""), "fvu", Goal::Minimize, &sample(), None);
+        assert!(r.rows.iter().all(|row| row.status == TrialStatus::Completed));
+        assert_eq!(r.failed.len(), 1);
+        assert_eq!(r.failed[0].trial, 4);
+        assert_eq!(r.failed[0].attempts, 3);
+        assert_eq!(r.failed[0].reasons.len(), 2);
+        let table = r.render(ReportFormat::Table);
+        assert!(table.contains("failed trials (1):"), "{table}");
+        assert!(table.contains("worker said: \"out of memory\" (and 1 earlier)"), "{table}");
+        assert!(!table.contains("backtrace"), "table keeps one line per reason");
+    }
+
+    #[test]
+    fn table_is_aligned() {
+        let r = Report::build(&sweep(""), "fvu", Goal::Minimize, &sample(), None);
+        let table = r.render(ReportFormat::Table);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].starts_with("sweep s: 8 trials: 5 completed, 1 failed, 1 running, 1 queued"),
+            "{table}"
+        );
+        let header = lines[1];
+        assert!(header.starts_with("rank  trial"), "{table}");
+        for col in ["fvu", "mse", "l0", "lr", "mode", "status", "attempts", "duration"] {
+            assert!(header.contains(col), "{col} in {header}");
+        }
+        // Right-aligned numeric column: every row ends the fvu column at the same offset.
+        let end = header.find("fvu").unwrap() + 3;
+        for row in &lines[2..7] {
+            let cell = row[..end].rsplit(' ').next().unwrap();
+            assert!(!cell.is_empty(), "fvu column misaligned in {row:?}\n{table}");
+        }
+        assert!(
+            lines[2].contains("0.1") && lines[2].contains("a,b") && lines[2].contains("1.5s"),
+            "{table}"
+        );
+        assert!(lines[6].contains("nan"), "{table}");
+    }
+
+    #[test]
+    fn csv_quotes_per_rfc4180() {
+        let r = Report::build(&sweep(""), "fvu", Goal::Minimize, &sample(), None);
+        let csv = r.render(ReportFormat::Csv);
+        let records: Vec<&str> = csv.split("\r\n").collect();
+        assert_eq!(records[0], "rank,trial,status,attempts,duration_s,fvu,mse,l0,lr,mode,error");
+        assert_eq!(records[1], "1,1,completed,1,1.5,0.1,,4,0.002,\"a,b\",");
+        // The failed trial: quotes doubled, the newline kept inside the quoted field.
+        let failed = csv.split("\r\n").find(|l| l.starts_with(",4,failed")).unwrap();
+        assert!(
+            failed.ends_with("\"lease expired\nworker said: \"\"out of memory\"\"\nbacktrace\""),
+            "{failed}"
+        );
+        assert!(csv.contains("NaN"));
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let r = Report::build(&sweep(""), "fvu", Goal::Minimize, &sample(), None);
+        let text = r.render(ReportFormat::Json);
+        let back: Report = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn for_sweep_uses_the_spec_metric_and_goal() {
+        let yaml = "name: s\nmethod: grid\nmetric: {name: l0, goal: maximize}\n";
+        let r = Report::for_sweep(&sweep(yaml), &sample(), None, None);
+        assert_eq!((r.metric.as_str(), r.goal), ("l0", Goal::Maximize));
+        assert_eq!(order(&r)[0], 0);
+        let r = Report::for_sweep(&sweep(yaml), &sample(), None, Some("fvu"));
+        assert_eq!((r.metric.as_str(), r.goal), ("fvu", Goal::Maximize));
+        // A stored YAML that no longer validates still gives its metric block.
+        let stale = "name: s\nmethod: grid\nmetric: {name: mse, goal: maximize}\nparameters:\n  old_field: {values: [1]}\n";
+        let r = Report::for_sweep(&sweep(stale), &sample(), None, None);
+        assert_eq!((r.metric.as_str(), r.goal), ("mse", Goal::Maximize));
+    }
+
+    #[test]
+    fn number_formatting() {
+        assert_eq!(fmt_num(0.1), "0.1");
+        assert_eq!(fmt_num(0.123456789), "0.123457");
+        assert_eq!(fmt_num(12.0), "12");
+        assert_eq!(fmt_num(0.00012), "1.2e-4");
+        assert_eq!(fmt_num(1234567.0), "1.2346e6");
+        assert_eq!(fmt_duration(75.0), "1m15s");
+    }
+}

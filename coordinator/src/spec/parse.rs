@@ -1,0 +1,636 @@
+//! Parsing and validation of the sweep YAML into a [`SweepSpec`] (see the parent module for
+//! the rules). Works on the YAML as a JSON value; positions for messages come from
+//! [`super::locate`], looked up only when something is wrong.
+
+use super::locate::{Seg, locate, segs};
+use super::*;
+use msae_shared::yaml;
+use std::collections::HashMap;
+
+/// The closest of `candidates` to `name`, if close enough to be a likely typo.
+fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(name, c), c))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+fn did_you_mean(s: Option<&str>) -> String {
+    s.map(|s| format!("; did you mean `{s}`?")).unwrap_or_default()
+}
+
+/// Compact JSON of a value for messages.
+pub(super) fn show(v: &Value) -> String {
+    v.to_string()
+}
+
+const TOP_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "metric",
+    "method",
+    "run_cap",
+    "max_concurrent",
+    "seed",
+    "base",
+    "parameters",
+    "max_attempts",
+    "timeout",
+    "task",
+];
+const METRIC_KEYS: &[&str] = &["name", "goal"];
+const TASK_KEYS: &[&str] = &["kind", "sleep_ms"];
+const PARAM_KEYS: &[&str] =
+    &["value", "values", "distribution", "min", "max", "q", "probabilities"];
+
+/// Parse state: the text (to locate nodes) and the source name.
+pub(super) struct Parser<'a> {
+    pub(super) text: &'a str,
+    pub(super) source: &'a str,
+}
+
+type Obj = Map<String, Value>;
+
+impl Parser<'_> {
+    pub(super) fn err(&self, at: &[Seg], message: impl Into<String>) -> SpecError {
+        // Blame the nearest existing ancestor if the node itself is absent.
+        let mut loc = None;
+        for n in (0..=at.len()).rev() {
+            if let Some(l) = locate(self.text, &at[..n]) {
+                loc = Some(l);
+                break;
+            }
+        }
+        SpecError {
+            source: self.source.to_string(),
+            line: loc.map(|l| l.0),
+            column: loc.map(|l| l.1),
+            message: message.into(),
+        }
+    }
+
+    fn check_keys(
+        &self,
+        obj: &Obj,
+        allowed: &[&str],
+        at: &[Seg],
+        what: &str,
+    ) -> Result<(), SpecError> {
+        for key in obj.keys() {
+            if !allowed.contains(&key.as_str()) {
+                let mut p = at.to_vec();
+                p.push(Seg::Key(key.clone()));
+                return Err(self.err(
+                    &p,
+                    format!(
+                        "unknown key `{key}` in {what}{}",
+                        did_you_mean(suggest(key, allowed.iter().copied()))
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn string(&self, obj: &Obj, key: &str, at: &[Seg]) -> Result<Option<String>, SpecError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => {
+                Err(self
+                    .err(&child(at, key), format!("`{key}` must be a string, not {}", show(other))))
+            }
+        }
+    }
+
+    fn uint(&self, obj: &Obj, key: &str, at: &[Seg]) -> Result<Option<u64>, SpecError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                self.err(
+                    &child(at, key),
+                    format!("`{key}` must be a non-negative integer, not {}", show(v)),
+                )
+            }),
+        }
+    }
+
+    fn choice<T>(
+        &self,
+        obj: &Obj,
+        key: &str,
+        at: &[Seg],
+        names: &[&str],
+        from: impl Fn(&str) -> Option<T>,
+    ) -> Result<Option<T>, SpecError> {
+        let Some(s) = self.string(obj, key, at)? else { return Ok(None) };
+        from(&s).map(Some).ok_or_else(|| {
+            self.err(
+                &child(at, key),
+                format!(
+                    "`{key}` must be one of {}, not `{s}`{}",
+                    names.join(", "),
+                    did_you_mean(suggest(&s, names.iter().copied()))
+                ),
+            )
+        })
+    }
+
+    fn object<'o>(
+        &self,
+        obj: &'o Obj,
+        key: &str,
+        at: &[Seg],
+    ) -> Result<Option<&'o Obj>, SpecError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(m)) => Ok(Some(m)),
+            Some(other) => Err(self
+                .err(&child(at, key), format!("`{key}` must be a mapping, not {}", show(other)))),
+        }
+    }
+
+    pub(super) fn parse(&self) -> Result<SweepSpec, SpecError> {
+        let root = yaml::to_json_value(self.text).map_err(|e| SpecError {
+            source: self.source.to_string(),
+            line: e.location.map(|l| l.0),
+            column: e.location.map(|l| l.1),
+            message: e.message.clone(),
+        })?;
+        let Value::Object(top) = root else {
+            return Err(
+                self.err(&[], "a sweep file must be a mapping (name:, method:, parameters:, ...)")
+            );
+        };
+        let here: &[Seg] = &[];
+        self.check_keys(&top, TOP_KEYS, here, "the sweep")?;
+
+        let name =
+            self.string(&top, "name", here)?.ok_or_else(|| self.err(here, "missing `name`"))?;
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        {
+            return Err(self.err(
+                &segs!["name"],
+                format!("name `{name}` may only use letters, digits, `_`, `.` and `-`"),
+            ));
+        }
+        let description = self.string(&top, "description", here)?;
+
+        let mut metric = MetricSpec::default();
+        if let Some(m) = self.object(&top, "metric", here)? {
+            let at = segs!["metric"];
+            self.check_keys(m, METRIC_KEYS, &at, "metric")?;
+            if let Some(n) = self.string(m, "name", &at)? {
+                metric.name = n;
+            }
+            let goal = self.choice(m, "goal", &at, &["minimize", "maximize"], |s| match s {
+                "minimize" => Some(Goal::Minimize),
+                "maximize" => Some(Goal::Maximize),
+                _ => None,
+            })?;
+            metric.goal = goal.unwrap_or_default();
+        }
+
+        let method = match top.get("method") {
+            Some(Value::String(s)) if Method::PLANNED.contains(&s.as_str()) => {
+                return Err(self.err(
+                    &segs!["method"],
+                    format!(
+                        "method `{s}` is not available yet; use one of {}",
+                        Method::NAMES.join(", ")
+                    ),
+                ));
+            }
+            _ => self
+                .choice(&top, "method", here, Method::NAMES, Method::from_name)?
+                .ok_or_else(|| self.err(here, "missing `method` (grid or random)"))?,
+        };
+
+        let run_cap = self.uint(&top, "run_cap", here)?;
+        if run_cap == Some(0) {
+            return Err(self.err(&segs!["run_cap"], "`run_cap` must be at least 1"));
+        }
+        if method == Method::Random && run_cap.is_none() {
+            return Err(
+                self.err(&segs!["method"], "method random needs `run_cap` (the number of trials)")
+            );
+        }
+        let max_concurrent = self.uint(&top, "max_concurrent", here)?;
+        if max_concurrent == Some(0) {
+            return Err(self.err(&segs!["max_concurrent"], "`max_concurrent` must be at least 1"));
+        }
+        let seed = self.uint(&top, "seed", here)?.unwrap_or(0);
+        let max_attempts = self.uint(&top, "max_attempts", here)?.unwrap_or(3);
+        if max_attempts == 0 || max_attempts > u64::from(u32::MAX) {
+            return Err(self.err(
+                &segs!["max_attempts"],
+                format!("`max_attempts` must be at least 1, not {max_attempts}"),
+            ));
+        }
+        let timeout = match top.get("timeout") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                parse_duration(v)
+                    .map_err(|m| self.err(&segs!["timeout"], format!("`timeout`: {m}")))?,
+            ),
+        };
+
+        let mut task = TaskSpec::default();
+        if let Some(t) = self.object(&top, "task", here)? {
+            let at = segs!["task"];
+            self.check_keys(t, TASK_KEYS, &at, "task")?;
+            task.kind = self
+                .choice(t, "kind", &at, &["sae", "noop"], |s| match s {
+                    "sae" => Some(TaskKind::Sae),
+                    "noop" => Some(TaskKind::Noop),
+                    _ => None,
+                })?
+                .unwrap_or_default();
+            task.sleep_ms = self.uint(t, "sleep_ms", &at)?.unwrap_or(0);
+        }
+
+        let known_metric = [
+            msae_shared::metrics::MSE,
+            msae_shared::metrics::FVU,
+            msae_shared::metrics::L0,
+            msae_shared::metrics::ACTIVE_STRIPES,
+            msae_shared::metrics::DEAD_NEURONS,
+            msae_shared::metrics::DEAD_STRIPES,
+            msae_shared::metrics::STRIPE_ENTROPY,
+            msae_shared::metrics::MMCS,
+            msae_shared::metrics::STRIPE_CLUSTER_MATCH,
+            msae_shared::metrics::VAL_LOSS,
+            msae_shared::metrics::TRAIN_LOSS,
+        ];
+        if !known_metric.contains(&metric.name.as_str()) {
+            // Runners may report metrics of their own, so this is a warning, not an error.
+            tracing::warn!(
+                source = self.source,
+                "metric `{}` is not a standard trial metric{}",
+                metric.name,
+                did_you_mean(suggest(&metric.name, known_metric))
+            );
+        }
+
+        let mut base_leaves: HashMap<String, Vec<Seg>> = HashMap::new();
+        let mut base = Value::Object(Map::new());
+        if let Some(b) = self.object(&top, "base", here)? {
+            self.normalize_base(b, &segs!["base"], "", &mut base, &mut base_leaves)?;
+        }
+        let Value::Object(base) = base else { unreachable!("base is built as an object") };
+
+        let mut parameters = BTreeMap::new();
+        if let Some(ps) = self.object(&top, "parameters", here)? {
+            for (pname, raw) in ps {
+                let at = segs!["parameters", pname.as_str()];
+                if !TrialConfig::has_path(pname) {
+                    return Err(self.err(
+                        &at,
+                        format!(
+                            "parameter `{pname}` is not a trial-config field{}",
+                            did_you_mean(TrialConfig::suggest_path(pname).as_deref())
+                        ),
+                    ));
+                }
+                if let Some(b) = base_leaves.keys().find(|b| {
+                    *b == pname
+                        || b.starts_with(&format!("{pname}."))
+                        || pname.starts_with(&format!("{b}."))
+                }) {
+                    return Err(self.err(
+                        &at,
+                        format!("parameter `{pname}` is also set in `base` (as `{b}`): keep one"),
+                    ));
+                }
+                parameters.insert(pname.clone(), self.param(pname, raw, &at)?);
+            }
+        }
+
+        let spec = SweepSpec {
+            name,
+            description,
+            metric,
+            method,
+            run_cap,
+            max_concurrent: max_concurrent.map(|n| n as usize),
+            seed,
+            base,
+            parameters,
+            max_attempts: max_attempts as u32,
+            timeout,
+            task,
+        };
+        self.check_points(&spec, &base_leaves)?;
+        Ok(spec)
+    }
+
+    /// Fold `b` (dotted or nested keys) into `out`, checking each key is a config path and
+    /// recording where each leaf was written.
+    fn normalize_base(
+        &self,
+        b: &Obj,
+        at: &[Seg],
+        prefix: &str,
+        out: &mut Value,
+        leaves: &mut HashMap<String, Vec<Seg>>,
+    ) -> Result<(), SpecError> {
+        for (k, v) in b {
+            let full = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let here = child(at, k);
+            if !TrialConfig::has_path(&full) {
+                return Err(self.err(
+                    &here,
+                    format!(
+                        "`{full}` in base is not a trial-config field{}",
+                        did_you_mean(TrialConfig::suggest_path(&full).as_deref())
+                    ),
+                ));
+            }
+            if let (Value::Object(inner), Some(Value::Object(_))) = (v, default_at(&full)) {
+                self.normalize_base(inner, &here, &full, out, leaves)?;
+                continue;
+            }
+            if let Some(prev) = leaves.keys().find(|p| {
+                *p == &full
+                    || p.starts_with(&format!("{full}."))
+                    || full.starts_with(&format!("{p}."))
+            }) {
+                return Err(
+                    self.err(&here, format!("`{full}` is set twice in base (also as `{prev}`)"))
+                );
+            }
+            let value = normalize_value(&full, v.clone());
+            // Type errors are independent of other fields, so check each leaf on its own: the
+            // whole-config error of serde would not say which key is wrong.
+            let mut single = Value::Object(Map::new());
+            set_path(&mut single, &full, value.clone())
+                .map_err(|e| self.err(&here, e.to_string()))?;
+            if let Err(e) = TrialConfig::from_value(single) {
+                return Err(self
+                    .err(&here, format!("base `{full}`: value {}: {}", show(&value), e.message)));
+            }
+            set_path(out, &full, value).map_err(|e| self.err(&here, e.to_string()))?;
+            leaves.insert(full, here);
+        }
+        Ok(())
+    }
+
+    fn param(&self, pname: &str, raw: &Value, at: &[Seg]) -> Result<ParamSpec, SpecError> {
+        let Value::Object(p) = raw else {
+            return Err(self.err(
+                at,
+                format!("parameter `{pname}` must be a mapping with `value`, `values` or `distribution`, not {}", show(raw)),
+            ));
+        };
+        self.check_keys(p, PARAM_KEYS, at, &format!("parameter `{pname}`"))?;
+        let has = |k: &str| p.contains_key(k);
+        let forbid = |keys: &[&str], why: &str| -> Result<(), SpecError> {
+            match keys.iter().find(|k| has(k)) {
+                Some(k) => {
+                    Err(self.err(&child(at, k), format!("parameter `{pname}`: `{k}` {why}")))
+                }
+                None => Ok(()),
+            }
+        };
+
+        if has("value") {
+            forbid(
+                &["values", "distribution", "min", "max", "q", "probabilities"],
+                "cannot be combined with `value`",
+            )?;
+            return Ok(ParamSpec::Value(normalize_value(pname, p["value"].clone())));
+        }
+
+        let dist_name = self.choice(p, "distribution", at, Distribution::NAMES, |s| {
+            Some(s.to_string()).filter(|s| Distribution::NAMES.contains(&s.as_str()))
+        })?;
+        let dist_name = match dist_name {
+            Some(d) => d,
+            None if has("values") => {
+                forbid(&["min", "max", "q"], "cannot be combined with `values`")?;
+                let values = self.values(p, pname, at)?;
+                return match self.probabilities(p, pname, at, values.len())? {
+                    Some(probs) => Ok(ParamSpec::Distribution(Distribution::Categorical {
+                        values,
+                        probabilities: Some(probs),
+                    })),
+                    None => Ok(ParamSpec::Values(values)),
+                };
+            }
+            // W&B infers the distribution from the keys present.
+            None if has("q") => "q_uniform".to_string(),
+            None if has("min") || has("max") => {
+                let ints = ["min", "max"]
+                    .iter()
+                    .all(|k| p.get(*k).is_some_and(|v| v.is_i64() || v.is_u64()));
+                if ints { "int_uniform" } else { "uniform" }.to_string()
+            }
+            None => {
+                return Err(self.err(
+                    at,
+                    format!("parameter `{pname}` needs `value`, `values` or `distribution`"),
+                ));
+            }
+        };
+
+        let num = |k: &str| -> Result<f64, SpecError> {
+            match p.get(k) {
+                None => Err(self.err(at, format!("parameter `{pname}`: {dist_name} needs `{k}`"))),
+                Some(v) => v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
+                    self.err(
+                        &child(at, k),
+                        format!(
+                            "parameter `{pname}`: `{k}` must be a finite number, not {}",
+                            show(v)
+                        ),
+                    )
+                }),
+            }
+        };
+        let min_max = || -> Result<(f64, f64), SpecError> {
+            let (min, max) = (num("min")?, num("max")?);
+            if min >= max {
+                return Err(self.err(
+                    &child(at, "min"),
+                    format!("parameter `{pname}`: min ({min}) must be less than max ({max})"),
+                ));
+            }
+            Ok((min, max))
+        };
+        let dist = match dist_name.as_str() {
+            "categorical" => {
+                forbid(&["min", "max", "q"], "does not apply to categorical")?;
+                if !has("values") {
+                    return Err(
+                        self.err(at, format!("parameter `{pname}`: categorical needs `values`"))
+                    );
+                }
+                let values = self.values(p, pname, at)?;
+                let probabilities = self.probabilities(p, pname, at, values.len())?;
+                Distribution::Categorical { values, probabilities }
+            }
+            other => {
+                forbid(&["values", "probabilities"], &format!("does not apply to {other}"))?;
+                if other != "q_uniform" {
+                    forbid(&["q"], &format!("does not apply to {other} (only to q_uniform)"))?;
+                }
+                let (min, max) = min_max()?;
+                match other {
+                    "uniform" => Distribution::Uniform { min, max },
+                    "log_uniform_values" => {
+                        if min <= 0.0 {
+                            return Err(self.err(&child(at, "min"), format!("parameter `{pname}`: log_uniform_values needs min > 0, not {min}")));
+                        }
+                        Distribution::LogUniformValues { min, max }
+                    }
+                    "int_uniform" => {
+                        for k in ["min", "max"] {
+                            if !p[k].is_i64()
+                                && !p[k].is_u64()
+                                && p[k].as_f64().is_none_or(|x| x.fract() != 0.0)
+                            {
+                                return Err(self.err(&child(at, k), format!("parameter `{pname}`: int_uniform needs an integer `{k}`, not {}", show(&p[k]))));
+                            }
+                        }
+                        Distribution::IntUniform { min: min as i64, max: max as i64 }
+                    }
+                    "q_uniform" => {
+                        let q = if has("q") { num("q")? } else { 1.0 };
+                        if q <= 0.0 {
+                            return Err(self.err(
+                                &child(at, "q"),
+                                format!("parameter `{pname}`: q must be > 0, not {q}"),
+                            ));
+                        }
+                        Distribution::QUniform { min, max, q }
+                    }
+                    _ => unreachable!("distribution names are checked"),
+                }
+            }
+        };
+        Ok(ParamSpec::Distribution(dist))
+    }
+
+    fn values(&self, p: &Obj, pname: &str, at: &[Seg]) -> Result<Vec<Value>, SpecError> {
+        match &p["values"] {
+            Value::Array(vs) if !vs.is_empty() => {
+                Ok(vs.iter().map(|v| normalize_value(pname, v.clone())).collect())
+            }
+            other => Err(self.err(
+                &child(at, "values"),
+                format!(
+                    "parameter `{pname}`: `values` must be a non-empty list, not {}",
+                    show(other)
+                ),
+            )),
+        }
+    }
+
+    fn probabilities(
+        &self,
+        p: &Obj,
+        pname: &str,
+        at: &[Seg],
+        n: usize,
+    ) -> Result<Option<Vec<f64>>, SpecError> {
+        let Some(raw) = p.get("probabilities") else { return Ok(None) };
+        let here = child(at, "probabilities");
+        let Value::Array(items) = raw else {
+            return Err(self.err(
+                &here,
+                format!("parameter `{pname}`: `probabilities` must be a list of numbers"),
+            ));
+        };
+        let mut probs = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            match item.as_f64() {
+                Some(x) if x.is_finite() && x >= 0.0 => probs.push(x),
+                _ => {
+                    let mut at_i = here.clone();
+                    at_i.push(Seg::Index(i));
+                    return Err(self.err(
+                        &at_i,
+                        format!(
+                            "parameter `{pname}`: probability {} must be a number >= 0",
+                            show(item)
+                        ),
+                    ));
+                }
+            }
+        }
+        if probs.len() != n {
+            return Err(self.err(
+                &here,
+                format!("parameter `{pname}`: {} probabilities for {n} values", probs.len()),
+            ));
+        }
+        let sum: f64 = probs.iter().sum();
+        if (sum - 1.0).abs() > 1e-6 {
+            return Err(
+                self.err(&here, format!("parameter `{pname}`: probabilities sum to {sum}, not 1"))
+            );
+        }
+        Ok(Some(probs))
+    }
+}
+
+pub(super) fn child(at: &[Seg], key: &str) -> Vec<Seg> {
+    let mut p = at.to_vec();
+    p.push(Seg::Key(key.to_string()));
+    p
+}
+
+pub(super) fn join(a: &[Seg], b: &[Seg]) -> Vec<Seg> {
+    let mut p = a.to_vec();
+    p.extend_from_slice(b);
+    p
+}
+
+/// Seconds as a number, or a string of `<number><unit>` parts (ms, s, m, h, d): "90s", "1h30m".
+fn parse_duration(v: &Value) -> Result<Duration, String> {
+    let secs = match v {
+        Value::Number(n) => n.as_f64().unwrap_or(f64::NAN),
+        Value::String(s) => {
+            let s = s.trim();
+            let mut total = 0.0;
+            let mut rest = s;
+            if rest.is_empty() {
+                return Err("empty duration".into());
+            }
+            while !rest.is_empty() {
+                let num_len =
+                    rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+                let unit_len = rest[num_len..]
+                    .find(|c: char| c.is_ascii_digit() || c == '.')
+                    .unwrap_or(rest.len() - num_len);
+                let (num, unit) = (&rest[..num_len], rest[num_len..num_len + unit_len].trim());
+                let x: f64 = num
+                    .parse()
+                    .map_err(|_| format!("`{s}` is not a duration like 90s, 30m, 2h or 1h30m"))?;
+                let scale = match unit {
+                    "" | "s" | "sec" | "secs" => 1.0,
+                    "ms" => 1e-3,
+                    "m" | "min" | "mins" => 60.0,
+                    "h" | "hr" | "hours" => 3600.0,
+                    "d" | "days" => 86400.0,
+                    u => return Err(format!("unknown unit `{u}` in `{s}` (use ms, s, m, h or d)")),
+                };
+                total += x * scale;
+                rest = &rest[num_len + unit_len..];
+            }
+            total
+        }
+        other => {
+            return Err(format!(
+                "{} is not a duration (seconds, or like 90s, 30m, 2h)",
+                show(other)
+            ));
+        }
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("{} must be a positive duration", show(v)));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
