@@ -1,0 +1,460 @@
+//! The training loop of one trial, over any [`Trainer`], and [`SaeRunner`], the real
+//! [`TrialRunner`].
+//!
+//! [`train`] validates the config, loads the data, picks the device and the trainer (the
+//! hand-written [`crate::fast`] path for eligible top-k configs on the CPU, the candle
+//! [`crate::model`] otherwise), then runs `cfg.steps` steps on deterministic shuffled batches:
+//! - batches: a permutation of the training rows from a `StdRng` seeded by `cfg.seed`, consumed
+//!   in chunks of `batch_size` (the partial tail of an epoch is dropped so every batch has the
+//!   same size; a training set smaller than one batch is used whole), reshuffled every epoch;
+//! - Gaussian noise of std `input_noise_std` is added to every training batch (the trainer
+//!   reconstructs the noisy batch: the [`Trainer`] seam passes one batch);
+//! - every `eval_every` steps (and at the end) the validation split is evaluated (`val_loss`);
+//!   with `validation_fraction: 0` the training split stands in for it;
+//! - early stopping: an evaluation improves when `val_loss < best - early_stopping_min_delta`;
+//!   after `early_stopping_patience` evaluations without improvement the loop ends;
+//! - `progress` is called at every evaluation and at least every [`PROGRESS_INTERVAL`], and a
+//!   [`Control::Stop`] ends the loop before the next step.
+//!
+//! The final metrics are [`crate::eval::evaluate`] on the validation split plus `val_loss`,
+//! `train_loss`, `steps` and `samples_per_s` (training steps only, evaluation excluded).
+
+use crate::data::{self, DataError};
+use crate::eval::{self, EvalInputs};
+use crate::fast;
+use crate::model::CandleTrainer;
+use crate::runner::{Control, Progress, RunOptions, TrialOutcome, TrialRunner};
+use crate::trainer::Trainer;
+use anyhow::Context as _;
+use candle_core::Device;
+use msae_shared::config::ConfigError;
+use msae_shared::{TrialConfig, metrics};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand_distr::{Distribution, Normal};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Longest gap between two progress calls (they renew the trial's lease).
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+/// Mixed into the seed so batch order and noise do not share a stream with initialisation.
+const BATCH_SEED_SALT: u64 = 0xBA7C_0000_0000_0001;
+
+/// Why a trial could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A hyperparameter is invalid (not retryable).
+    #[error("invalid trial config: {0}")]
+    Config(#[from] ConfigError),
+    /// The data could not be loaded (retryable only if the files change).
+    #[error("loading data: {0}")]
+    Data(#[from] DataError),
+    /// A GPU was requested from a binary built without the `cuda` feature.
+    #[error(
+        "--gpu {0} asks for CUDA, but this binary was built without CUDA support; rebuild with \
+         `cargo build --release -p msae-worker --features cuda` (needs the CUDA toolkit), or \
+         drop --gpu to train on the CPU"
+    )]
+    NoCuda(usize),
+    /// The CUDA device could not be opened.
+    #[error("opening CUDA device {ordinal}: {message}")]
+    Cuda { ordinal: usize, message: String },
+}
+
+/// Which trainer implementation [`train_with`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The fast path when eligible on the CPU, the candle model otherwise.
+    #[default]
+    Auto,
+    /// Always the candle model.
+    Candle,
+}
+
+/// The real trial runner: trains with [`train`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SaeRunner;
+
+impl TrialRunner for SaeRunner {
+    fn run(
+        &self,
+        config: &TrialConfig,
+        options: &RunOptions,
+        progress: &mut dyn FnMut(&Progress) -> Control,
+    ) -> anyhow::Result<TrialOutcome> {
+        train(config, options, progress)
+    }
+}
+
+/// The device for `options.gpu`.
+pub fn select_device(gpu: Option<usize>) -> Result<Device, TrainError> {
+    match gpu {
+        None => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        Some(n) => {
+            Device::new_cuda(n).map_err(|e| TrainError::Cuda { ordinal: n, message: e.to_string() })
+        }
+        #[cfg(not(feature = "cuda"))]
+        Some(n) => Err(TrainError::NoCuda(n)),
+    }
+}
+
+/// Trains one trial (see the module docs) and returns its final metrics.
+pub fn train(
+    cfg: &TrialConfig,
+    options: &RunOptions,
+    progress: &mut dyn FnMut(&Progress) -> Control,
+) -> anyhow::Result<TrialOutcome> {
+    train_with(cfg, options, Backend::Auto, progress)
+}
+
+/// [`train`] with an explicit choice of trainer implementation.
+pub fn train_with(
+    cfg: &TrialConfig,
+    options: &RunOptions,
+    backend: Backend,
+    progress: &mut dyn FnMut(&Progress) -> Control,
+) -> anyhow::Result<TrialOutcome> {
+    cfg.validate().map_err(TrainError::Config)?;
+    let device = select_device(options.gpu)?;
+    let data = data::load(&cfg.data, cfg.seed).map_err(TrainError::Data)?;
+    let dim = data.dim;
+    let use_fast = backend == Backend::Auto && device.is_cpu() && fast::eligible(cfg);
+    let mut trainer: Box<dyn Trainer> = if use_fast {
+        Box::new(fast::FastTopK::new(cfg, dim)?)
+    } else {
+        Box::new(CandleTrainer::new(cfg, dim, &device)?)
+    };
+    tracing::info!(
+        steps = cfg.steps,
+        batch = cfg.batch_size,
+        dim,
+        latents = cfg.code_dim(),
+        train_rows = data.n_train(),
+        val_rows = data.n_val(),
+        trainer = if use_fast { "fast-topk" } else { "candle" },
+        device = ?device,
+        "training started"
+    );
+
+    // With no validation split, the training split stands in for it.
+    let (eval_x, eval_labels) = if data.n_val() > 0 {
+        (&data.val, data.val_labels.as_deref())
+    } else {
+        (&data.train, data.train_labels.as_deref())
+    };
+
+    let n_train = data.n_train();
+    anyhow::ensure!(n_train > 0, "the training split is empty");
+    let b = cfg.batch_size.min(n_train);
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ BATCH_SEED_SALT);
+    let noise = if cfg.input_noise_std > 0.0 {
+        Some(Normal::new(0.0f32, cfg.input_noise_std as f32).context("input_noise_std")?)
+    } else {
+        None
+    };
+    let mut order: Vec<usize> = (0..n_train).collect();
+    let mut cursor = n_train; // forces a shuffle before the first batch
+    let mut batch = vec![0f32; b * dim];
+
+    let total = cfg.steps as u64;
+    let mut train_loss = f64::NAN;
+    let mut best = f64::INFINITY;
+    let mut since_best = 0usize;
+    let mut stopped = None;
+    let mut steps_done = 0usize;
+    let mut train_time = Duration::ZERO;
+    let mut last_progress = Instant::now();
+
+    for step in 0..cfg.steps {
+        if cursor + b > n_train {
+            order.shuffle(&mut rng);
+            cursor = 0;
+        }
+        for (r, &i) in order[cursor..cursor + b].iter().enumerate() {
+            batch[r * dim..(r + 1) * dim].copy_from_slice(&data.train[i * dim..(i + 1) * dim]);
+        }
+        cursor += b;
+        if let Some(noise) = &noise {
+            batch.iter_mut().for_each(|v| *v += noise.sample(&mut rng));
+        }
+        let t0 = Instant::now();
+        train_loss = trainer.step(&batch, step).with_context(|| format!("training step {step}"))?;
+        train_time += t0.elapsed();
+        steps_done = step + 1;
+
+        let is_eval = cfg.eval_every > 0
+            && steps_done.is_multiple_of(cfg.eval_every)
+            && steps_done < cfg.steps;
+        let mut scalars = BTreeMap::from([(metrics::TRAIN_LOSS.to_string(), train_loss)]);
+        let mut early_stop = false;
+        if is_eval {
+            let inf = trainer.infer(eval_x)?;
+            let val_loss = inf.loss;
+            let l0 = inf.codes.iter().filter(|v| **v != 0.0).count() as f64
+                / (eval_x.len() / dim).max(1) as f64;
+            scalars.insert(metrics::VAL_LOSS.to_string(), val_loss);
+            scalars.insert(metrics::L0.to_string(), l0);
+            tracing::debug!(step = steps_done, train_loss, val_loss, l0, "evaluation");
+            if val_loss < best - cfg.early_stopping_min_delta {
+                best = val_loss;
+                since_best = 0;
+            } else {
+                since_best += 1;
+                if cfg.early_stopping_patience > 0 && since_best >= cfg.early_stopping_patience {
+                    tracing::info!(step = steps_done, best, val_loss, "early stopping");
+                    early_stop = true;
+                }
+            }
+        }
+        if is_eval || last_progress.elapsed() >= PROGRESS_INTERVAL {
+            last_progress = Instant::now();
+            let p = Progress { step: steps_done as u64, total_steps: total, scalars };
+            if let Control::Stop(reason) = progress(&p) {
+                tracing::info!(step = steps_done, %reason, "stopped on request");
+                stopped = Some(reason);
+                break;
+            }
+        }
+        if early_stop {
+            break;
+        }
+    }
+
+    // Final evaluation.
+    let inf = trainer.infer(eval_x)?;
+    let val_loss = inf.loss;
+    let atoms = trainer.atoms()?;
+    let mut out = eval::evaluate(&EvalInputs {
+        x: eval_x,
+        recon: &inf.recon,
+        codes: &inf.codes,
+        dim,
+        num_stripes: cfg.num_stripes,
+        stripe_dim: cfg.stripe_dim,
+        atoms: &atoms,
+        labels: eval_labels,
+        truth: data.truth.as_ref(),
+    });
+    out.insert(metrics::VAL_LOSS.to_string(), val_loss);
+    out.insert(metrics::TRAIN_LOSS.to_string(), train_loss);
+    out.insert(metrics::STEPS.to_string(), steps_done as f64);
+    let secs = train_time.as_secs_f64();
+    let sps = if secs > 0.0 { (steps_done * b) as f64 / secs } else { 0.0 };
+    out.insert(metrics::SAMPLES_PER_SECOND.to_string(), sps);
+
+    let final_progress =
+        Progress { step: steps_done as u64, total_steps: total, scalars: out.clone() };
+    if stopped.is_none()
+        && let Control::Stop(reason) = progress(&final_progress)
+    {
+        stopped = Some(reason);
+    }
+
+    let artifact = match &options.out_dir {
+        None => None,
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating output directory {}", dir.display()))?;
+            trainer.save(&dir.join("weights.safetensors"))?;
+            let yaml = msae_shared::yaml::to_string(cfg).context("serialising the config")?;
+            let path = dir.join("config.yaml");
+            std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+            Some(dir.clone())
+        }
+    };
+    tracing::info!(
+        steps = steps_done,
+        val_loss,
+        train_loss,
+        samples_per_s = sps,
+        mmcs = out.get(metrics::MMCS).copied(),
+        "training finished"
+    );
+    Ok(TrialOutcome { metrics: out, artifact, stopped })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quiet(_: &Progress) -> Control {
+        Control::Continue
+    }
+
+    fn small_cfg() -> TrialConfig {
+        let mut cfg =
+            TrialConfig { steps: 60, eval_every: 20, batch_size: 64, ..Default::default() };
+        cfg.data.synthetic.num_samples = 2048;
+        cfg
+    }
+
+    #[test]
+    fn default_config_recovers_true_features() {
+        let cfg = TrialConfig::default();
+        let t0 = Instant::now();
+        let out = train(&cfg, &RunOptions::default(), &mut quiet).unwrap();
+        let mmcs = out.metrics[metrics::MMCS];
+        eprintln!("default config: mmcs {mmcs:.4} in {:.2?}, {:?}", t0.elapsed(), out.metrics);
+        assert!(mmcs >= 0.9, "mmcs {mmcs}");
+        assert_eq!(out.metrics[metrics::STEPS], 2000.0);
+        assert!(out.metrics[metrics::L0] <= 8.0);
+    }
+
+    #[test]
+    fn candle_model_recovers_true_features() {
+        // The autograd path is several times slower per step than the fast path; a shorter,
+        // hotter schedule keeps this test in seconds while checking the same recovery.
+        let cfg = TrialConfig { steps: 250, lr: 5e-3, eval_every: 0, ..Default::default() };
+        let t0 = Instant::now();
+        let out = train_with(&cfg, &RunOptions::default(), Backend::Candle, &mut quiet).unwrap();
+        let mmcs = out.metrics[metrics::MMCS];
+        eprintln!("candle model: mmcs {mmcs:.4} in {:.2?}", t0.elapsed());
+        assert!(mmcs >= 0.9, "mmcs {mmcs}");
+    }
+
+    #[test]
+    fn same_config_gives_identical_metrics() {
+        for backend in [Backend::Auto, Backend::Candle] {
+            let cfg = small_cfg();
+            let mut a =
+                train_with(&cfg, &RunOptions::default(), backend, &mut quiet).unwrap().metrics;
+            let mut b =
+                train_with(&cfg, &RunOptions::default(), backend, &mut quiet).unwrap().metrics;
+            a.remove(metrics::SAMPLES_PER_SECOND);
+            b.remove(metrics::SAMPLES_PER_SECOND);
+            assert_eq!(a, b, "{backend:?}");
+        }
+    }
+
+    #[test]
+    fn early_stopping_ends_after_patience() {
+        // min_delta so large that no evaluation after the first counts as an improvement.
+        let cfg = TrialConfig {
+            eval_every: 5,
+            early_stopping_patience: 2,
+            early_stopping_min_delta: 1e9,
+            ..small_cfg()
+        };
+        let mut evals = 0;
+        let out = train(&cfg, &RunOptions::default(), &mut |p: &Progress| {
+            // The final report carries `steps`; evaluations during training do not.
+            if p.scalars.contains_key(metrics::VAL_LOSS) && !p.scalars.contains_key(metrics::STEPS)
+            {
+                evals += 1;
+            }
+            Control::Continue
+        })
+        .unwrap();
+        // Evaluations at 5 (best), 10 (1 bad), 15 (2 bad -> stop).
+        assert_eq!(out.metrics[metrics::STEPS], 15.0);
+        assert_eq!(evals, 3);
+        assert!(out.stopped.is_none());
+        // Patience 0 never stops early.
+        let cfg = TrialConfig { early_stopping_patience: 0, ..cfg };
+        let out = train(&cfg, &RunOptions::default(), &mut quiet).unwrap();
+        assert_eq!(out.metrics[metrics::STEPS], 60.0);
+    }
+
+    #[test]
+    fn stop_request_ends_promptly() {
+        let cfg = TrialConfig { eval_every: 1, ..small_cfg() };
+        let mut calls = 0;
+        let out = train(&cfg, &RunOptions::default(), &mut |_: &Progress| {
+            calls += 1;
+            Control::Stop("cancelled".into())
+        })
+        .unwrap();
+        assert_eq!(out.stopped.as_deref(), Some("cancelled"));
+        assert_eq!(out.metrics[metrics::STEPS], 1.0);
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn writes_weights_and_resolved_config() {
+        let dir = tempfile::tempdir().unwrap();
+        for (cfg, sub) in
+            [(small_cfg(), "fast"), (TrialConfig { intermediate_dim: 16, ..small_cfg() }, "mirror")]
+        {
+            let out_dir = dir.path().join(sub);
+            let opts = RunOptions { gpu: None, out_dir: Some(out_dir.clone()) };
+            let out = train(&cfg, &opts, &mut quiet).unwrap();
+            assert_eq!(out.artifact.as_deref(), Some(out_dir.as_path()));
+            let text = std::fs::read_to_string(out_dir.join("config.yaml")).unwrap();
+            assert_eq!(TrialConfig::from_yaml(&text).unwrap(), cfg);
+            let w =
+                candle_core::safetensors::load(out_dir.join("weights.safetensors"), &Device::Cpu)
+                    .unwrap();
+            assert_eq!(w["encoder.bias"].dims(), &[256]);
+        }
+    }
+
+    #[test]
+    fn every_mode_trains_end_to_end() {
+        use msae_shared::config::*;
+        let base = TrialConfig { steps: 12, eval_every: 4, ..small_cfg() };
+        let cfgs = [
+            TrialConfig { layer_sparsity_mode: LayerSparsityMode::Lifetime, ..base.clone() },
+            TrialConfig {
+                layer_sparsity_mode: LayerSparsityMode::LifetimeBatchMean,
+                ..base.clone()
+            },
+            TrialConfig { layer_sparsity_mode: LayerSparsityMode::Boosted, ..base.clone() },
+            TrialConfig {
+                layer_sparsity_mode: LayerSparsityMode::None,
+                l1_weight: 0.1,
+                kl_weight: 0.1,
+                hoyer_weight: 0.1,
+                ..base.clone()
+            },
+            TrialConfig {
+                stripe_sparsity_mode: StripeSparsityMode::Ordinary,
+                active_stripes_per_batch: 0.5,
+                ..base.clone()
+            },
+            TrialConfig {
+                stripe_sparsity_mode: StripeSparsityMode::Routing,
+                routing_l1_regularization: 1e-3,
+                intermediate_dim: 32,
+                ..base.clone()
+            },
+            TrialConfig {
+                activation: Activation::JumpRelu,
+                tied_weights: true,
+                output_relu: true,
+                ..base.clone()
+            },
+            TrialConfig {
+                aux_k: 16,
+                dead_after_samples: 64,
+                resample_dead_every: 5,
+                k_curriculum_start: 64,
+                k_curriculum_steps: 10,
+                input_noise_std: 0.05,
+                optimizer: Optimizer::Sgd,
+                ..base.clone()
+            },
+        ];
+        for cfg in cfgs {
+            let out = train(&cfg, &RunOptions::default(), &mut quiet).unwrap();
+            assert!(out.metrics[metrics::VAL_LOSS].is_finite(), "{cfg:?}");
+            assert_eq!(out.metrics[metrics::STEPS], 12.0);
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn gpu_without_cuda_feature_says_how_to_rebuild() {
+        let opts = RunOptions { gpu: Some(0), out_dir: None };
+        let e = train(&small_cfg(), &opts, &mut quiet).unwrap_err().to_string();
+        assert!(e.contains("built without CUDA support") && e.contains("--features cuda"), "{e}");
+    }
+
+    #[test]
+    fn invalid_config_is_rejected_with_the_field() {
+        let cfg = TrialConfig { layer_k: 0, ..small_cfg() };
+        let e = train(&cfg, &RunOptions::default(), &mut quiet).unwrap_err().to_string();
+        assert!(e.contains("layer_k"), "{e}");
+    }
+}
