@@ -1,0 +1,1246 @@
+//! The worker's client loop (`msae-worker --coordinator URL`): register with the coordinator,
+//! long-poll for leases, run each leased trial on a blocking thread, report progress (which
+//! renews the lease) and deliver the result.
+//!
+//! Robustness rules, and why:
+//! - The coordinator may restart at any time. Calls that fail as transient (`Unavailable`,
+//!   timeouts, ...) are retried with capped exponential backoff and jitter; a finished result is
+//!   kept in memory and re-sent until the coordinator accepts it or explicitly refuses it
+//!   (`accepted = false`: a stale lease, whose trial someone else owns now), so a coordinator
+//!   restart loses no work. `NotFound` for our worker id means the coordinator forgot us:
+//!   register again.
+//! - A trial must never lose its lease because one training step is slow: progress reports go
+//!   out whenever the trainer reports (at most every `progress_min_interval`), and a heartbeat
+//!   with the last known step goes out every `ttl / 3` regardless.
+//! - The runner is synchronous and may take hours; it is stopped cooperatively through
+//!   [`Control::Stop`], returned from its progress callback when the coordinator says stop, the
+//!   trial's `timeout_s` passes, or the worker shuts down. On shutdown the lease is handed back
+//!   (`Release`) so the trial is requeued at once instead of after the lease expires.
+//! - Invalid leases (bad JSON, a config `validate()` refuses, an unknown runner kind) are
+//!   reported as failed trials with the reason, never a panic.
+
+use crate::noop::NoopRunner;
+use crate::runner::{Control, Progress, RunOptions, TrialOutcome, TrialRunner};
+use msae_shared::TrialConfig;
+use msae_shared::proto::coordinator_client::CoordinatorClient;
+use msae_shared::proto::{
+    CompleteRequest, Lease, LeaseRequest, ProgressRequest, RegisterRequest, ReleaseRequest,
+};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Options of the worker loop. [`ClientOptions::new`] fills in the defaults.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Coordinator URL, e.g. `http://127.0.0.1:50051`.
+    pub coordinator: String,
+    /// Worker name shown by the coordinator (default: `{hostname}-{pid}`).
+    pub name: String,
+    /// CUDA device ordinal to train on; None = CPU.
+    pub gpu: Option<usize>,
+    /// Shared secret sent as `authorization: Bearer TOKEN`.
+    pub token: Option<String>,
+    /// Artifacts of a trial go to `{out_dir}/{sweep}/{index}` when set.
+    pub out_dir: Option<PathBuf>,
+    /// Exit after handling this many leases.
+    pub max_trials: Option<usize>,
+    /// How long one `Lease` long-poll may wait on the coordinator.
+    pub poll_wait: Duration,
+    /// Limit of every other call (and the extra time allowed to a long-poll).
+    pub rpc_timeout: Duration,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// First retry delay after a transient failure; doubles up to `backoff_max`.
+    pub backoff_initial: Duration,
+    /// Largest retry delay.
+    pub backoff_max: Duration,
+    /// Progress from the trainer is forwarded at most this often (heartbeats aside).
+    pub progress_min_interval: Duration,
+    /// On shutdown, how long to wait for the running trial to honour `Stop` before releasing
+    /// its lease anyway.
+    pub stop_grace: Duration,
+}
+
+impl ClientOptions {
+    /// Options with defaults for a coordinator at `coordinator`.
+    pub fn new(coordinator: impl Into<String>) -> Self {
+        ClientOptions {
+            coordinator: coordinator.into(),
+            name: default_worker_name(),
+            gpu: None,
+            token: None,
+            out_dir: None,
+            max_trials: None,
+            poll_wait: Duration::from_secs(20),
+            rpc_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            progress_min_interval: Duration::from_secs(1),
+            stop_grace: Duration::from_secs(60),
+        }
+    }
+
+    /// The device string sent at registration: `cpu` or `cuda:N`.
+    pub fn device(&self) -> String {
+        match self.gpu {
+            Some(n) => format!("cuda:{n}"),
+            None => "cpu".to_string(),
+        }
+    }
+}
+
+/// `{hostname}-{pid}`: unique enough per machine, readable in reports.
+pub fn default_worker_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".to_string());
+    format!("{host}-{}", std::process::id())
+}
+
+/// What a worker did before it returned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerSummary {
+    /// The id of the last registration.
+    pub worker_id: String,
+    /// Leases received.
+    pub leases: usize,
+    /// Results accepted by the coordinator, successful trials.
+    pub succeeded: usize,
+    /// Results accepted by the coordinator, failed trials.
+    pub failed: usize,
+    /// Results the coordinator refused (stale leases).
+    pub refused: usize,
+    /// Leases handed back without a result (shutdown).
+    pub released: usize,
+    /// Results given up on at shutdown because the coordinator was unreachable (their leases
+    /// expire and the trials run again).
+    pub lost: usize,
+}
+
+/// Adds `authorization: Bearer TOKEN` to every call when a token is set.
+#[derive(Clone)]
+struct BearerAuth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = CoordinatorClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Runs the worker loop until `shutdown` resolves, the coordinator says it is finishing,
+/// `max_trials` leases were handled, or a fatal error (bad URL or token, protocol refused).
+///
+/// `sae_runner` runs leases whose runner kind is `"sae"` (or empty); `"noop"` leases run a
+/// [`NoopRunner`] sleeping the lease's `noop_sleep_ms`.
+pub async fn run_worker(
+    opts: ClientOptions,
+    sae_runner: Arc<dyn TrialRunner>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<WorkerSummary> {
+    let (tx, rx) = watch::channel(false);
+    let worker = Worker::new(opts, sae_runner, ShutdownSignal(rx))?;
+    let work = worker.run();
+    tokio::pin!(work);
+    tokio::select! {
+        result = &mut work => return result,
+        () = shutdown => {
+            tracing::info!("shutdown requested: stopping the running trial and handing its lease back");
+            let _ = tx.send(true);
+        }
+    }
+    // The loop sees the signal, stops the trial, releases the lease and returns.
+    work.await
+}
+
+/// A cloneable view of the shutdown request.
+#[derive(Clone)]
+struct ShutdownSignal(watch::Receiver<bool>);
+
+impl ShutdownSignal {
+    fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once shutdown is requested.
+    async fn wait(&mut self) {
+        // An error means the sender is gone, i.e. run_worker is returning: same thing.
+        let _ = self.0.wait_for(|set| *set).await;
+    }
+}
+
+/// Exponential backoff with jitter (each delay uniformly in [d/2, d]) so that many workers
+/// retrying against a restarted coordinator do not arrive in lockstep.
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Backoff { initial, max, next: initial }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.initial;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        base.mul_f64(0.5 + 0.5 * rand::random::<f64>())
+    }
+}
+
+/// Errors worth retrying: the coordinator is away, restarting or overloaded.
+fn is_transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::Internal
+    )
+}
+
+/// Awaits a call with a time limit; a timeout reads as `DeadlineExceeded` (transient).
+async fn timed<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result.map(tonic::Response::into_inner),
+        Err(_) => Err(Status::deadline_exceeded(format!("no answer within {limit:?}"))),
+    }
+}
+
+/// Why a running trial was asked to stop.
+#[derive(Debug, Clone, PartialEq)]
+enum StopCause {
+    /// The coordinator said stop (early stopping, cancellation).
+    Coordinator(String),
+    /// The coordinator no longer knows the lease.
+    LeaseLost(String),
+    /// The trial's `timeout_s` passed.
+    Timeout(f64),
+    /// The worker is shutting down.
+    Shutdown,
+}
+
+impl std::fmt::Display for StopCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopCause::Coordinator(reason) => write!(f, "stopped by the coordinator: {reason}"),
+            StopCause::LeaseLost(reason) => write!(f, "lease lost: {reason}"),
+            StopCause::Timeout(secs) => write!(f, "trial exceeded its timeout of {secs} s"),
+            StopCause::Shutdown => write!(f, "worker shutting down"),
+        }
+    }
+}
+
+/// Shared between the async side and the runner's progress callback. Set once: the first
+/// cause wins. A std mutex: never held across an await.
+#[derive(Clone, Default)]
+struct StopFlag(Arc<Mutex<Option<StopCause>>>);
+
+impl StopFlag {
+    fn set(&self, cause: StopCause) {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(cause);
+        }
+    }
+
+    fn get(&self) -> Option<StopCause> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// How a lease ended on this worker.
+enum Finished {
+    /// Report this to the coordinator.
+    Report(CompleteRequest),
+    /// Hand the lease back (shutdown).
+    Release(String),
+}
+
+struct Worker {
+    opts: ClientOptions,
+    client: Client,
+    sae: Arc<dyn TrialRunner>,
+    shutdown: ShutdownSignal,
+    summary: WorkerSummary,
+}
+
+impl Worker {
+    fn new(
+        opts: ClientOptions,
+        sae: Arc<dyn TrialRunner>,
+        shutdown: ShutdownSignal,
+    ) -> anyhow::Result<Self> {
+        let endpoint = Endpoint::from_shared(opts.coordinator.clone())
+            .map_err(|e| anyhow::anyhow!("invalid coordinator URL {:?}: {e}", opts.coordinator))?
+            .connect_timeout(opts.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        // Lazy: connects on the first call and reconnects after the coordinator comes back.
+        let channel = endpoint.connect_lazy();
+        let auth = match &opts.token {
+            Some(token) => {
+                Some(format!("Bearer {token}").parse::<MetadataValue<Ascii>>().map_err(|_| {
+                    anyhow::anyhow!("the token contains characters not allowed in a header")
+                })?)
+            }
+            None => None,
+        };
+        let client = CoordinatorClient::with_interceptor(channel, BearerAuth(auth));
+        Ok(Worker { opts, client, sae, shutdown, summary: WorkerSummary::default() })
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.opts.backoff_initial, self.opts.backoff_max)
+    }
+
+    /// Sleeps `delay` unless shutdown comes first; returns false on shutdown.
+    async fn sleep_or_shutdown(&self, delay: Duration) -> bool {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            () = shutdown.wait() => false,
+        }
+    }
+
+    async fn run(mut self) -> anyhow::Result<WorkerSummary> {
+        if !self.register().await? {
+            return Ok(self.summary);
+        }
+        let mut backoff = self.backoff();
+        loop {
+            if self.shutdown.is_set() {
+                break;
+            }
+            if self.opts.max_trials.is_some_and(|max| self.summary.leases >= max) {
+                tracing::info!(leases = self.summary.leases, "max trials reached; worker exits");
+                break;
+            }
+            let request = LeaseRequest {
+                worker_id: self.summary.worker_id.clone(),
+                wait_ms: self.opts.poll_wait.as_millis().min(u32::MAX as u128) as u32,
+            };
+            let mut client = self.client.clone();
+            let mut shutdown = self.shutdown.clone();
+            let limit = self.opts.poll_wait + self.opts.rpc_timeout;
+            let reply = tokio::select! {
+                () = shutdown.wait() => break,
+                reply = timed(limit, client.lease(request)) => reply,
+            };
+            match reply {
+                Ok(reply) => {
+                    backoff.reset();
+                    if let Some(lease) = reply.lease {
+                        self.handle_lease(lease).await?;
+                    }
+                    if reply.shutdown {
+                        tracing::info!("the coordinator is finishing; worker exits");
+                        break;
+                    }
+                }
+                Err(status) if status.code() == Code::NotFound => {
+                    tracing::warn!(worker_id = %self.summary.worker_id, message = status.message(),
+                        "the coordinator does not know this worker; registering again");
+                    if !self.register().await? {
+                        break;
+                    }
+                }
+                Err(status) if is_transient(&status) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(coordinator = %self.opts.coordinator, code = ?status.code(),
+                        message = status.message(), retry_in = ?delay, "lease request failed");
+                    if !self.sleep_or_shutdown(delay).await {
+                        break;
+                    }
+                }
+                Err(status) => anyhow::bail!(
+                    "coordinator {} refused the lease request of worker {}: {:?}: {}",
+                    self.opts.coordinator,
+                    self.summary.worker_id,
+                    status.code(),
+                    status.message()
+                ),
+            }
+        }
+        Ok(self.summary)
+    }
+
+    /// Registers (retrying while the coordinator is away). Ok(false) if shutdown came first;
+    /// Err when the coordinator refuses us (protocol version, token).
+    async fn register(&mut self) -> anyhow::Result<bool> {
+        let mut backoff = self.backoff();
+        loop {
+            if self.shutdown.is_set() {
+                return Ok(false);
+            }
+            let request = RegisterRequest {
+                protocol_version: msae_shared::PROTOCOL_VERSION,
+                name: self.opts.name.clone(),
+                device: self.opts.device(),
+            };
+            let mut client = self.client.clone();
+            match timed(self.opts.rpc_timeout, client.register(request)).await {
+                Ok(reply) => {
+                    tracing::info!(worker_id = %reply.worker_id, name = %self.opts.name, device = %self.opts.device(),
+                        coordinator = %self.opts.coordinator, coordinator_version = %reply.coordinator_version, "registered");
+                    self.summary.worker_id = reply.worker_id;
+                    return Ok(true);
+                }
+                Err(status) if is_transient(&status) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(coordinator = %self.opts.coordinator, code = ?status.code(),
+                        message = status.message(), retry_in = ?delay, "cannot register yet");
+                    if !self.sleep_or_shutdown(delay).await {
+                        return Ok(false);
+                    }
+                }
+                Err(status) => anyhow::bail!(
+                    "coordinator {} refused to register worker {:?}: {:?}: {}",
+                    self.opts.coordinator,
+                    self.opts.name,
+                    status.code(),
+                    status.message()
+                ),
+            }
+        }
+    }
+
+    async fn handle_lease(&mut self, lease: Lease) -> anyhow::Result<()> {
+        self.summary.leases += 1;
+        tracing::info!(trial = %lease.trial_id, attempt = lease.attempt, lease = %lease.lease_id,
+            runner = %lease.runner, "leased trial");
+        let started = Instant::now();
+        let finished = match self.prepare(&lease) {
+            Ok((runner, config)) => self.run_trial(&lease, runner, config, started).await,
+            Err(error) => {
+                tracing::warn!(trial = %lease.trial_id, %error, "cannot run leased trial");
+                Finished::Report(CompleteRequest {
+                    lease_id: lease.lease_id.clone(),
+                    success: false,
+                    error,
+                    duration_s: started.elapsed().as_secs_f64(),
+                    ..Default::default()
+                })
+            }
+        };
+        match finished {
+            Finished::Report(request) => self.deliver(&lease, request).await,
+            Finished::Release(reason) => {
+                self.release(&lease, reason).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Picks the runner and parses the config of a lease; Err is the failure reason.
+    fn prepare(&self, lease: &Lease) -> Result<(Arc<dyn TrialRunner>, TrialConfig), String> {
+        let runner: Arc<dyn TrialRunner> = match lease.runner.as_str() {
+            "" | "sae" => self.sae.clone(),
+            "noop" => Arc::new(NoopRunner::new(Duration::from_millis(lease.noop_sleep_ms as u64))),
+            other => {
+                return Err(format!(
+                    "unknown trial runner kind {other:?} (expected \"sae\" or \"noop\")"
+                ));
+            }
+        };
+        let config: TrialConfig = serde_json::from_str(&lease.config_json).map_err(|e| {
+            format!("trial {}: config_json is not a valid trial config: {e}", lease.trial_id)
+        })?;
+        config
+            .validate()
+            .map_err(|e| format!("trial {}: invalid trial config: {e}", lease.trial_id))?;
+        Ok((runner, config))
+    }
+
+    /// Where a trial's artifacts go: `{out_dir}/{sweep}/{index}`, path components sanitised.
+    fn trial_out_dir(&self, lease: &Lease) -> Option<PathBuf> {
+        let mut dir = self.opts.out_dir.clone()?;
+        for part in lease.trial_id.split('/') {
+            let clean: String = part
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' }
+                })
+                .collect();
+            dir.push(if clean.is_empty() || clean.chars().all(|c| c == '.') {
+                "_".to_string()
+            } else {
+                clean
+            });
+        }
+        Some(dir)
+    }
+
+    /// Runs the trial on a blocking thread while this task reports progress and heartbeats.
+    async fn run_trial(
+        &self,
+        lease: &Lease,
+        runner: Arc<dyn TrialRunner>,
+        config: TrialConfig,
+        started: Instant,
+    ) -> Finished {
+        let stop = StopFlag::default();
+        let (progress_tx, mut progress_rx) = watch::channel::<Option<Progress>>(None);
+        let deadline =
+            (lease.timeout_s > 0.0).then(|| started + Duration::from_secs_f64(lease.timeout_s));
+        let timeout_s = lease.timeout_s;
+        let options = RunOptions { gpu: self.opts.gpu, out_dir: self.trial_out_dir(lease) };
+
+        let callback_stop = stop.clone();
+        let mut handle = tokio::task::spawn_blocking(move || {
+            let mut callback = |progress: &Progress| -> Control {
+                // Only the latest report matters; the async side picks it up.
+                progress_tx.send_replace(Some(progress.clone()));
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    callback_stop.set(StopCause::Timeout(timeout_s));
+                }
+                match callback_stop.get() {
+                    Some(cause) => Control::Stop(cause.to_string()),
+                    None => Control::Continue,
+                }
+            };
+            runner.run(&config, &options, &mut callback)
+        });
+
+        // Heartbeat at ttl/3 so a lease survives two lost reports; 10 s if the coordinator
+        // gave no ttl.
+        let heartbeat = if lease.ttl_ms > 0 {
+            Duration::from_millis(lease.ttl_ms as u64 / 3).max(Duration::from_millis(10))
+        } else {
+            Duration::from_secs(10)
+        };
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sent: Option<Instant> = None;
+        let mut progress_open = true;
+        let mut shutdown = self.shutdown.clone();
+        let mut grace_until: Option<Instant> = None;
+
+        let joined = loop {
+            tokio::select! {
+                joined = &mut handle => break Some(joined),
+                changed = progress_rx.changed(), if progress_open => {
+                    if changed.is_err() {
+                        progress_open = false; // the runner returned; `handle` resolves next
+                        continue;
+                    }
+                    if last_sent.is_none_or(|t| t.elapsed() >= self.opts.progress_min_interval) {
+                        let latest = progress_rx.borrow_and_update().clone();
+                        self.send_progress(lease, latest, &stop).await;
+                        last_sent = Some(Instant::now());
+                    }
+                }
+                _ = ticker.tick() => {
+                    let latest = progress_rx.borrow_and_update().clone();
+                    self.send_progress(lease, latest, &stop).await;
+                    last_sent = Some(Instant::now());
+                }
+                () = sleep_until_opt(deadline), if stop.get().is_none() => {
+                    tracing::warn!(trial = %lease.trial_id, timeout_s, "trial timed out; stopping it");
+                    stop.set(StopCause::Timeout(timeout_s));
+                }
+                () = shutdown.wait(), if grace_until.is_none() => {
+                    stop.set(StopCause::Shutdown);
+                    grace_until = Some(Instant::now() + self.opts.stop_grace);
+                }
+                () = sleep_until_opt(grace_until) => {
+                    tracing::warn!(trial = %lease.trial_id, grace = ?self.opts.stop_grace,
+                        "the trial did not stop in time; handing its lease back anyway");
+                    break None;
+                }
+            }
+        };
+        let duration_s = started.elapsed().as_secs_f64();
+        let cause = stop.get();
+        // Shutdown hands the lease back, unless the trial ran to its end anyway: then the
+        // result is worth delivering.
+        let ran_to_end = matches!(&joined, Some(Ok(Ok(outcome))) if outcome.stopped.is_none());
+        if joined.is_none() || (cause == Some(StopCause::Shutdown) && !ran_to_end) {
+            return Finished::Release(StopCause::Shutdown.to_string());
+        }
+        let mut request =
+            CompleteRequest { lease_id: lease.lease_id.clone(), duration_s, ..Default::default() };
+        match joined {
+            Some(Ok(Ok(outcome))) => fill_outcome(&mut request, outcome, cause),
+            Some(Ok(Err(error))) => {
+                request.success = false;
+                request.error = format!("{error:#}");
+            }
+            Some(Err(join_error)) => {
+                request.success = false;
+                request.error = format!("trial runner panicked: {join_error}");
+            }
+            None => unreachable!("only the shutdown grace ends the loop without a result"),
+        }
+        Finished::Report(request)
+    }
+
+    /// Sends one progress report; a stop reply or a lost lease sets `stop`. Failures are
+    /// logged only: the next heartbeat retries, and the result is delivered with retries.
+    async fn send_progress(&self, lease: &Lease, latest: Option<Progress>, stop: &StopFlag) {
+        let (step, scalars) = match latest {
+            Some(p) => (p.step, p.scalars.into_iter().collect()),
+            None => (0, Default::default()),
+        };
+        let request = ProgressRequest { lease_id: lease.lease_id.clone(), step, scalars };
+        let mut client = self.client.clone();
+        match timed(self.opts.rpc_timeout, client.progress(request)).await {
+            Ok(reply) if reply.stop => {
+                tracing::info!(trial = %lease.trial_id, reason = %reply.reason, "the coordinator asked to stop the trial");
+                stop.set(StopCause::Coordinator(reply.reason));
+            }
+            Ok(_) => {}
+            Err(status) if matches!(status.code(), Code::NotFound | Code::FailedPrecondition) => {
+                tracing::warn!(trial = %lease.trial_id, message = status.message(), "lease lost; stopping the trial");
+                stop.set(StopCause::LeaseLost(status.message().to_string()));
+            }
+            Err(status) => {
+                tracing::warn!(trial = %lease.trial_id, code = ?status.code(), message = status.message(),
+                    "progress report failed; the next heartbeat retries");
+            }
+        }
+    }
+
+    /// Delivers a result until it is accepted or refused. At shutdown, one last try.
+    async fn deliver(&mut self, lease: &Lease, request: CompleteRequest) -> anyhow::Result<()> {
+        let mut backoff = self.backoff();
+        loop {
+            let last_try = self.shutdown.is_set();
+            let mut client = self.client.clone();
+            match timed(self.opts.rpc_timeout, client.complete(request.clone())).await {
+                Ok(reply) if reply.accepted => {
+                    tracing::info!(trial = %lease.trial_id, success = request.success, duration_s = request.duration_s,
+                        error = %request.error, "result accepted");
+                    if request.success {
+                        self.summary.succeeded += 1;
+                    } else {
+                        self.summary.failed += 1;
+                    }
+                    return Ok(());
+                }
+                Ok(reply) => {
+                    tracing::warn!(trial = %lease.trial_id, lease = %lease.lease_id, reason = %reply.reason,
+                        "the coordinator refused the result (stale lease); dropping it");
+                    self.summary.refused += 1;
+                    return Ok(());
+                }
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        Code::NotFound | Code::FailedPrecondition | Code::InvalidArgument
+                    ) =>
+                {
+                    tracing::warn!(trial = %lease.trial_id, lease = %lease.lease_id, code = ?status.code(),
+                        message = status.message(), "the coordinator refused the result; dropping it");
+                    self.summary.refused += 1;
+                    return Ok(());
+                }
+                Err(status) if !is_transient(&status) => anyhow::bail!(
+                    "coordinator {} rejected the result of trial {}: {:?}: {}",
+                    self.opts.coordinator,
+                    lease.trial_id,
+                    status.code(),
+                    status.message()
+                ),
+                Err(status) => {
+                    if last_try {
+                        tracing::warn!(trial = %lease.trial_id, code = ?status.code(), message = status.message(),
+                            "shutting down with an undelivered result; the lease will expire and the trial rerun");
+                        self.summary.lost += 1;
+                        return Ok(());
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(trial = %lease.trial_id, code = ?status.code(), message = status.message(),
+                        retry_in = ?delay, "cannot deliver the result yet; keeping it");
+                    // On shutdown the sleep ends early and the loop makes its last try.
+                    self.sleep_or_shutdown(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Hands a lease back (one try: if the coordinator is away, the lease expires instead).
+    async fn release(&mut self, lease: &Lease, reason: String) {
+        let request = ReleaseRequest { lease_id: lease.lease_id.clone(), reason };
+        let mut client = self.client.clone();
+        self.summary.released += 1;
+        match timed(self.opts.rpc_timeout, client.release(request)).await {
+            Ok(reply) => {
+                tracing::info!(trial = %lease.trial_id, accepted = reply.accepted, "lease handed back")
+            }
+            Err(status) => {
+                tracing::warn!(trial = %lease.trial_id, code = ?status.code(), message = status.message(),
+                "could not hand the lease back; it will expire")
+            }
+        }
+    }
+}
+
+/// Fills a completion from a runner outcome: a local timeout is a failure (with the metrics
+/// reached), any other stop (coordinator early stopping, lost lease) a success with the metrics
+/// so far; the coordinator decides what a stopped trial counts as.
+fn fill_outcome(request: &mut CompleteRequest, outcome: TrialOutcome, cause: Option<StopCause>) {
+    request.metrics = outcome.metrics.into_iter().collect();
+    request.artifact = outcome.artifact.map(|p| p.display().to_string()).unwrap_or_default();
+    match cause {
+        Some(cause @ StopCause::Timeout(_)) => {
+            request.success = false;
+            request.error = cause.to_string();
+        }
+        _ => request.success = true,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A fake coordinator (the generated server trait over real gRPC on 127.0.0.1:0) drives
+    //! the loop through leases, progress, refusals, stop replies, restarts and shutdown.
+    use super::*;
+    use msae_shared::proto::coordinator_server::{Coordinator, CoordinatorServer};
+    use msae_shared::proto::{
+        CompleteReply, LeaseReply, ProgressReply, RegisterReply, ReleaseReply, ReportReply,
+        ReportRequest,
+    };
+    use std::collections::{HashSet, VecDeque};
+    use std::net::SocketAddr;
+    use tokio::sync::oneshot;
+    use tonic::{Request, Response};
+
+    /// Everything the fake saw, and how it should answer.
+    #[derive(Clone, Default)]
+    struct FakeState {
+        leases: VecDeque<Lease>,
+        registrations: Vec<RegisterRequest>,
+        authorization: Vec<Option<String>>,
+        progress: Vec<ProgressRequest>,
+        completes: Vec<CompleteRequest>,
+        releases: Vec<ReleaseRequest>,
+        /// Completions of these leases are refused.
+        refuse: HashSet<String>,
+        /// Progress of these leases is answered with stop.
+        stop: HashSet<String>,
+        /// Lease calls from these worker ids get NotFound (a coordinator that forgot them).
+        forget: HashSet<String>,
+        /// Reply shutdown = true once the queue is empty.
+        shutdown_when_empty: bool,
+    }
+
+    #[derive(Clone, Default)]
+    struct Fake(Arc<Mutex<FakeState>>);
+
+    impl Fake {
+        fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+            self.0.lock().unwrap()
+        }
+
+        /// A copy of the state, so no lock is held across an await.
+        fn snapshot(&self) -> FakeState {
+            self.state().clone()
+        }
+
+        fn seen<T>(&self, request: &Request<T>) {
+            let auth =
+                request.metadata().get("authorization").map(|v| v.to_str().unwrap().to_string());
+            self.state().authorization.push(auth);
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Coordinator for Fake {
+        async fn register(
+            &self,
+            request: Request<RegisterRequest>,
+        ) -> Result<Response<RegisterReply>, Status> {
+            self.seen(&request);
+            let mut state = self.state();
+            state.registrations.push(request.into_inner());
+            let worker_id = format!("w{}", state.registrations.len());
+            Ok(Response::new(RegisterReply { worker_id, coordinator_version: "fake".into() }))
+        }
+
+        async fn lease(
+            &self,
+            request: Request<LeaseRequest>,
+        ) -> Result<Response<LeaseReply>, Status> {
+            self.seen(&request);
+            let request = request.into_inner();
+            {
+                let mut state = self.state();
+                if state.forget.contains(&request.worker_id) {
+                    return Err(Status::not_found(format!("unknown worker {}", request.worker_id)));
+                }
+                if let Some(lease) = state.leases.pop_front() {
+                    return Ok(Response::new(LeaseReply { lease: Some(lease), shutdown: false }));
+                }
+                if state.shutdown_when_empty {
+                    return Ok(Response::new(LeaseReply { lease: None, shutdown: true }));
+                }
+            }
+            // A short long-poll keeps server shutdowns quick.
+            tokio::time::sleep(Duration::from_millis(request.wait_ms.min(20) as u64)).await;
+            Ok(Response::new(LeaseReply { lease: None, shutdown: false }))
+        }
+
+        async fn progress(
+            &self,
+            request: Request<ProgressRequest>,
+        ) -> Result<Response<ProgressReply>, Status> {
+            let request = request.into_inner();
+            let mut state = self.state();
+            let stop = state.stop.contains(&request.lease_id);
+            state.progress.push(request);
+            Ok(Response::new(ProgressReply {
+                stop,
+                reason: if stop { "early stop".into() } else { String::new() },
+            }))
+        }
+
+        async fn complete(
+            &self,
+            request: Request<CompleteRequest>,
+        ) -> Result<Response<CompleteReply>, Status> {
+            let request = request.into_inner();
+            let mut state = self.state();
+            let accepted = !state.refuse.contains(&request.lease_id);
+            state.completes.push(request);
+            Ok(Response::new(CompleteReply {
+                accepted,
+                reason: if accepted { String::new() } else { "stale lease".into() },
+            }))
+        }
+
+        async fn release(
+            &self,
+            request: Request<ReleaseRequest>,
+        ) -> Result<Response<ReleaseReply>, Status> {
+            self.state().releases.push(request.into_inner());
+            Ok(Response::new(ReleaseReply { accepted: true }))
+        }
+
+        async fn report(&self, _: Request<ReportRequest>) -> Result<Response<ReportReply>, Status> {
+            Err(Status::unimplemented("not in the fake"))
+        }
+    }
+
+    /// A running fake server; `stop` shuts it down gracefully (connections closed).
+    struct Server {
+        addr: SocketAddr,
+        stop: oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn serve(fake: Fake, addr: SocketAddr) -> Server {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind fake coordinator");
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(CoordinatorServer::new(fake))
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
+                .await
+                .expect("fake coordinator serves");
+        });
+        Server { addr, stop, task }
+    }
+
+    impl Server {
+        async fn shutdown(self) {
+            let _ = self.stop.send(());
+            tokio::time::timeout(Duration::from_secs(5), self.task)
+                .await
+                .expect("fake server stops")
+                .unwrap();
+        }
+    }
+
+    fn options(addr: SocketAddr) -> ClientOptions {
+        ClientOptions {
+            poll_wait: Duration::from_millis(50),
+            rpc_timeout: Duration::from_secs(2),
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(100),
+            progress_min_interval: Duration::ZERO,
+            stop_grace: Duration::from_secs(5),
+            ..ClientOptions::new(format!("http://{addr}"))
+        }
+    }
+
+    fn lease(id: &str, runner: &str, sleep_ms: u32) -> Lease {
+        let config = TrialConfig { steps: 100, ..TrialConfig::default() };
+        Lease {
+            lease_id: id.to_string(),
+            trial_id: format!("sweep/{id}"),
+            sweep: "sweep".into(),
+            attempt: 1,
+            config_json: serde_json::to_string(&config).unwrap(),
+            ttl_ms: 150,
+            timeout_s: 0.0,
+            runner: runner.to_string(),
+            noop_sleep_ms: sleep_ms,
+        }
+    }
+
+    /// Reports progress every 5 ms until told to stop (at most 20 s).
+    struct UntilStopped;
+
+    impl TrialRunner for UntilStopped {
+        fn run(
+            &self,
+            _: &TrialConfig,
+            _: &RunOptions,
+            progress: &mut dyn FnMut(&Progress) -> Control,
+        ) -> anyhow::Result<TrialOutcome> {
+            let start = Instant::now();
+            let mut step = 0;
+            while start.elapsed() < Duration::from_secs(20) {
+                step += 1;
+                let report =
+                    Progress { step, total_steps: 0, scalars: [("mse".to_string(), 1.0)].into() };
+                if let Control::Stop(reason) = progress(&report) {
+                    return Ok(TrialOutcome {
+                        metrics: [("steps".to_string(), step as f64)].into(),
+                        artifact: None,
+                        stopped: Some(reason),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            anyhow::bail!("never stopped")
+        }
+    }
+
+    /// Panics: the worker must report the trial failed, not die.
+    struct Panics;
+
+    impl TrialRunner for Panics {
+        fn run(
+            &self,
+            _: &TrialConfig,
+            _: &RunOptions,
+            _: &mut dyn FnMut(&Progress) -> Control,
+        ) -> anyhow::Result<TrialOutcome> {
+            panic!("boom")
+        }
+    }
+
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        tokio::time::timeout(LIMIT, async {
+            while !cond() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runs_leases_reports_progress_and_completes() {
+        let fake = Fake::default();
+        {
+            let mut s = fake.state();
+            s.leases.push_back(lease("a", "noop", 300));
+            s.leases.push_back(lease("b", "noop", 0));
+            s.shutdown_when_empty = true;
+        }
+        let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let mut opts = options(server.addr);
+        opts.token = Some("s3cret".into());
+        opts.gpu = Some(1);
+        let summary =
+            tokio::time::timeout(LIMIT, run_worker(opts, Arc::new(Panics), std::future::pending()))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!((summary.leases, summary.succeeded, summary.failed), (2, 2, 0));
+        assert_eq!(summary.worker_id, "w1");
+        let s = fake.snapshot();
+        assert_eq!(s.registrations[0].device, "cuda:1");
+        assert_eq!(s.registrations[0].protocol_version, msae_shared::PROTOCOL_VERSION);
+        assert!(
+            s.authorization.iter().all(|a| a.as_deref() == Some("Bearer s3cret")),
+            "{:?}",
+            s.authorization
+        );
+        // 300 ms of work with a 150 ms ttl: progress (20 ms slices) and heartbeats renewed it.
+        let progress_a: Vec<&ProgressRequest> =
+            s.progress.iter().filter(|p| p.lease_id == "a").collect();
+        assert!(progress_a.len() >= 3, "progress reports: {}", progress_a.len());
+        assert!(progress_a.windows(2).all(|w| w[0].step <= w[1].step));
+        assert!(progress_a.iter().any(|p| p.scalars.contains_key("train_loss")));
+        let ids: Vec<&str> = s.completes.iter().map(|c| c.lease_id.as_str()).collect();
+        assert_eq!(ids, vec!["a", "b"]);
+        let a = &s.completes[0];
+        assert!(a.success && a.error.is_empty());
+        assert_eq!(a.metrics["fvu"], crate::noop::analytic_fvu(&TrialConfig::default()));
+        assert!(a.duration_s >= 0.3, "{}", a.duration_s);
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_leases_are_reported_as_failures() {
+        let fake = Fake::default();
+        {
+            let mut s = fake.state();
+            let mut bad_json = lease("json", "noop", 0);
+            bad_json.config_json = "{not json".into();
+            let mut invalid = lease("invalid", "noop", 0);
+            invalid.config_json = r#"{"lr": -1.0}"#.into();
+            let unknown = lease("kind", "quantum", 0);
+            let panics = lease("panic", "sae", 0);
+            s.leases.extend([bad_json, invalid, unknown, panics]);
+            s.shutdown_when_empty = true;
+        }
+        let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let summary = tokio::time::timeout(
+            LIMIT,
+            run_worker(options(server.addr), Arc::new(Panics), std::future::pending()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!((summary.leases, summary.failed, summary.succeeded), (4, 4, 0));
+        let s = fake.snapshot();
+        let errors: Vec<&str> = s.completes.iter().map(|c| c.error.as_str()).collect();
+        assert!(s.completes.iter().all(|c| !c.success));
+        assert!(errors[0].contains("config_json is not a valid trial config"), "{}", errors[0]);
+        assert!(
+            errors[1].contains("invalid trial config") && errors[1].contains("lr"),
+            "{}",
+            errors[1]
+        );
+        assert!(errors[2].contains("unknown trial runner kind \"quantum\""), "{}", errors[2]);
+        assert!(errors[3].contains("panicked"), "{}", errors[3]);
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_result_is_dropped_not_retried() {
+        let fake = Fake::default();
+        {
+            let mut s = fake.state();
+            s.leases.push_back(lease("stale", "noop", 0));
+            s.leases.push_back(lease("fresh", "noop", 0));
+            s.refuse.insert("stale".into());
+            s.shutdown_when_empty = true;
+        }
+        let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let summary = tokio::time::timeout(
+            LIMIT,
+            run_worker(options(server.addr), Arc::new(Panics), std::future::pending()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!((summary.refused, summary.succeeded), (1, 1));
+        let ids: Vec<String> = fake.state().completes.iter().map(|c| c.lease_id.clone()).collect();
+        assert_eq!(ids, vec!["stale", "fresh"], "the refused result is sent once");
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn result_survives_a_coordinator_restart() {
+        let fake = Fake::default();
+        fake.state().leases.push_back(lease("a", "noop", 400));
+        let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let addr = server.addr;
+        let mut opts = options(addr);
+        opts.max_trials = Some(1);
+        let worker = tokio::spawn(run_worker(opts, Arc::new(Panics), std::future::pending()));
+        wait_for("first progress", || !fake.state().progress.is_empty()).await;
+        // The coordinator goes away while the trial runs and stays away past its end.
+        server.shutdown().await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(fake.state().completes.is_empty());
+        // Back on the same port, with the same (durable) state.
+        let server = serve(fake.clone(), addr).await;
+        let summary = tokio::time::timeout(LIMIT, worker).await.unwrap().unwrap().unwrap();
+        assert_eq!(summary.succeeded, 1);
+        let s = fake.snapshot();
+        assert_eq!(s.completes.len(), 1);
+        assert!(s.completes[0].success && s.completes[0].lease_id == "a");
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn worker_waits_for_a_coordinator_that_is_not_up_yet() {
+        // Reserve a port, free it, start the worker, then the coordinator.
+        let addr =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let fake = Fake::default();
+        {
+            let mut s = fake.state();
+            s.leases.push_back(lease("a", "noop", 0));
+            s.shutdown_when_empty = true;
+        }
+        let worker =
+            tokio::spawn(run_worker(options(addr), Arc::new(Panics), std::future::pending()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let server = serve(fake.clone(), addr).await;
+        let summary = tokio::time::timeout(LIMIT, worker).await.unwrap().unwrap().unwrap();
+        assert_eq!(summary.succeeded, 1);
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_reply_stops_the_trial() {
+        let fake = Fake::default();
+        {
+            let mut s = fake.state();
+            s.leases.push_back(lease("a", "sae", 0));
+            s.stop.insert("a".into());
+            s.shutdown_when_empty = true;
+        }
+        let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let start = Instant::now();
+        let summary = tokio::time::timeout(
+            LIMIT,
+            run_worker(options(server.addr), Arc::new(UntilStopped), std::future::pending()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(summary.succeeded, 1);
+        let s = fake.snapshot();
+        assert!(s.completes[0].success, "an early-stopped trial reports its metrics");
+        assert!(s.completes[0].metrics["steps"] >= 1.0);
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn local_timeout_fails_the_trial() {
+        let fake = Fake::default();
+        {
+            let mut s = fake.state();
+            let mut l = lease("a", "sae", 0);
+            l.timeout_s = 0.2;
+            s.leases.push_back(l);
+            s.shutdown_when_empty = true;
+        }
+        let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let summary = tokio::time::timeout(
+            LIMIT,
+            run_worker(options(server.addr), Arc::new(UntilStopped), std::future::pending()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(summary.failed, 1);
+        let s = fake.snapshot();
+        assert!(!s.completes[0].success);
+        assert!(s.completes[0].error.contains("timeout of 0.2 s"), "{}", s.completes[0].error);
+        assert!(s.completes[0].duration_s < 5.0);
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_releases_the_lease() {
+        let fake = Fake::default();
+        fake.state().leases.push_back(lease("a", "sae", 0));
+        let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let (trigger, shutdown) = oneshot::channel::<()>();
+        let worker =
+            tokio::spawn(run_worker(options(server.addr), Arc::new(UntilStopped), async {
+                let _ = shutdown.await;
+            }));
+        wait_for("first progress", || !fake.state().progress.is_empty()).await;
+        trigger.send(()).unwrap();
+        let summary = tokio::time::timeout(LIMIT, worker).await.unwrap().unwrap().unwrap();
+        assert_eq!((summary.released, summary.succeeded, summary.failed), (1, 0, 0));
+        let s = fake.snapshot();
+        assert_eq!(s.releases.len(), 1);
+        assert_eq!(s.releases[0].lease_id, "a");
+        assert!(s.completes.is_empty(), "a released lease has no result");
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forgotten_worker_registers_again() {
+        let fake = Fake::default();
+        {
+            let mut s = fake.state();
+            s.forget.insert("w1".into());
+            s.leases.push_back(lease("a", "noop", 0));
+            s.shutdown_when_empty = true;
+        }
+        let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let summary = tokio::time::timeout(
+            LIMIT,
+            run_worker(options(server.addr), Arc::new(Panics), std::future::pending()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(summary.worker_id, "w2");
+        assert_eq!(summary.succeeded, 1);
+        assert_eq!(fake.state().registrations.len(), 2);
+        assert!(fake.state().authorization.iter().all(Option::is_none), "no token, no header");
+        server.shutdown().await;
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        let delays: Vec<Duration> = (0..5).map(|_| b.next_delay()).collect();
+        let bases = [100, 200, 400, 400, 400];
+        for (d, base) in delays.iter().zip(bases) {
+            let base = Duration::from_millis(base);
+            assert!(*d >= base / 2 && *d <= base, "{d:?} not in [{:?}, {base:?}]", base / 2);
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn invalid_url_is_an_error() {
+        let (_tx, rx) = watch::channel(false);
+        let err =
+            Worker::new(ClientOptions::new("not a url"), Arc::new(Panics), ShutdownSignal(rx))
+                .err()
+                .unwrap();
+        assert!(err.to_string().contains("invalid coordinator URL"), "{err}");
+    }
+}
