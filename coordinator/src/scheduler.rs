@@ -1,0 +1,479 @@
+//! The scheduler: the single owner of a sweep's state (trials, queue, leases, workers).
+//!
+//! Shaped like HyperQueue's reactor: [`core::Core`] is a synchronous state machine (plain
+//! functions taking `now`), driven by one actor task ([`actor`]). gRPC handlers hold a cheap
+//! [`SchedulerHandle`], send it commands over an mpsc channel and await a oneshot reply; nothing
+//! else touches the state, so there are no locks.
+//!
+//! Durability and speed come from group commit: the actor drains every queued command, applies
+//! them all, writes the changed records in ONE redb write transaction on a blocking thread, and
+//! only after that commit sends the replies. Everything a worker or user relies on (new trials,
+//! leases, completions, failures, requeues) is committed before it is acknowledged. Progress
+//! (step, scalars, lease renewal) is the exception: renewals live in memory only (a restarted
+//! coordinator resets every running lease's deadline anyway) and step/scalars are committed
+//! lazily, at most every [`PROGRESS_FLUSH`], piggybacking on the next commit.
+//!
+//! Per-event work is O(1) in the size of the sweep (queue is a `VecDeque`, leases a `HashMap`,
+//! trials a `Vec` indexed by trial index); the periodic tick scans only the running leases.
+
+mod actor;
+mod core;
+#[cfg(test)]
+pub(crate) mod tests;
+
+use crate::model::{Goal, SweepRecord, TrialRecord};
+use crate::search::Strategy;
+use crate::store::{Store, StoreError, WriteBatch};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+pub use self::core::params_match;
+
+/// How often lazily kept progress (step, scalars) is committed.
+pub const PROGRESS_FLUSH: Duration = Duration::from_secs(1);
+
+/// Swept parameters of one trial (dotted trial-config paths to values).
+pub type Params = BTreeMap<String, serde_json::Value>;
+
+/// Builds the full trial config (JSON) of a point; an `Err` fails that trial with the message.
+pub type MakeConfig = Box<dyn Fn(&Params) -> Result<serde_json::Value, String> + Send>;
+
+/// Per-sweep scheduling policy (taken from the sweep spec by the caller).
+#[derive(Debug, Clone)]
+pub struct SchedulerPolicy {
+    /// Attempts per trial, the first included (>= 1).
+    pub max_attempts: u32,
+    /// A lease expires this long after it was granted or last renewed by progress.
+    pub lease_ttl: Duration,
+    /// Wall-clock limit of one attempt.
+    pub timeout: Option<Duration>,
+    /// At most this many trials running at once.
+    pub max_concurrent: Option<usize>,
+    /// At most this many trials proposed.
+    pub run_cap: Option<u64>,
+    /// Name of the metric the sweep optimises.
+    pub metric: String,
+    pub goal: Goal,
+    /// Trial runner kind sent to workers ("sae" or "noop").
+    pub runner: String,
+    /// For the noop runner: how long each trial pretends to work.
+    pub noop_sleep_ms: u32,
+}
+
+impl Default for SchedulerPolicy {
+    fn default() -> Self {
+        SchedulerPolicy {
+            max_attempts: 3,
+            lease_ttl: Duration::from_secs(60),
+            timeout: None,
+            max_concurrent: None,
+            run_cap: None,
+            metric: "loss".into(),
+            goal: Goal::Minimize,
+            runner: "sae".into(),
+            noop_sleep_ms: 0,
+        }
+    }
+}
+
+/// What identifies the sweep to start or resume.
+#[derive(Debug, Clone)]
+pub struct SweepInput {
+    /// Sweep name (from the YAML).
+    pub name: String,
+    /// The YAML text, stored verbatim.
+    pub yaml: String,
+    /// Fingerprint of the normalised spec; a stored sweep with another one is refused.
+    pub fingerprint: String,
+    /// Start a new sweep even if one of this name exists (named `NAME-2`, `NAME-3`, ...).
+    pub new_sweep: bool,
+}
+
+/// A granted lease, as the worker needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseGrant {
+    pub lease_id: String,
+    /// `{sweep}/{index}`.
+    pub trial_id: String,
+    pub sweep: String,
+    pub index: u64,
+    pub attempt: u32,
+    /// The trial config as JSON text.
+    pub config_json: String,
+    pub ttl: Duration,
+    pub timeout: Option<Duration>,
+    pub runner: String,
+    pub noop_sleep_ms: u32,
+}
+
+/// Answer to a lease request: a lease, nothing (the wait elapsed), or shutdown.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LeaseOutcome {
+    pub lease: Option<LeaseGrant>,
+    /// The sweep is finished or the coordinator is stopping: the worker should exit.
+    pub shutdown: bool,
+}
+
+/// Answer to a progress report.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ProgressAck {
+    /// The worker should stop this trial.
+    pub stop: bool,
+    pub reason: String,
+}
+
+/// The final outcome of an attempt, as reported by a worker (validated at the edge).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TrialOutcome {
+    pub success: bool,
+    /// Finite values only.
+    pub metrics: BTreeMap<String, f64>,
+    pub error: String,
+    pub artifact: Option<String>,
+    pub duration_s: Option<f64>,
+    /// Metrics the edge dropped (non-finite values), recorded as a note on the trial.
+    pub dropped: Vec<String>,
+}
+
+/// Answer to a completion: refused for a stale, unknown or already used lease.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CompleteAck {
+    pub accepted: bool,
+    pub reason: String,
+}
+
+/// The best completed trial so far.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Best {
+    pub index: u64,
+    /// The metric as reported (not oriented).
+    pub value: f64,
+}
+
+/// Live counts for progress displays (a `watch`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Counts {
+    pub sweep: String,
+    pub proposed: u64,
+    pub queued: u64,
+    pub running: u64,
+    pub completed: u64,
+    pub failed: u64,
+    /// Workers registered with this coordinator process.
+    pub workers: u64,
+    pub best: Option<Best>,
+    /// Strategy done and every trial final.
+    pub finished: bool,
+    /// The scheduler stopped (shutdown, or a fatal store error given here).
+    pub stopped: bool,
+    pub error: Option<String>,
+}
+
+/// Events for the progress display and the TensorBoard writer (a `broadcast`; slow receivers
+/// may lag and miss events, the records in the store stay authoritative).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SchedulerEvent {
+    /// A trial was leased (committed); `record` is its state as leased (params, config,
+    /// attempt, lease).
+    TrialStarted {
+        index: u64,
+        attempt: u32,
+        worker: String,
+        record: Box<TrialRecord>,
+    },
+    TrialProgress {
+        index: u64,
+        step: u64,
+        scalars: BTreeMap<String, f64>,
+    },
+    /// A trial reached Completed or Failed (committed).
+    TrialFinished {
+        record: Box<TrialRecord>,
+    },
+}
+
+/// Errors of the scheduler. `UnknownWorker` is the only one a client should handle by
+/// re-registering and retrying; `Stopped` means the coordinator is going away.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "sweep {name} exists in DB with a different definition; use --new-sweep (starts {name}-2…) or another name"
+    )]
+    FingerprintMismatch { name: String },
+    #[error("cannot resume sweep {sweep}: at trial {index}, {detail}")]
+    ReplayMismatch { sweep: String, index: u64, detail: String },
+    #[error("unknown worker id {0:?} (the coordinator may have restarted): register again")]
+    UnknownWorker(String),
+    #[error("worker protocol version {got} is not supported; this coordinator speaks {expected}")]
+    ProtocolVersion { got: u32, expected: u32 },
+    #[error("invalid scheduler policy: {0}")]
+    Policy(String),
+    #[error("committing to the store failed: {0}")]
+    Commit(String),
+    #[error("the scheduler has stopped")]
+    Stopped,
+}
+
+/// Result alias of the scheduler.
+pub type Result<T, E = SchedulerError> = std::result::Result<T, E>;
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// Messages to the actor.
+enum Command {
+    Register {
+        name: String,
+        device: String,
+        protocol_version: u32,
+        reply: Reply<String>,
+    },
+    Lease {
+        worker_id: String,
+        wait: Duration,
+        reply: Reply<LeaseOutcome>,
+    },
+    Progress {
+        lease_id: String,
+        step: u64,
+        scalars: BTreeMap<String, f64>,
+        reply: Reply<ProgressAck>,
+    },
+    Complete {
+        lease_id: String,
+        outcome: TrialOutcome,
+        reply: Reply<CompleteAck>,
+    },
+    Release {
+        lease_id: String,
+        reason: String,
+        reply: Reply<bool>,
+    },
+    Snapshot {
+        reply: Reply<(SweepRecord, Vec<TrialRecord>)>,
+    },
+    Shutdown {
+        grace: Duration,
+        reply: Reply<()>,
+    },
+}
+
+/// Entry point: starts or resumes a sweep and spawns its actor.
+pub struct Scheduler;
+
+impl Scheduler {
+    /// Starts sweep `input` on `store`, or resumes it when the store holds a sweep of that name
+    /// with the same fingerprint (replaying `strategy` against the stored trials). Must be
+    /// called inside a tokio runtime; the actor runs until [`SchedulerHandle::shutdown`] or
+    /// until every handle is dropped.
+    pub async fn start(
+        store: Store,
+        input: SweepInput,
+        policy: SchedulerPolicy,
+        strategy: Box<dyn Strategy>,
+        make_config: MakeConfig,
+    ) -> Result<SchedulerHandle> {
+        if policy.max_attempts == 0 {
+            return Err(SchedulerError::Policy("max_attempts must be at least 1".into()));
+        }
+        if policy.lease_ttl.is_zero() {
+            return Err(SchedulerError::Policy("lease_ttl must be positive".into()));
+        }
+        let store = Arc::new(store);
+        let (sweep, trials, created) = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || load_or_create(&store, &input))
+                .await
+                .map_err(|e| SchedulerError::Commit(format!("loading task failed: {e}")))??
+        };
+        let now = crate::model::now_ms();
+        let core = if created {
+            core::Core::new(sweep, policy, strategy, make_config)
+        } else {
+            tracing::info!(sweep = %sweep.name, trials = trials.len(), "resuming sweep");
+            core::Core::resume(sweep, trials, policy, strategy, make_config, now)?
+        };
+        let name = core.sweep().name.clone();
+        let (tx, rx) = mpsc::channel(4096);
+        let (counts_tx, counts_rx) = watch::channel(core.counts());
+        let (events_tx, _) = broadcast::channel(4096);
+        let actor = actor::Actor::new(core, store.clone(), rx, counts_tx, events_tx.clone());
+        tokio::spawn(actor.run());
+        Ok(SchedulerHandle { tx, counts: counts_rx, events: events_tx, store, sweep: name })
+    }
+}
+
+/// Reads the stored sweep or records a new one; decides resume vs new vs refuse.
+fn load_or_create(
+    store: &Store,
+    input: &SweepInput,
+) -> Result<(SweepRecord, Vec<TrialRecord>, bool)> {
+    let existing = store.sweep(&input.name)?;
+    let name = match existing {
+        Some(rec) if !input.new_sweep => {
+            if rec.fingerprint != input.fingerprint {
+                return Err(SchedulerError::FingerprintMismatch { name: rec.name });
+            }
+            let trials = store.trials(&rec.name)?;
+            return Ok((rec, trials, false));
+        }
+        Some(_) => {
+            let mut k = 2u64;
+            loop {
+                let candidate = format!("{}-{k}", input.name);
+                if store.sweep(&candidate)?.is_none() {
+                    break candidate;
+                }
+                k += 1;
+            }
+        }
+        None => input.name.clone(),
+    };
+    let rec = SweepRecord {
+        name,
+        yaml: input.yaml.clone(),
+        fingerprint: input.fingerprint.clone(),
+        created_ms: crate::model::now_ms(),
+        proposed: 0,
+        finished: false,
+    };
+    let mut batch = WriteBatch::new();
+    batch.put_sweep(&rec);
+    store.write(&batch)?;
+    tracing::info!(sweep = %rec.name, "new sweep recorded");
+    Ok((rec, Vec::new(), true))
+}
+
+/// A cheap, cloneable handle to a running scheduler.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::Sender<Command>,
+    counts: watch::Receiver<Counts>,
+    events: broadcast::Sender<SchedulerEvent>,
+    store: Arc<Store>,
+    sweep: String,
+}
+
+impl SchedulerHandle {
+    /// The name of the sweep this scheduler runs (may be `NAME-2` after `new_sweep`).
+    pub fn sweep_name(&self) -> &str {
+        &self.sweep
+    }
+
+    /// The store (for read-only queries of other sweeps; writes belong to the actor).
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| SchedulerError::Stopped)?;
+        rx.await.map_err(|_| SchedulerError::Stopped)?
+    }
+
+    /// Registers a worker; returns its id.
+    pub async fn register(
+        &self,
+        name: &str,
+        device: &str,
+        protocol_version: u32,
+    ) -> Result<String> {
+        let (name, device) = (name.to_string(), device.to_string());
+        self.ask(|reply| Command::Register { name, device, protocol_version, reply }).await
+    }
+
+    /// Long-polls for a lease for at most `wait`.
+    pub async fn lease(&self, worker_id: &str, wait: Duration) -> Result<LeaseOutcome> {
+        let worker_id = worker_id.to_string();
+        self.ask(|reply| Command::Lease { worker_id, wait, reply }).await
+    }
+
+    /// Reports progress of a lease (renews it).
+    pub async fn progress(
+        &self,
+        lease_id: &str,
+        step: u64,
+        scalars: BTreeMap<String, f64>,
+    ) -> Result<ProgressAck> {
+        let lease_id = lease_id.to_string();
+        self.ask(|reply| Command::Progress { lease_id, step, scalars, reply }).await
+    }
+
+    /// Reports the final outcome of a lease.
+    pub async fn complete(&self, lease_id: &str, outcome: TrialOutcome) -> Result<CompleteAck> {
+        let lease_id = lease_id.to_string();
+        self.ask(|reply| Command::Complete { lease_id, outcome, reply }).await
+    }
+
+    /// Hands a lease back without counting a failure.
+    pub async fn release(&self, lease_id: &str, reason: &str) -> Result<bool> {
+        let (lease_id, reason) = (lease_id.to_string(), reason.to_string());
+        self.ask(|reply| Command::Release { lease_id, reason, reply }).await
+    }
+
+    /// Every stored sweep; this scheduler's sweep as it is in memory now.
+    pub async fn sweeps(&self) -> Result<Vec<SweepRecord>> {
+        let (current, _) = self.ask(|reply| Command::Snapshot { reply }).await?;
+        let store = self.store.clone();
+        let mut all = tokio::task::spawn_blocking(move || store.sweeps())
+            .await
+            .map_err(|e| SchedulerError::Commit(format!("read task failed: {e}")))??;
+        for s in &mut all {
+            if s.name == current.name {
+                *s = current.clone();
+            }
+        }
+        Ok(all)
+    }
+
+    /// The trials of `sweep` in index order (this scheduler's sweep from memory, others from
+    /// the store).
+    pub async fn records(&self, sweep: &str) -> Result<Vec<TrialRecord>> {
+        if sweep == self.sweep {
+            let (_, trials) = self.ask(|reply| Command::Snapshot { reply }).await?;
+            return Ok(trials);
+        }
+        let store = self.store.clone();
+        let sweep = sweep.to_string();
+        Ok(tokio::task::spawn_blocking(move || store.trials(&sweep))
+            .await
+            .map_err(|e| SchedulerError::Commit(format!("read task failed: {e}")))??)
+    }
+
+    /// Live counts.
+    pub fn counts(&self) -> watch::Receiver<Counts> {
+        self.counts.clone()
+    }
+
+    /// Subscribes to trial events from now on.
+    pub fn events(&self) -> broadcast::Receiver<SchedulerEvent> {
+        self.events.subscribe()
+    }
+
+    /// Waits until the sweep is finished (Ok) or the scheduler stopped before (Err).
+    pub async fn finished(&self) -> Result<Counts> {
+        let mut rx = self.counts.clone();
+        let counts = rx
+            .wait_for(|c| c.finished || c.stopped)
+            .await
+            .map_err(|_| SchedulerError::Stopped)?
+            .clone();
+        match (&counts.error, counts.finished) {
+            (Some(e), _) => Err(SchedulerError::Commit(e.clone())),
+            (None, true) => Ok(counts),
+            (None, false) => Err(SchedulerError::Stopped),
+        }
+    }
+
+    /// Stops dispatching (lease replies say shutdown, progress replies say stop), lets running
+    /// trials be completed or released for up to `grace`, flushes and stops the actor.
+    pub async fn shutdown(&self, grace: Duration) -> Result<()> {
+        match self.ask(|reply| Command::Shutdown { grace, reply }).await {
+            Err(SchedulerError::Stopped) => Ok(()),
+            other => other,
+        }
+    }
+}

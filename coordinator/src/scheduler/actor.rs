@@ -1,0 +1,300 @@
+//! The actor task that owns the [`Core`] and the store: batches commands, group-commits, then
+//! replies.
+//!
+//! One loop iteration: wait for a command or the tick; drain everything queued (up to
+//! [`MAX_BATCH`]); apply it all to the core; on ticks expire leases and long-poll waits; hand
+//! waiting lease requests the trials that appeared; write every changed record in ONE redb
+//! transaction on a blocking thread; only then send the replies and publish events. While the
+//! commit runs, new commands queue up in the channel and form the next batch, so the commit rate,
+//! not the request rate, bounds the fsyncs.
+
+use super::core::{Core, LeaseDecision};
+use super::{Command, Counts, LeaseOutcome, PROGRESS_FLUSH, Reply, SchedulerError, SchedulerEvent};
+use crate::model::now_ms;
+use crate::store::{Store, WriteBatch};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
+
+/// Most commands applied in one batch (bounds reply latency under overload).
+const MAX_BATCH: usize = 4096;
+/// Period of lease expiry, timeout and long-poll checks.
+const TICK: Duration = Duration::from_millis(50);
+
+/// A lease request waiting for a trial.
+struct Parked {
+    worker_id: String,
+    deadline: Instant,
+    reply: Reply<LeaseOutcome>,
+}
+
+/// A reply to send once the batch is committed; receives the commit error, if any.
+type Deferred = Box<dyn FnOnce(Option<&str>) + Send>;
+
+pub(super) struct Actor {
+    core: Core,
+    store: Arc<Store>,
+    rx: mpsc::Receiver<Command>,
+    counts_tx: watch::Sender<Counts>,
+    events_tx: broadcast::Sender<SchedulerEvent>,
+    parked: VecDeque<Parked>,
+    replies: Vec<Deferred>,
+    last_flush: Instant,
+    /// Set by a shutdown: when to give up waiting for running trials, and who to tell.
+    draining: Option<(Instant, Vec<Reply<()>>)>,
+}
+
+fn defer<T: Send + 'static>(
+    replies: &mut Vec<Deferred>,
+    tx: Reply<T>,
+    value: Result<T, SchedulerError>,
+) {
+    replies.push(Box::new(move |commit_error: Option<&str>| {
+        let value = match commit_error {
+            Some(e) => Err(SchedulerError::Commit(e.to_string())),
+            None => value,
+        };
+        // The requester may have gone away (client timeout); nothing to do then.
+        let _ = tx.send(value);
+    }));
+}
+
+impl Actor {
+    pub(super) fn new(
+        core: Core,
+        store: Arc<Store>,
+        rx: mpsc::Receiver<Command>,
+        counts_tx: watch::Sender<Counts>,
+        events_tx: broadcast::Sender<SchedulerEvent>,
+    ) -> Actor {
+        Actor {
+            core,
+            store,
+            rx,
+            counts_tx,
+            events_tx,
+            parked: VecDeque::new(),
+            replies: Vec::new(),
+            last_flush: Instant::now(),
+            draining: None,
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closed = false;
+        loop {
+            let mut ticked = false;
+            // The tick goes first so a flood of commands cannot starve lease expiry.
+            tokio::select! {
+                biased;
+                _ = tick.tick() => ticked = true,
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => closed = true,
+                },
+            }
+            let mut n = 1;
+            while !closed && n < MAX_BATCH {
+                match self.rx.try_recv() {
+                    Ok(cmd) => {
+                        self.handle(cmd);
+                        n += 1;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
+                }
+            }
+            let now = now_ms();
+            if ticked {
+                self.core.expire(now);
+            }
+            self.serve_parked(now, ticked);
+            let drained = self.draining.as_ref().is_some_and(|(deadline, _)| {
+                self.core.running() == 0 || Instant::now() >= *deadline
+            });
+            let stopping = closed || drained;
+            let with_progress = stopping || self.last_flush.elapsed() >= PROGRESS_FLUSH;
+            let batch = self.core.take_batch(with_progress);
+            if with_progress {
+                self.last_flush = Instant::now();
+            }
+            let error =
+                if batch.is_empty() { None } else { commit(self.store.clone(), batch).await.err() };
+            for reply in std::mem::take(&mut self.replies) {
+                reply(error.as_deref());
+            }
+            for event in self.core.take_events() {
+                // No receiver is fine: events are for optional observers.
+                let _ = self.events_tx.send(event);
+            }
+            let mut counts = self.core.counts();
+            if let Some(e) = &error {
+                tracing::error!(error = %e, "store commit failed; the scheduler stops (restart resumes from the last commit)");
+                counts.stopped = true;
+                counts.error = Some(e.clone());
+                self.counts_tx.send_replace(counts);
+                return;
+            }
+            if stopping {
+                counts.stopped = true;
+                self.counts_tx.send_replace(counts);
+                for p in self.parked.drain(..) {
+                    let _ = p.reply.send(Ok(LeaseOutcome { lease: None, shutdown: true }));
+                }
+                if let Some((_, waiters)) = self.draining.take() {
+                    for w in waiters {
+                        let _ = w.send(Ok(()));
+                    }
+                }
+                tracing::info!(sweep = %self.core.sweep().name, "scheduler stopped");
+                return;
+            }
+            self.counts_tx.send_if_modified(|c| {
+                if *c != counts {
+                    *c = counts;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        let now = now_ms();
+        match cmd {
+            Command::Register { name, device, protocol_version, reply } => {
+                let value = self.core.register(&name, &device, protocol_version);
+                defer(&mut self.replies, reply, value);
+            }
+            Command::Lease { worker_id, wait, reply } => {
+                // Earlier waiters go first.
+                if self.parked.is_empty() {
+                    self.core.fill_queue(1, now);
+                }
+                let decision = if self.parked.is_empty() {
+                    self.core.try_lease(&worker_id, now)
+                } else if self.core.sweep().finished {
+                    Ok(LeaseDecision::Shutdown)
+                } else {
+                    // Validate the worker even when queuing behind others.
+                    self.core.try_lease_check_only(&worker_id)
+                };
+                match decision {
+                    Err(e) => defer(&mut self.replies, reply, Err(e)),
+                    Ok(LeaseDecision::Granted(g)) => defer(
+                        &mut self.replies,
+                        reply,
+                        Ok(LeaseOutcome { lease: Some(g), shutdown: false }),
+                    ),
+                    Ok(LeaseDecision::Shutdown) => defer(
+                        &mut self.replies,
+                        reply,
+                        Ok(LeaseOutcome { lease: None, shutdown: true }),
+                    ),
+                    Ok(LeaseDecision::Nothing) if wait.is_zero() => {
+                        defer(&mut self.replies, reply, Ok(LeaseOutcome::default()))
+                    }
+                    Ok(LeaseDecision::Nothing) => self.parked.push_back(Parked {
+                        worker_id,
+                        deadline: Instant::now() + wait,
+                        reply,
+                    }),
+                }
+            }
+            Command::Progress { lease_id, step, scalars, reply } => {
+                let ack = self.core.progress(&lease_id, step, scalars, now);
+                defer(&mut self.replies, reply, Ok(ack));
+            }
+            Command::Complete { lease_id, outcome, reply } => {
+                let ack = self.core.complete(&lease_id, outcome, now);
+                defer(&mut self.replies, reply, Ok(ack));
+            }
+            Command::Release { lease_id, reason, reply } => {
+                let ok = self.core.release(&lease_id, &reason);
+                defer(&mut self.replies, reply, Ok(ok));
+            }
+            Command::Snapshot { reply } => {
+                let value = (self.core.sweep().clone(), self.core.trials().to_vec());
+                defer(&mut self.replies, reply, Ok(value));
+            }
+            Command::Shutdown { grace, reply } => {
+                tracing::info!(sweep = %self.core.sweep().name, "shutting down: no more dispatching");
+                self.core.set_shutting_down();
+                let deadline = Instant::now() + grace;
+                match &mut self.draining {
+                    Some((d, waiters)) => {
+                        *d = (*d).min(deadline);
+                        waiters.push(reply);
+                    }
+                    None => self.draining = Some((deadline, vec![reply])),
+                }
+            }
+        }
+    }
+
+    /// Hands queued trials to waiting lease requests; on ticks, answers waits that elapsed.
+    fn serve_parked(&mut self, now: u64, ticked: bool) {
+        self.core.fill_queue(self.parked.len().max(1), now);
+        let finished = self.core.check_finished();
+        if self.parked.is_empty() {
+            return;
+        }
+        let stop = finished || self.draining.is_some();
+        while !self.parked.is_empty() && (stop || self.core.queued() > 0) {
+            let p = self.parked.pop_front().expect("not empty");
+            if p.reply.is_closed() {
+                continue;
+            }
+            match self.core.try_lease(&p.worker_id, now) {
+                Ok(LeaseDecision::Nothing) => {
+                    // max_concurrent reached: keep waiting in order.
+                    self.parked.push_front(p);
+                    break;
+                }
+                Ok(LeaseDecision::Granted(g)) => defer(
+                    &mut self.replies,
+                    p.reply,
+                    Ok(LeaseOutcome { lease: Some(g), shutdown: false }),
+                ),
+                Ok(LeaseDecision::Shutdown) => defer(
+                    &mut self.replies,
+                    p.reply,
+                    Ok(LeaseOutcome { lease: None, shutdown: true }),
+                ),
+                Err(e) => defer(&mut self.replies, p.reply, Err(e)),
+            }
+        }
+        if ticked {
+            let now = Instant::now();
+            let mut keep = VecDeque::with_capacity(self.parked.len());
+            for p in self.parked.drain(..) {
+                if p.reply.is_closed() {
+                    continue;
+                }
+                if p.deadline <= now {
+                    defer(&mut self.replies, p.reply, Ok(LeaseOutcome::default()));
+                } else {
+                    keep.push_back(p);
+                }
+            }
+            self.parked = keep;
+        }
+    }
+}
+
+/// Commits a batch on a blocking thread (redb fsyncs).
+async fn commit(store: Arc<Store>, batch: WriteBatch) -> Result<(), String> {
+    let n = batch.len();
+    let started = std::time::Instant::now();
+    let result = tokio::task::spawn_blocking(move || store.write(&batch))
+        .await
+        .map_err(|e| format!("commit task failed: {e}"))?
+        .map_err(|e| e.to_string());
+    tracing::trace!(records = n, elapsed_us = started.elapsed().as_micros() as u64, "committed");
+    result
+}

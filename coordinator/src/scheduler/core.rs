@@ -1,0 +1,670 @@
+//! The scheduler's state machine: synchronous functions over one sweep's state, with the clock
+//! passed in (`now`, Unix ms) so tests drive time directly.
+//!
+//! Invariants:
+//! - `trials[i].index == i`; indexes are the strategy's proposal order, contiguous from 0.
+//! - a trial index is in `queue` iff its status is Queued; a lease id is in `leases` iff its
+//!   trial is Running under that lease. So "is this lease current" is one hash lookup, and a
+//!   stale or reused lease can never change a trial: every trial completes exactly once.
+//! - every mutated record is listed in `dirty` until [`Core::take_batch`] hands it to the store.
+
+use super::{
+    Best, CompleteAck, Counts, LeaseGrant, MakeConfig, Params, ProgressAck, SchedulerError,
+    SchedulerEvent, SchedulerPolicy, TrialOutcome,
+};
+use crate::model::{Goal, LeaseInfo, SweepRecord, TrialRecord, TrialStatus};
+use crate::search::{Proposal, Strategy};
+use crate::store::WriteBatch;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+/// A registered worker.
+#[derive(Debug, Clone)]
+struct Worker {
+    name: String,
+}
+
+/// What a lease request gets right now.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum LeaseDecision {
+    Granted(LeaseGrant),
+    /// Nothing to hand out now; the request may wait.
+    Nothing,
+    /// Finished or shutting down.
+    Shutdown,
+}
+
+pub(crate) struct Core {
+    sweep: SweepRecord,
+    trials: Vec<TrialRecord>,
+    queue: VecDeque<u64>,
+    leases: HashMap<String, u64>,
+    workers: HashMap<String, Worker>,
+    policy: SchedulerPolicy,
+    strategy: Box<dyn Strategy>,
+    make_config: MakeConfig,
+    strategy_done: bool,
+    shutting_down: bool,
+    completed: u64,
+    failed: u64,
+    /// Best so far: (oriented value, index, raw value).
+    best: Option<(f64, u64, f64)>,
+    dirty: Vec<u64>,
+    is_dirty: Vec<bool>,
+    progress_dirty: HashSet<u64>,
+    sweep_dirty: bool,
+    events: Vec<SchedulerEvent>,
+    next_worker: u64,
+}
+
+impl Core {
+    /// A fresh sweep (its record is already stored).
+    pub(crate) fn new(
+        sweep: SweepRecord,
+        policy: SchedulerPolicy,
+        strategy: Box<dyn Strategy>,
+        make_config: MakeConfig,
+    ) -> Core {
+        Core {
+            sweep,
+            trials: Vec::new(),
+            queue: VecDeque::new(),
+            leases: HashMap::new(),
+            workers: HashMap::new(),
+            policy,
+            strategy,
+            make_config,
+            strategy_done: false,
+            shutting_down: false,
+            completed: 0,
+            failed: 0,
+            best: None,
+            dirty: Vec::new(),
+            is_dirty: Vec::new(),
+            progress_dirty: HashSet::new(),
+            sweep_dirty: false,
+            events: Vec::new(),
+            next_worker: 1,
+        }
+    }
+
+    /// Resumes a stored sweep: replays the strategy over the stored trials (each proposal must
+    /// match the stored index and params), observes final results, requeues queued trials and
+    /// gives running trials a fresh deadline so a surviving worker can still finish them.
+    pub(crate) fn resume(
+        sweep: SweepRecord,
+        trials: Vec<TrialRecord>,
+        policy: SchedulerPolicy,
+        strategy: Box<dyn Strategy>,
+        make_config: MakeConfig,
+        now: u64,
+    ) -> Result<Core, SchedulerError> {
+        let mut core = Core::new(sweep, policy, strategy, make_config);
+        let name = core.sweep.name.clone();
+        let mismatch = |index: u64, detail: String| SchedulerError::ReplayMismatch {
+            sweep: name.clone(),
+            index,
+            detail,
+        };
+        for (pos, mut t) in trials.into_iter().enumerate() {
+            if t.index != pos as u64 {
+                return Err(mismatch(
+                    pos as u64,
+                    format!("the DB has no trial {pos} but has trial {}", t.index),
+                ));
+            }
+            match core.strategy.propose() {
+                Proposal::Point(p) if p.index == t.index && params_match(&p.params, &t.params) => {}
+                Proposal::Point(p) => {
+                    return Err(mismatch(
+                        t.index,
+                        format!(
+                            "the search proposes #{} {} but the DB has {}; the sweep definition or search code changed (use --new-sweep)",
+                            p.index,
+                            json_of(&p.params),
+                            json_of(&t.params)
+                        ),
+                    ));
+                }
+                Proposal::Wait => {
+                    return Err(mismatch(
+                        t.index,
+                        "the search waits for results instead of proposing the stored trial".into(),
+                    ));
+                }
+                Proposal::Done => {
+                    return Err(mismatch(
+                        t.index,
+                        "the search is done but the DB has more trials".into(),
+                    ));
+                }
+            }
+            let index = t.index;
+            match t.status {
+                TrialStatus::Completed => {
+                    core.completed += 1;
+                    let v = core.oriented(&t);
+                    if let Some(v) = v {
+                        core.consider_best(index, v, &t);
+                    }
+                    core.strategy.observe(index, v);
+                }
+                TrialStatus::Failed => {
+                    core.failed += 1;
+                    core.strategy.observe(index, None);
+                }
+                TrialStatus::Queued => core.queue.push_back(index),
+                TrialStatus::Running => match t.lease.as_mut() {
+                    Some(lease) => {
+                        lease.deadline_ms = now + core.ttl_ms();
+                        core.leases.insert(lease.lease_id.clone(), index);
+                    }
+                    None => {
+                        // Inconsistent record (running without a lease): run it again.
+                        t.status = TrialStatus::Queued;
+                        core.queue.push_back(index);
+                    }
+                },
+            }
+            core.trials.push(t);
+            core.is_dirty.push(false);
+        }
+        if core.sweep.proposed != core.trials.len() as u64 {
+            core.sweep.proposed = core.trials.len() as u64;
+            core.sweep_dirty = true;
+        }
+        Ok(core)
+    }
+
+    pub(crate) fn sweep(&self) -> &SweepRecord {
+        &self.sweep
+    }
+
+    pub(crate) fn trials(&self) -> &[TrialRecord] {
+        &self.trials
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        self.policy.lease_ttl.as_millis() as u64
+    }
+
+    /// The trial's sweep metric oriented so that smaller is better.
+    fn oriented(&self, t: &TrialRecord) -> Option<f64> {
+        let v = *t.metrics.get(&self.policy.metric)?;
+        if !v.is_finite() {
+            return None;
+        }
+        Some(match self.policy.goal {
+            Goal::Minimize => v,
+            Goal::Maximize => -v,
+        })
+    }
+
+    fn consider_best(&mut self, index: u64, oriented: f64, t: &TrialRecord) {
+        if self.best.is_none_or(|(b, _, _)| oriented < b) {
+            let raw = t.metrics[&self.policy.metric];
+            self.best = Some((oriented, index, raw));
+        }
+    }
+
+    fn mark(&mut self, index: u64) {
+        let i = index as usize;
+        if !self.is_dirty[i] {
+            self.is_dirty[i] = true;
+            self.dirty.push(index);
+        }
+    }
+
+    pub(crate) fn counts(&self) -> Counts {
+        Counts {
+            sweep: self.sweep.name.clone(),
+            proposed: self.trials.len() as u64,
+            queued: self.queue.len() as u64,
+            running: self.leases.len() as u64,
+            completed: self.completed,
+            failed: self.failed,
+            workers: self.workers.len() as u64,
+            best: self.best.map(|(_, index, value)| Best { index, value }),
+            finished: self.sweep.finished,
+            stopped: false,
+            error: None,
+        }
+    }
+
+    /// Strategy done and every trial final.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.strategy_done && self.queue.is_empty() && self.leases.is_empty()
+    }
+
+    pub(crate) fn running(&self) -> usize {
+        self.leases.len()
+    }
+
+    pub(crate) fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub(crate) fn set_shutting_down(&mut self) {
+        self.shutting_down = true;
+    }
+
+    /// Records the sweep as finished once it is (idempotent).
+    pub(crate) fn check_finished(&mut self) -> bool {
+        if self.is_finished() && !self.sweep.finished {
+            self.sweep.finished = true;
+            self.sweep_dirty = true;
+            tracing::info!(
+                sweep = %self.sweep.name,
+                completed = self.completed,
+                failed = self.failed,
+                "sweep finished"
+            );
+        }
+        self.sweep.finished
+    }
+
+    pub(crate) fn register(
+        &mut self,
+        name: &str,
+        device: &str,
+        protocol_version: u32,
+    ) -> Result<String, SchedulerError> {
+        if protocol_version != msae_shared::PROTOCOL_VERSION {
+            return Err(SchedulerError::ProtocolVersion {
+                got: protocol_version,
+                expected: msae_shared::PROTOCOL_VERSION,
+            });
+        }
+        // A counter for readability plus randomness so ids of a previous coordinator process
+        // are never mistaken for current ones.
+        let id = format!("w{}-{:08x}", self.next_worker, rand::random::<u32>());
+        self.next_worker += 1;
+        let name = if name.is_empty() { id.clone() } else { name.to_string() };
+        tracing::info!(worker = %id, %name, %device, "worker registered");
+        self.workers.insert(id.clone(), Worker { name });
+        Ok(id)
+    }
+
+    /// Proposes points until `want` trials are queued, the strategy waits, or it is done.
+    pub(crate) fn fill_queue(&mut self, want: usize, now: u64) {
+        while !self.strategy_done && self.queue.len() < want {
+            if self.policy.run_cap.is_some_and(|cap| self.trials.len() as u64 >= cap) {
+                self.strategy_done = true;
+                break;
+            }
+            match self.strategy.propose() {
+                Proposal::Point(p) => {
+                    let expected = self.trials.len() as u64;
+                    if p.index != expected {
+                        tracing::error!(
+                            sweep = %self.sweep.name,
+                            got = p.index,
+                            expected,
+                            "search strategy proposed an out-of-order index; stopping the search"
+                        );
+                        self.strategy_done = true;
+                        break;
+                    }
+                    self.add_trial(p.params, now);
+                }
+                Proposal::Wait => {
+                    if self.queue.is_empty() && self.leases.is_empty() {
+                        // Nothing can ever produce the observation it waits for.
+                        tracing::warn!(
+                            sweep = %self.sweep.name,
+                            "search waits for results but no trial is queued or running; ending the search"
+                        );
+                        self.strategy_done = true;
+                    }
+                    break;
+                }
+                Proposal::Done => self.strategy_done = true,
+            }
+        }
+    }
+
+    fn add_trial(&mut self, params: Params, now: u64) {
+        let index = self.trials.len() as u64;
+        let config = (self.make_config)(&params);
+        let mut t = TrialRecord {
+            sweep: self.sweep.name.clone(),
+            index,
+            params,
+            config: serde_json::Value::Null,
+            status: TrialStatus::Queued,
+            attempt: 0,
+            lease: None,
+            step: 0,
+            metrics: BTreeMap::new(),
+            errors: Vec::new(),
+            worker: None,
+            artifact: None,
+            created_ms: now,
+            finished_ms: None,
+            duration_s: None,
+        };
+        let failed = match config {
+            Ok(c) => {
+                t.config = c;
+                false
+            }
+            Err(e) => {
+                t.status = TrialStatus::Failed;
+                t.errors.push(format!("invalid trial config: {e}"));
+                t.finished_ms = Some(now);
+                true
+            }
+        };
+        self.trials.push(t);
+        self.is_dirty.push(false);
+        self.mark(index);
+        self.sweep.proposed = self.trials.len() as u64;
+        self.sweep_dirty = true;
+        if failed {
+            self.failed += 1;
+            self.strategy.observe(index, None);
+            self.finished_event(index);
+        } else {
+            self.queue.push_back(index);
+        }
+    }
+
+    fn finished_event(&mut self, index: u64) {
+        let record = Box::new(self.trials[index as usize].clone());
+        self.events.push(SchedulerEvent::TrialFinished { record });
+    }
+
+    /// Grants the next queued trial to `worker_id` if possible.
+    pub(crate) fn try_lease(
+        &mut self,
+        worker_id: &str,
+        now: u64,
+    ) -> Result<LeaseDecision, SchedulerError> {
+        let Some(worker) = self.workers.get(worker_id) else {
+            return Err(SchedulerError::UnknownWorker(worker_id.to_string()));
+        };
+        if self.shutting_down || self.sweep.finished {
+            return Ok(LeaseDecision::Shutdown);
+        }
+        if self.policy.max_concurrent.is_some_and(|m| self.leases.len() >= m) {
+            return Ok(LeaseDecision::Nothing);
+        }
+        let Some(index) = self.queue.pop_front() else {
+            return Ok(LeaseDecision::Nothing);
+        };
+        let worker_name = worker.name.clone();
+        let lease_id = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+        let ttl = self.ttl_ms();
+        let t = &mut self.trials[index as usize];
+        t.status = TrialStatus::Running;
+        t.attempt += 1;
+        t.lease = Some(LeaseInfo {
+            lease_id: lease_id.clone(),
+            worker: worker_id.to_string(),
+            deadline_ms: now + ttl,
+            started_ms: now,
+        });
+        t.worker = Some(worker_name.clone());
+        t.step = 0;
+        let grant = LeaseGrant {
+            lease_id: lease_id.clone(),
+            trial_id: t.trial_id(),
+            sweep: t.sweep.clone(),
+            index,
+            attempt: t.attempt,
+            config_json: t.config.to_string(),
+            ttl: self.policy.lease_ttl,
+            timeout: self.policy.timeout,
+            runner: self.policy.runner.clone(),
+            noop_sleep_ms: self.policy.noop_sleep_ms,
+        };
+        self.events.push(SchedulerEvent::TrialStarted {
+            index,
+            attempt: t.attempt,
+            worker: worker_name,
+            record: Box::new(t.clone()),
+        });
+        self.leases.insert(lease_id, index);
+        self.mark(index);
+        Ok(LeaseDecision::Granted(grant))
+    }
+
+    /// The checks of [`Core::try_lease`] without granting: for a request that queues behind
+    /// earlier waiters.
+    pub(crate) fn try_lease_check_only(
+        &self,
+        worker_id: &str,
+    ) -> Result<LeaseDecision, SchedulerError> {
+        if !self.workers.contains_key(worker_id) {
+            return Err(SchedulerError::UnknownWorker(worker_id.to_string()));
+        }
+        if self.shutting_down || self.sweep.finished {
+            return Ok(LeaseDecision::Shutdown);
+        }
+        Ok(LeaseDecision::Nothing)
+    }
+
+    pub(crate) fn progress(
+        &mut self,
+        lease_id: &str,
+        step: u64,
+        scalars: BTreeMap<String, f64>,
+        now: u64,
+    ) -> ProgressAck {
+        let Some(&index) = self.leases.get(lease_id) else {
+            return ProgressAck {
+                stop: true,
+                reason: "lease is not current (expired, completed or unknown)".into(),
+            };
+        };
+        let ttl = self.ttl_ms();
+        let timeout = self.policy.timeout;
+        let t = &mut self.trials[index as usize];
+        let lease = t.lease.as_mut().expect("running trial has a lease");
+        lease.deadline_ms = now + ttl;
+        let started = lease.started_ms;
+        t.step = step;
+        for (k, v) in &scalars {
+            if v.is_finite() {
+                t.metrics.insert(k.clone(), *v);
+            }
+        }
+        self.progress_dirty.insert(index);
+        self.events.push(SchedulerEvent::TrialProgress { index, step, scalars });
+        if let Some(limit) = timeout
+            && now.saturating_sub(started) > limit.as_millis() as u64
+        {
+            let reason = format!("timed out after {:.1}s", limit.as_secs_f64());
+            self.fail_attempt(index, &reason, now);
+            return ProgressAck { stop: true, reason };
+        }
+        if self.shutting_down {
+            return ProgressAck {
+                stop: true,
+                reason: "the coordinator is shutting down; release the trial".into(),
+            };
+        }
+        ProgressAck::default()
+    }
+
+    pub(crate) fn complete(
+        &mut self,
+        lease_id: &str,
+        outcome: TrialOutcome,
+        now: u64,
+    ) -> CompleteAck {
+        let Some(&index) = self.leases.get(lease_id) else {
+            return CompleteAck {
+                accepted: false,
+                reason:
+                    "lease is not current (expired, already completed or unknown); result refused"
+                        .into(),
+            };
+        };
+        if !outcome.success {
+            let reason = if outcome.error.is_empty() {
+                "the trial failed without an error message".to_string()
+            } else {
+                outcome.error.clone()
+            };
+            self.fail_attempt(index, &reason, now);
+            return CompleteAck { accepted: true, reason: String::new() };
+        }
+        self.leases.remove(lease_id);
+        let metric = self.policy.metric.clone();
+        let t = &mut self.trials[index as usize];
+        t.status = TrialStatus::Completed;
+        t.lease = None;
+        t.metrics.extend(outcome.metrics);
+        t.artifact = outcome.artifact;
+        t.duration_s = outcome.duration_s;
+        t.finished_ms = Some(now);
+        for d in &outcome.dropped {
+            t.errors.push(format!("attempt {}: dropped {d}", t.attempt));
+        }
+        if !t.metrics.contains_key(&metric) {
+            t.errors.push(format!(
+                "attempt {}: completed without the sweep metric {metric}",
+                t.attempt
+            ));
+        }
+        self.completed += 1;
+        let v = self.oriented(&self.trials[index as usize]);
+        if let Some(v) = v {
+            let t = self.trials[index as usize].clone();
+            self.consider_best(index, v, &t);
+        }
+        self.strategy.observe(index, v);
+        self.progress_dirty.remove(&index);
+        self.mark(index);
+        self.finished_event(index);
+        CompleteAck { accepted: true, reason: String::new() }
+    }
+
+    /// Ends the current attempt of a running trial as a failure: requeue, or Failed after
+    /// `max_attempts`.
+    fn fail_attempt(&mut self, index: u64, reason: &str, now: u64) {
+        let max = self.policy.max_attempts;
+        let t = &mut self.trials[index as usize];
+        if let Some(lease) = t.lease.take() {
+            self.leases.remove(&lease.lease_id);
+        }
+        t.errors.push(format!("attempt {}/{max}: {reason}", t.attempt));
+        let final_failure = t.attempt >= max;
+        if final_failure {
+            t.status = TrialStatus::Failed;
+            t.finished_ms = Some(now);
+            self.failed += 1;
+            tracing::warn!(trial = %t.trial_id(), %reason, "trial failed after {max} attempts");
+            self.strategy.observe(index, None);
+            self.finished_event(index);
+        } else {
+            t.status = TrialStatus::Queued;
+            tracing::info!(trial = %t.trial_id(), attempt = t.attempt, %reason, "attempt failed; requeued");
+            self.queue.push_back(index);
+        }
+        self.progress_dirty.remove(&index);
+        self.mark(index);
+    }
+
+    /// A worker hands its trial back: requeued at the front, the attempt not counted.
+    pub(crate) fn release(&mut self, lease_id: &str, reason: &str) -> bool {
+        let Some(index) = self.leases.remove(lease_id) else {
+            return false;
+        };
+        let t = &mut self.trials[index as usize];
+        t.lease = None;
+        t.status = TrialStatus::Queued;
+        t.attempt = t.attempt.saturating_sub(1);
+        tracing::info!(trial = %t.trial_id(), %reason, "lease released; trial requeued");
+        self.queue.push_front(index);
+        self.progress_dirty.remove(&index);
+        self.mark(index);
+        true
+    }
+
+    /// Expires leases past their deadline and attempts past the timeout. Scans the running
+    /// leases only.
+    pub(crate) fn expire(&mut self, now: u64) {
+        let timeout = self.policy.timeout.map(|d| d.as_millis() as u64);
+        let mut ended: Vec<(u64, String)> = Vec::new();
+        for &index in self.leases.values() {
+            let t = &self.trials[index as usize];
+            let Some(lease) = &t.lease else { continue };
+            if timeout.is_some_and(|limit| now.saturating_sub(lease.started_ms) > limit) {
+                let limit = self.policy.timeout.unwrap_or_default().as_secs_f64();
+                ended.push((index, format!("timed out after {limit:.1}s")));
+            } else if now > lease.deadline_ms {
+                ended.push((
+                    index,
+                    format!(
+                        "lease expired (no progress from worker {} within {:.1}s)",
+                        lease.worker,
+                        self.policy.lease_ttl.as_secs_f64()
+                    ),
+                ));
+            }
+        }
+        ended.sort_unstable_by_key(|(i, _)| *i);
+        for (index, reason) in ended {
+            self.fail_attempt(index, &reason, now);
+        }
+    }
+
+    /// Moves the changed records into a batch; lazily kept progress only when `with_progress`.
+    pub(crate) fn take_batch(&mut self, with_progress: bool) -> WriteBatch {
+        if with_progress {
+            let progress: Vec<u64> = self.progress_dirty.drain().collect();
+            for index in progress {
+                self.mark(index);
+            }
+        }
+        let mut batch = WriteBatch::new();
+        if self.sweep_dirty {
+            batch.put_sweep(&self.sweep);
+            self.sweep_dirty = false;
+        }
+        for index in self.dirty.drain(..) {
+            self.is_dirty[index as usize] = false;
+            batch.put_trial(&self.trials[index as usize]);
+        }
+        batch
+    }
+
+    pub(crate) fn take_events(&mut self) -> Vec<SchedulerEvent> {
+        std::mem::take(&mut self.events)
+    }
+}
+
+fn json_of(p: &Params) -> String {
+    serde_json::to_string(p).unwrap_or_default()
+}
+
+/// Whether two parameter sets are the same point: equal keys and values, floats equal up to a
+/// relative 1e-12 (a float that went through JSON text may differ in its last bit).
+pub fn params_match(a: &Params, b: &Params) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b.iter()).all(|((ka, va), (kb, vb))| ka == kb && json_close(va, vb))
+}
+
+fn json_close(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value as V;
+    match (a, b) {
+        (V::Number(x), V::Number(y)) => {
+            if x.is_f64() || y.is_f64() {
+                match (x.as_f64(), y.as_f64()) {
+                    (Some(x), Some(y)) => x == y || (x - y).abs() <= 1e-12 * x.abs().max(y.abs()),
+                    _ => false,
+                }
+            } else {
+                x == y
+            }
+        }
+        (V::Array(x), V::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_close(a, b))
+        }
+        (V::Object(x), V::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_close(v, w)))
+        }
+        _ => a == b,
+    }
+}

@@ -1,0 +1,569 @@
+//! Tests of the scheduler: the state machine with a hand-driven clock, then the actor with a
+//! real store (every await under a timeout).
+
+use super::core::{Core, LeaseDecision};
+use super::*;
+use crate::model::TrialStatus;
+use crate::search::{Point, Proposal};
+use std::sync::Mutex;
+
+/// A strategy over a fixed list of points; records what it observes. With `one_at_a_time` it
+/// waits for each result before proposing the next point (like a model-based method).
+/// What a test strategy observed: (index, oriented value).
+pub(crate) type Observed = Arc<Mutex<Vec<(u64, Option<f64>)>>>;
+
+pub(crate) struct ListStrategy {
+    points: Vec<Params>,
+    next: usize,
+    one_at_a_time: bool,
+    pub(crate) observed: Observed,
+}
+
+impl ListStrategy {
+    pub(crate) fn new(n: usize) -> ListStrategy {
+        ListStrategy {
+            points: (0..n)
+                .map(|i| Params::from([("x".to_string(), serde_json::json!(i as f64 * 0.1))]))
+                .collect(),
+            next: 0,
+            one_at_a_time: false,
+            observed: Arc::default(),
+        }
+    }
+}
+
+impl Strategy for ListStrategy {
+    fn propose(&mut self) -> Proposal {
+        if self.next >= self.points.len() {
+            return Proposal::Done;
+        }
+        if self.one_at_a_time && self.observed.lock().unwrap().len() < self.next {
+            return Proposal::Wait;
+        }
+        let p = Point { index: self.next as u64, params: self.points[self.next].clone() };
+        self.next += 1;
+        Proposal::Point(p)
+    }
+    fn observe(&mut self, index: u64, value: Option<f64>) {
+        self.observed.lock().unwrap().push((index, value));
+    }
+}
+
+pub(crate) fn make_config() -> MakeConfig {
+    Box::new(|p: &Params| {
+        if p.get("x").and_then(|v| v.as_f64()).is_some_and(|x| x < 0.0) {
+            return Err("x must be >= 0".into());
+        }
+        Ok(serde_json::json!({ "params": p }))
+    })
+}
+
+pub(crate) fn policy() -> SchedulerPolicy {
+    SchedulerPolicy {
+        max_attempts: 2,
+        lease_ttl: Duration::from_millis(1000),
+        metric: "loss".into(),
+        runner: "noop".into(),
+        ..SchedulerPolicy::default()
+    }
+}
+
+fn core(n: usize, policy: SchedulerPolicy) -> (Core, Observed) {
+    let s = ListStrategy::new(n);
+    let observed = s.observed.clone();
+    let sweep = SweepRecord {
+        name: "t".into(),
+        yaml: String::new(),
+        fingerprint: "f".into(),
+        created_ms: 0,
+        proposed: 0,
+        finished: false,
+    };
+    (Core::new(sweep, policy, Box::new(s), make_config()), observed)
+}
+
+fn grant(c: &mut Core, worker: &str, now: u64) -> LeaseGrant {
+    c.fill_queue(1, now);
+    match c.try_lease(worker, now).unwrap() {
+        LeaseDecision::Granted(g) => g,
+        other => panic!("expected a lease, got {other:?}"),
+    }
+}
+
+fn success(loss: f64) -> TrialOutcome {
+    TrialOutcome {
+        success: true,
+        metrics: BTreeMap::from([("loss".to_string(), loss)]),
+        duration_s: Some(0.5),
+        ..TrialOutcome::default()
+    }
+}
+
+fn failure(msg: &str) -> TrialOutcome {
+    TrialOutcome { success: false, error: msg.into(), ..TrialOutcome::default() }
+}
+
+const V: u32 = msae_shared::PROTOCOL_VERSION;
+
+#[test]
+fn lease_complete_then_second_complete_refused() {
+    let (mut c, observed) = core(2, policy());
+    let w = c.register("a", "cpu", V).unwrap();
+    let g = grant(&mut c, &w, 1000);
+    assert_eq!((g.index, g.attempt, g.trial_id.as_str()), (0, 1, "t/0"));
+    assert_eq!(g.config_json, r#"{"params":{"x":0.0}}"#);
+    assert_eq!(g.runner, "noop");
+    let ack = c.complete(&g.lease_id, success(0.25), 1500);
+    assert!(ack.accepted, "{ack:?}");
+    let again = c.complete(&g.lease_id, success(0.1), 1600);
+    assert!(!again.accepted);
+    assert!(again.reason.contains("not current"), "{}", again.reason);
+    let t = &c.trials()[0];
+    assert_eq!(t.status, TrialStatus::Completed);
+    assert_eq!(t.metrics["loss"], 0.25, "the refused result must not change the trial");
+    assert_eq!(*observed.lock().unwrap(), vec![(0, Some(0.25))]);
+    assert_eq!(c.counts().completed, 1);
+    assert_eq!(c.counts().best, Some(Best { index: 0, value: 0.25 }));
+    // The batch holds the sweep (proposed) and the trial once.
+    let batch = c.take_batch(false);
+    assert_eq!(batch.len(), 2);
+    assert!(c.take_batch(true).is_empty());
+}
+
+#[test]
+fn expired_lease_is_refused_and_trial_re_leased_with_next_attempt() {
+    let (mut c, _) = core(1, policy());
+    let a = c.register("a", "cpu", V).unwrap();
+    let b = c.register("b", "cpu", V).unwrap();
+    let g1 = grant(&mut c, &a, 0);
+    c.expire(500);
+    assert_eq!(c.running(), 1, "not expired before the deadline");
+    c.expire(1001);
+    assert_eq!((c.running(), c.queued()), (0, 1));
+    assert!(c.trials()[0].errors[0].contains("lease expired"), "{:?}", c.trials()[0].errors);
+    let g2 = grant(&mut c, &b, 1002);
+    assert_eq!((g2.index, g2.attempt), (0, 2));
+    assert_ne!(g1.lease_id, g2.lease_id);
+    assert!(!c.complete(&g1.lease_id, success(1.0), 1003).accepted);
+    let p = c.progress(&g1.lease_id, 5, BTreeMap::new(), 1003);
+    assert!(p.stop && p.reason.contains("not current"), "{p:?}");
+    assert!(c.complete(&g2.lease_id, success(2.0), 1004).accepted);
+    assert_eq!(c.trials()[0].metrics["loss"], 2.0);
+    assert_eq!(c.counts().completed, 1);
+}
+
+#[test]
+fn progress_renews_the_lease_and_stores_scalars() {
+    let (mut c, _) = core(1, policy());
+    let w = c.register("a", "cpu", V).unwrap();
+    let g = grant(&mut c, &w, 0);
+    let ack = c.progress(&g.lease_id, 10, BTreeMap::from([("mse".into(), 0.5)]), 900);
+    assert!(!ack.stop);
+    c.expire(1500);
+    assert_eq!(c.running(), 1, "renewed at 900, so alive until 1900");
+    assert_eq!(c.trials()[0].step, 10);
+    assert_eq!(c.trials()[0].metrics["mse"], 0.5);
+    // Progress is committed lazily: not in an ordinary batch, but in a flush.
+    c.take_batch(false);
+    c.progress(&g.lease_id, 11, BTreeMap::new(), 1000);
+    assert!(c.take_batch(false).is_empty());
+    assert_eq!(c.take_batch(true).len(), 1);
+    // Renewed again at 1000: alive until 2000.
+    c.expire(1999);
+    assert_eq!(c.running(), 1);
+    c.expire(2001);
+    assert_eq!(c.running(), 0);
+}
+
+#[test]
+fn failures_retry_then_fail_with_the_reasons() {
+    let (mut c, observed) = core(1, policy());
+    let w = c.register("a", "cpu", V).unwrap();
+    let g = grant(&mut c, &w, 0);
+    assert!(c.complete(&g.lease_id, failure("CUDA out of memory"), 10).accepted);
+    assert_eq!(c.trials()[0].status, TrialStatus::Queued);
+    let g = grant(&mut c, &w, 20);
+    assert_eq!(g.attempt, 2);
+    assert!(c.complete(&g.lease_id, failure("NaN loss"), 30).accepted);
+    let t = &c.trials()[0];
+    assert_eq!(t.status, TrialStatus::Failed);
+    assert_eq!(t.errors, vec!["attempt 1/2: CUDA out of memory", "attempt 2/2: NaN loss"]);
+    assert_eq!(*observed.lock().unwrap(), vec![(0, None)]);
+    assert_eq!((c.counts().failed, c.queued()), (1, 0));
+    c.fill_queue(1, 40);
+    assert!(c.is_finished());
+    assert!(c.check_finished());
+    assert_eq!(c.try_lease(&w, 50).unwrap(), LeaseDecision::Shutdown);
+}
+
+#[test]
+fn release_requeues_first_without_counting_an_attempt() {
+    let (mut c, _) = core(3, policy());
+    let w = c.register("a", "cpu", V).unwrap();
+    let g = grant(&mut c, &w, 0);
+    c.fill_queue(3, 0);
+    assert!(c.release(&g.lease_id, "SIGTERM"));
+    assert!(!c.release(&g.lease_id, "twice"));
+    assert_eq!(c.trials()[0].attempt, 0);
+    let again = grant(&mut c, &w, 1);
+    assert_eq!((again.index, again.attempt), (0, 1), "released trial goes first");
+    assert!(c.trials()[0].errors.is_empty());
+}
+
+#[test]
+fn timeout_stops_the_worker_and_counts_as_a_failure() {
+    let mut p = policy();
+    p.timeout = Some(Duration::from_millis(300));
+    p.max_attempts = 1;
+    let (mut c, _) = core(2, p);
+    let w = c.register("a", "cpu", V).unwrap();
+    let g = grant(&mut c, &w, 0);
+    let ack = c.progress(&g.lease_id, 1, BTreeMap::new(), 301);
+    assert!(ack.stop && ack.reason.contains("timed out"), "{ack:?}");
+    assert_eq!(c.trials()[0].status, TrialStatus::Failed);
+    // The tick enforces it too, without any progress.
+    let g = grant(&mut c, &w, 400);
+    c.expire(600);
+    assert_eq!(c.trials()[1].status, TrialStatus::Running);
+    c.expire(701);
+    assert_eq!(c.trials()[1].status, TrialStatus::Failed);
+    assert!(!c.complete(&g.lease_id, success(1.0), 702).accepted);
+}
+
+#[test]
+fn maximize_orients_observations_and_tracks_the_best() {
+    let mut p = policy();
+    p.goal = Goal::Maximize;
+    p.metric = "acc".into();
+    let (mut c, observed) = core(3, p);
+    let w = c.register("a", "cpu", V).unwrap();
+    for acc in [0.5, 0.9, 0.7] {
+        let g = grant(&mut c, &w, 0);
+        let mut o = success(1.0);
+        o.metrics.insert("acc".into(), acc);
+        c.complete(&g.lease_id, o, 1);
+    }
+    assert_eq!(*observed.lock().unwrap(), vec![(0, Some(-0.5)), (1, Some(-0.9)), (2, Some(-0.7))]);
+    assert_eq!(c.counts().best, Some(Best { index: 1, value: 0.9 }));
+    // A completion without the metric is kept but observed as None, with a note.
+    let (mut c, observed) = core(1, policy());
+    let w = c.register("a", "cpu", V).unwrap();
+    let g = grant(&mut c, &w, 0);
+    c.complete(&g.lease_id, TrialOutcome { success: true, ..Default::default() }, 1);
+    assert_eq!(*observed.lock().unwrap(), vec![(0, None)]);
+    assert!(c.trials()[0].errors[0].contains("without the sweep metric loss"));
+}
+
+#[test]
+fn max_concurrent_run_cap_workers_and_protocol() {
+    let mut p = policy();
+    p.max_concurrent = Some(1);
+    p.run_cap = Some(2);
+    let (mut c, _) = core(10, p);
+    assert!(matches!(c.register("a", "cpu", V + 1), Err(SchedulerError::ProtocolVersion { .. })));
+    assert!(matches!(c.try_lease("nobody", 0), Err(SchedulerError::UnknownWorker(_))));
+    let w = c.register("a", "cpu", V).unwrap();
+    let g = grant(&mut c, &w, 0);
+    c.fill_queue(5, 0);
+    assert_eq!(c.try_lease(&w, 0).unwrap(), LeaseDecision::Nothing, "max_concurrent = 1");
+    c.complete(&g.lease_id, success(1.0), 1);
+    let g = grant(&mut c, &w, 2);
+    c.complete(&g.lease_id, success(1.0), 3);
+    c.fill_queue(5, 4);
+    assert_eq!(c.trials().len(), 2, "run_cap = 2");
+    assert!(c.check_finished());
+}
+
+#[test]
+fn invalid_trial_config_fails_the_trial_without_running_it() {
+    let s = ListStrategy {
+        points: vec![Params::from([("x".to_string(), serde_json::json!(-1.0))])],
+        next: 0,
+        one_at_a_time: false,
+        observed: Arc::default(),
+    };
+    let observed = s.observed.clone();
+    let sweep = SweepRecord {
+        name: "t".into(),
+        yaml: String::new(),
+        fingerprint: "f".into(),
+        created_ms: 0,
+        proposed: 0,
+        finished: false,
+    };
+    let mut c = Core::new(sweep, policy(), Box::new(s), make_config());
+    c.fill_queue(1, 0);
+    assert_eq!(c.trials()[0].status, TrialStatus::Failed);
+    assert!(c.trials()[0].errors[0].contains("x must be >= 0"));
+    assert_eq!(*observed.lock().unwrap(), vec![(0, None)]);
+}
+
+#[test]
+fn params_match_tolerates_json_float_round_trip_only() {
+    let a = Params::from([("lr".to_string(), serde_json::json!(0.1 + 0.2))]);
+    let b = Params::from([("lr".to_string(), serde_json::json!(0.30000000000000004))]);
+    assert!(params_match(&a, &b));
+    let c = Params::from([("lr".to_string(), serde_json::json!(0.3001))]);
+    assert!(!params_match(&a, &c));
+    let d = Params::from([("k".to_string(), serde_json::json!(3))]);
+    let e = Params::from([("k".to_string(), serde_json::json!(4))]);
+    assert!(!params_match(&d, &e));
+    assert!(!params_match(&a, &Params::new()));
+}
+
+// ---- the actor, with a real store ----
+
+/// Leases long enough that a loaded machine never expires one by accident.
+pub(crate) fn actor_policy() -> SchedulerPolicy {
+    SchedulerPolicy { lease_ttl: Duration::from_secs(10), ..policy() }
+}
+
+const T: Duration = Duration::from_secs(10);
+
+async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(T, f).await.expect("timed out")
+}
+
+fn input(fp: &str) -> SweepInput {
+    SweepInput {
+        name: "s".into(),
+        yaml: "name: s".into(),
+        fingerprint: fp.into(),
+        new_sweep: false,
+    }
+}
+
+async fn start_list(
+    path: &std::path::Path,
+    n: usize,
+    policy: SchedulerPolicy,
+    fp: &str,
+) -> Result<(SchedulerHandle, Observed)> {
+    let s = ListStrategy::new(n);
+    let observed = s.observed.clone();
+    let store = Store::open(path)?;
+    let h = within(Scheduler::start(store, input(fp), policy, Box::new(s), make_config())).await?;
+    Ok((h, observed))
+}
+
+#[tokio::test]
+async fn resume_after_restart_keeps_finished_and_honours_old_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.redb");
+    let (old_a, old_b);
+    {
+        let (h, _) = start_list(&path, 4, actor_policy(), "fp").await.unwrap();
+        let w = within(h.register("a", "cpu", V)).await.unwrap();
+        let g0 = within(h.lease(&w, Duration::ZERO)).await.unwrap().lease.unwrap();
+        let g1 = within(h.lease(&w, Duration::ZERO)).await.unwrap().lease.unwrap();
+        let g2 = within(h.lease(&w, Duration::ZERO)).await.unwrap().lease.unwrap();
+        assert!(within(h.complete(&g0.lease_id, success(0.5))).await.unwrap().accepted);
+        (old_a, old_b) = (g1, g2);
+        within(h.shutdown(Duration::ZERO)).await.unwrap();
+        // The store is closed once the actor and every handle are gone.
+        drop(h);
+    }
+    // Wait until the file lock is released by the stopped actor.
+    let store = within(async {
+        loop {
+            match Store::open(&path) {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await;
+    drop(store);
+    let mut p = actor_policy();
+    p.lease_ttl = Duration::from_millis(1000);
+    let (h, observed) = start_list(&path, 4, p, "fp").await.unwrap();
+    assert_eq!(*observed.lock().unwrap(), vec![(0, Some(0.5))], "replay observed the result");
+    let counts = h.counts().borrow().clone();
+    assert_eq!((counts.completed, counts.running), (1, 2));
+    // The surviving worker completes its trial with its old lease.
+    assert!(within(h.complete(&old_a.lease_id, success(0.7))).await.unwrap().accepted);
+    // A new worker (old ids are unknown after a restart) gets trial 3, then trial 2 once the
+    // old lease of trial 2 expires, with the next attempt; nothing completed runs again.
+    let w2 = within(h.register("b", "cpu", V)).await.unwrap();
+    let g3 = within(h.lease(&w2, Duration::from_secs(5))).await.unwrap().lease.unwrap();
+    assert_eq!(g3.index, 3);
+    assert!(within(h.complete(&g3.lease_id, success(0.3))).await.unwrap().accepted);
+    let g2 = within(h.lease(&w2, Duration::from_secs(5))).await.unwrap().lease.unwrap();
+    assert_eq!((g2.index, g2.attempt), (2, 2));
+    assert!(!within(h.complete(&old_b.lease_id, success(9.0))).await.unwrap().accepted);
+    assert!(within(h.complete(&g2.lease_id, success(0.1))).await.unwrap().accepted);
+    let done = within(h.finished()).await.unwrap();
+    assert_eq!((done.completed, done.failed), (4, 0));
+    assert_eq!(done.best, Some(Best { index: 2, value: 0.1 }));
+    let out = within(h.lease(&w2, Duration::from_secs(5))).await.unwrap();
+    assert!(out.shutdown && out.lease.is_none());
+    let records = within(h.records("s")).await.unwrap();
+    assert_eq!(records.len(), 4);
+    assert!(records.iter().all(|r| r.status == TrialStatus::Completed));
+    assert_eq!(records[1].metrics["loss"], 0.7);
+    assert!(within(h.sweeps()).await.unwrap()[0].finished);
+}
+
+#[tokio::test]
+async fn changed_definition_is_refused_unless_a_new_sweep_is_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.redb");
+    let (h, _) = start_list(&path, 2, actor_policy(), "one").await.unwrap();
+    within(h.shutdown(Duration::ZERO)).await.unwrap();
+    drop(h);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = start_list(&path, 2, actor_policy(), "two").await.err().expect("must be refused");
+    let msg = err.to_string();
+    assert!(msg.contains("sweep s exists in DB with a different definition"), "{msg}");
+    assert!(msg.contains("--new-sweep"), "{msg}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let store = Store::open(&path).unwrap();
+    let mut i = input("two");
+    i.new_sweep = true;
+    let h = within(Scheduler::start(
+        store,
+        i,
+        actor_policy(),
+        Box::new(ListStrategy::new(2)),
+        make_config(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(h.sweep_name(), "s-2");
+    let names: Vec<_> = within(h.sweeps()).await.unwrap().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["s", "s-2"]);
+}
+
+#[tokio::test]
+async fn changed_search_under_the_same_fingerprint_is_a_replay_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.redb");
+    let (h, _) = start_list(&path, 3, actor_policy(), "fp").await.unwrap();
+    let w = within(h.register("a", "cpu", V)).await.unwrap();
+    within(h.lease(&w, Duration::ZERO)).await.unwrap().lease.unwrap();
+    within(h.shutdown(Duration::ZERO)).await.unwrap();
+    drop(h);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut s = ListStrategy::new(3);
+    s.points[0].insert("x".into(), serde_json::json!(42));
+    let store = Store::open(&path).unwrap();
+    let err =
+        within(Scheduler::start(store, input("fp"), actor_policy(), Box::new(s), make_config()))
+            .await
+            .err()
+            .expect("must fail");
+    assert!(matches!(err, SchedulerError::ReplayMismatch { index: 0, .. }), "{err}");
+}
+
+#[tokio::test]
+async fn long_poll_wakes_when_a_trial_appears_and_times_out_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("l.redb")).unwrap();
+    let mut s = ListStrategy::new(2);
+    s.one_at_a_time = true;
+    let h = Scheduler::start(store, input("fp"), actor_policy(), Box::new(s), make_config())
+        .await
+        .unwrap();
+    let a = within(h.register("a", "cpu", V)).await.unwrap();
+    let b = within(h.register("b", "cpu", V)).await.unwrap();
+    let g0 = within(h.lease(&a, Duration::ZERO)).await.unwrap().lease.unwrap();
+    // Nothing to lease while trial 0 runs: a short wait comes back empty.
+    let t = std::time::Instant::now();
+    let none = within(h.lease(&b, Duration::from_millis(200))).await.unwrap();
+    assert!(none.lease.is_none() && !none.shutdown);
+    assert!(t.elapsed() >= Duration::from_millis(190), "{:?}", t.elapsed());
+    // A long wait is woken as soon as the result lets the strategy propose trial 1.
+    let waiter = {
+        let h = h.clone();
+        let b = b.clone();
+        tokio::spawn(async move { h.lease(&b, Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = std::time::Instant::now();
+    assert!(within(h.complete(&g0.lease_id, success(1.0))).await.unwrap().accepted);
+    let got = within(waiter).await.unwrap().unwrap().lease.expect("woken with a lease");
+    assert_eq!(got.index, 1);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn shutdown_stops_dispatching_but_accepts_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.redb");
+    let (h, _) = start_list(&path, 5, actor_policy(), "fp").await.unwrap();
+    let a = within(h.register("a", "cpu", V)).await.unwrap();
+    let g = within(h.lease(&a, Duration::ZERO)).await.unwrap().lease.unwrap();
+    let parked = {
+        let (h, a) = (h.clone(), a.clone());
+        tokio::spawn(async move { h.lease(&a, Duration::from_secs(30)).await })
+    };
+    // Trial 1 is queued, so the parked request is served; lease everything but one first.
+    let _ = within(parked).await.unwrap().unwrap();
+    let stopper = {
+        let h = h.clone();
+        tokio::spawn(async move { h.shutdown(Duration::from_secs(5)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let out = within(h.lease(&a, Duration::from_secs(30))).await.unwrap();
+    assert!(out.shutdown && out.lease.is_none());
+    let p = within(h.progress(&g.lease_id, 1, BTreeMap::new())).await.unwrap();
+    assert!(p.stop && p.reason.contains("shutting down"), "{p:?}");
+    assert!(within(h.complete(&g.lease_id, success(0.5))).await.unwrap().accepted);
+    let counts = h.counts().borrow().clone();
+    assert_eq!(counts.running, 1);
+    // Releasing the last running trial lets the shutdown finish before its grace.
+    let running = within(h.records("s")).await.unwrap();
+    let lease = running.iter().find_map(|r| r.lease.clone()).expect("one trial still running");
+    assert!(within(h.release(&lease.lease_id, "bye")).await.unwrap());
+    within(stopper).await.unwrap().unwrap();
+    assert!(matches!(h.lease(&a, Duration::ZERO).await, Err(SchedulerError::Stopped)));
+    assert!(matches!(within(h.finished()).await, Err(SchedulerError::Stopped)));
+    drop(h);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let store = Store::open(&path).unwrap();
+    let trials = store.trials("s").unwrap();
+    assert_eq!(trials[0].status, TrialStatus::Completed);
+    assert_eq!(trials[1].status, TrialStatus::Queued);
+    assert_eq!(trials[1].attempt, 0);
+}
+
+/// Throughput of the scheduler alone (no network): lease + complete per trial with durable
+/// commits. `cargo test -p msae-coordinator --lib scheduler::tests::throughput -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn throughput_in_process() {
+    for (n, workers) in [(2000usize, 1usize), (10_000, 16), (10_000, 64)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, _) = start_list(&dir.path().join("b.redb"), n, actor_policy(), "fp").await.unwrap();
+        let started = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..workers {
+            let h = h.clone();
+            tasks.push(tokio::spawn(async move {
+                let w = h.register(&format!("w{i}"), "cpu", V).await.unwrap();
+                let mut done = 0usize;
+                loop {
+                    let out = h.lease(&w, Duration::from_secs(1)).await.unwrap();
+                    if out.shutdown {
+                        return done;
+                    }
+                    let Some(g) = out.lease else { continue };
+                    assert!(h.complete(&g.lease_id, success(1.0)).await.unwrap().accepted);
+                    done += 1;
+                }
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += within(t).await.unwrap();
+        }
+        let secs = started.elapsed().as_secs_f64();
+        assert_eq!(total, n);
+        eprintln!(
+            "in-process: {n} trials, {workers} workers: {:.0} trials/s ({:.3} ms/trial)",
+            n as f64 / secs,
+            secs * 1000.0 / n as f64
+        );
+        h.shutdown(Duration::ZERO).await.unwrap();
+    }
+}

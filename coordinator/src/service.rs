@@ -1,0 +1,328 @@
+//! The gRPC service (`msae.v1.Coordinator`): the network edge of the scheduler.
+//!
+//! Every request is validated and converted to domain types here (`TryFrom`), so the scheduler
+//! never sees generated protocol types or unchecked input: empty ids, oversized maps and
+//! strings are refused with `invalid_argument`; non-finite metric values are dropped and noted on
+//! the trial (a diverged training is an outcome worth keeping, not a protocol error). Scheduler
+//! errors map to precise status codes (`not_found` for an unknown worker: re-register;
+//! `failed_precondition` for a protocol mismatch; `unavailable` when the scheduler stopped).
+//!
+//! [`serve`] runs the service on a bound listener with an optional shared bearer token
+//! ([`auth_interceptor`]) until a shutdown future resolves. Call
+//! [`SchedulerHandle::shutdown`](crate::scheduler::SchedulerHandle::shutdown) before (or as
+//! part of) that future so long-polling lease requests are answered at once.
+
+use crate::model::{SweepRecord, TrialRecord};
+use crate::scheduler::{SchedulerError, SchedulerHandle, TrialOutcome};
+use msae_shared::proto;
+use msae_shared::proto::coordinator_server::{Coordinator, CoordinatorServer};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::time::Duration;
+use tokio_stream::StreamExt;
+use tonic::service::Interceptor;
+use tonic::{Request, Response, Status};
+
+/// Longest accepted id or name.
+pub const MAX_ID_LEN: usize = 256;
+/// Longest accepted free text (error messages, artifact paths).
+pub const MAX_TEXT_LEN: usize = 1 << 20;
+/// Most entries in a metrics or scalars map.
+pub const MAX_MAP_ENTRIES: usize = 10_000;
+/// Longest long-poll a worker may ask for; longer requests are clamped.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// The gRPC service; cheap to clone (it holds a scheduler handle).
+#[derive(Clone)]
+pub struct CoordinatorService {
+    scheduler: SchedulerHandle,
+}
+
+impl CoordinatorService {
+    /// A service answering from `scheduler`.
+    pub fn new(scheduler: SchedulerHandle) -> Self {
+        CoordinatorService { scheduler }
+    }
+}
+
+fn status_of(e: SchedulerError) -> Status {
+    match e {
+        SchedulerError::UnknownWorker(_) => Status::not_found(e.to_string()),
+        SchedulerError::ProtocolVersion { .. } => Status::failed_precondition(e.to_string()),
+        SchedulerError::Stopped | SchedulerError::Commit(_) => Status::unavailable(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn check_id(field: &str, v: &str) -> Result<(), Status> {
+    if v.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is empty")));
+    }
+    check_len(field, v, MAX_ID_LEN)
+}
+
+fn check_len(field: &str, v: &str, max: usize) -> Result<(), Status> {
+    if v.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes long; at most {max} are accepted",
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a metrics map; returns the finite values and the names of the dropped ones.
+fn check_metrics(
+    field: &str,
+    map: HashMap<String, f64>,
+) -> Result<(BTreeMap<String, f64>, Vec<String>), Status> {
+    if map.len() > MAX_MAP_ENTRIES {
+        return Err(Status::invalid_argument(format!(
+            "{field} has {} entries; at most {MAX_MAP_ENTRIES} are accepted",
+            map.len()
+        )));
+    }
+    let mut kept = BTreeMap::new();
+    let mut dropped = Vec::new();
+    for (k, v) in map {
+        if k.is_empty() {
+            return Err(Status::invalid_argument(format!("{field} has an empty name")));
+        }
+        check_len(&format!("{field} name"), &k, MAX_ID_LEN)?;
+        if v.is_finite() {
+            kept.insert(k, v);
+        } else {
+            dropped.push(format!("non-finite {k} = {v}"));
+        }
+    }
+    dropped.sort();
+    Ok((kept, dropped))
+}
+
+/// A validated registration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registration {
+    pub protocol_version: u32,
+    pub name: String,
+    pub device: String,
+}
+
+impl TryFrom<proto::RegisterRequest> for Registration {
+    type Error = Status;
+    fn try_from(r: proto::RegisterRequest) -> Result<Self, Status> {
+        check_len("name", &r.name, MAX_ID_LEN)?;
+        check_len("device", &r.device, MAX_ID_LEN)?;
+        Ok(Registration { protocol_version: r.protocol_version, name: r.name, device: r.device })
+    }
+}
+
+/// A validated progress report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressUpdate {
+    pub lease_id: String,
+    pub step: u64,
+    /// Finite values only (non-finite ones are dropped: the next report will carry new ones).
+    pub scalars: BTreeMap<String, f64>,
+}
+
+impl TryFrom<proto::ProgressRequest> for ProgressUpdate {
+    type Error = Status;
+    fn try_from(r: proto::ProgressRequest) -> Result<Self, Status> {
+        check_id("lease_id", &r.lease_id)?;
+        let (scalars, dropped) = check_metrics("scalars", r.scalars)?;
+        if !dropped.is_empty() {
+            tracing::debug!(lease = %r.lease_id, ?dropped, "dropped non-finite progress scalars");
+        }
+        Ok(ProgressUpdate { lease_id: r.lease_id, step: r.step, scalars })
+    }
+}
+
+/// A validated completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub lease_id: String,
+    pub outcome: TrialOutcome,
+}
+
+impl TryFrom<proto::CompleteRequest> for Completion {
+    type Error = Status;
+    fn try_from(r: proto::CompleteRequest) -> Result<Self, Status> {
+        check_id("lease_id", &r.lease_id)?;
+        check_len("error", &r.error, MAX_TEXT_LEN)?;
+        check_len("artifact", &r.artifact, MAX_TEXT_LEN)?;
+        if !r.duration_s.is_finite() || r.duration_s < 0.0 {
+            return Err(Status::invalid_argument(format!(
+                "duration_s must be a finite, non-negative number of seconds, got {}",
+                r.duration_s
+            )));
+        }
+        let (metrics, dropped) = check_metrics("metrics", r.metrics)?;
+        Ok(Completion {
+            lease_id: r.lease_id,
+            outcome: TrialOutcome {
+                success: r.success,
+                metrics,
+                error: r.error,
+                artifact: (!r.artifact.is_empty()).then_some(r.artifact),
+                duration_s: Some(r.duration_s),
+                dropped,
+            },
+        })
+    }
+}
+
+/// The Report RPC's JSON document.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ReportJson {
+    pub sweeps: Vec<SweepRecord>,
+    pub trials: Vec<TrialRecord>,
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register(
+        &self,
+        request: Request<proto::RegisterRequest>,
+    ) -> Result<Response<proto::RegisterReply>, Status> {
+        let r = Registration::try_from(request.into_inner())?;
+        let worker_id = self
+            .scheduler
+            .register(&r.name, &r.device, r.protocol_version)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(proto::RegisterReply {
+            worker_id,
+            coordinator_version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+
+    async fn lease(
+        &self,
+        request: Request<proto::LeaseRequest>,
+    ) -> Result<Response<proto::LeaseReply>, Status> {
+        let r = request.into_inner();
+        check_id("worker_id", &r.worker_id)?;
+        let wait = Duration::from_millis(r.wait_ms.into()).min(MAX_WAIT);
+        let outcome = self.scheduler.lease(&r.worker_id, wait).await.map_err(status_of)?;
+        Ok(Response::new(proto::LeaseReply {
+            lease: outcome.lease.map(|g| proto::Lease {
+                lease_id: g.lease_id,
+                trial_id: g.trial_id,
+                sweep: g.sweep,
+                attempt: g.attempt,
+                config_json: g.config_json,
+                ttl_ms: g.ttl.as_millis().min(u32::MAX as u128) as u32,
+                timeout_s: g.timeout.map_or(0.0, |t| t.as_secs_f64()),
+                runner: g.runner,
+                noop_sleep_ms: g.noop_sleep_ms,
+            }),
+            shutdown: outcome.shutdown,
+        }))
+    }
+
+    async fn progress(
+        &self,
+        request: Request<proto::ProgressRequest>,
+    ) -> Result<Response<proto::ProgressReply>, Status> {
+        let p = ProgressUpdate::try_from(request.into_inner())?;
+        let ack =
+            self.scheduler.progress(&p.lease_id, p.step, p.scalars).await.map_err(status_of)?;
+        Ok(Response::new(proto::ProgressReply { stop: ack.stop, reason: ack.reason }))
+    }
+
+    async fn complete(
+        &self,
+        request: Request<proto::CompleteRequest>,
+    ) -> Result<Response<proto::CompleteReply>, Status> {
+        let c = Completion::try_from(request.into_inner())?;
+        let ack = self.scheduler.complete(&c.lease_id, c.outcome).await.map_err(status_of)?;
+        Ok(Response::new(proto::CompleteReply { accepted: ack.accepted, reason: ack.reason }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<proto::ReleaseRequest>,
+    ) -> Result<Response<proto::ReleaseReply>, Status> {
+        let r = request.into_inner();
+        check_id("lease_id", &r.lease_id)?;
+        check_len("reason", &r.reason, MAX_TEXT_LEN)?;
+        let accepted = self.scheduler.release(&r.lease_id, &r.reason).await.map_err(status_of)?;
+        Ok(Response::new(proto::ReleaseReply { accepted }))
+    }
+
+    async fn report(
+        &self,
+        request: Request<proto::ReportRequest>,
+    ) -> Result<Response<proto::ReportReply>, Status> {
+        let r = request.into_inner();
+        check_len("sweep", &r.sweep, MAX_ID_LEN)?;
+        let mut sweeps = self.scheduler.sweeps().await.map_err(status_of)?;
+        if !r.sweep.is_empty() {
+            sweeps.retain(|s| s.name == r.sweep);
+            if sweeps.is_empty() {
+                return Err(Status::not_found(format!("no sweep named {:?}", r.sweep)));
+            }
+        }
+        let mut trials = Vec::new();
+        for s in &sweeps {
+            trials.extend(self.scheduler.records(&s.name).await.map_err(status_of)?);
+        }
+        let json = serde_json::to_string(&ReportJson { sweeps, trials })
+            .map_err(|e| Status::internal(format!("encoding the report: {e}")))?;
+        Ok(Response::new(proto::ReportReply { json }))
+    }
+}
+
+/// An interceptor that requires `authorization: Bearer TOKEN` when `token` is set (and lets
+/// everything through when it is `None`).
+pub fn auth_interceptor(token: Option<String>) -> impl Interceptor + Clone + Send + Sync + 'static {
+    let expected = token.map(|t| format!("Bearer {t}"));
+    move |request: Request<()>| -> Result<Request<()>, Status> {
+        let Some(expected) = &expected else {
+            return Ok(request);
+        };
+        let given =
+            request.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated("missing or wrong token (authorization: Bearer TOKEN)"))
+        }
+    }
+}
+
+/// Compares without an early exit, so response time does not leak how much of a token matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, &x) in a.iter().enumerate() {
+        diff |= (x ^ b.get(i).copied().unwrap_or(0)) as usize;
+    }
+    diff == 0
+}
+
+/// Serves the coordinator on `listener` until `shutdown` resolves. Connections get
+/// `TCP_NODELAY` (small request/reply messages; Nagle would add delay to every round trip).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    scheduler: SchedulerHandle,
+    token: Option<String>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let service = CoordinatorServer::with_interceptor(
+        CoordinatorService::new(scheduler),
+        auth_interceptor(token),
+    );
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests;
