@@ -5,8 +5,12 @@
 //! - [`model`]: stored records; [`store`]: redb; [`scheduler`]: leases, retries, resume.
 //! - [`service`]: the gRPC service; [`tensorboard`]: event files; [`report`]: ranked results.
 
+pub mod bench;
+pub mod cli;
 pub mod model;
+pub mod progress;
 pub mod report;
+pub mod run;
 pub mod scheduler;
 pub mod search;
 pub mod service;

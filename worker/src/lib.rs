@@ -7,10 +7,12 @@
 //! - [`runner`], [`noop`], [`client`]: the trial-runner seam and the loop that leases trials.
 
 pub mod bench;
+pub mod cli;
 pub mod client;
 pub mod data;
 pub mod eval;
 pub mod fast;
+pub use msae_shared::logging;
 pub mod model;
 pub mod noop;
 pub mod optim;

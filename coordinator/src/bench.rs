@@ -1,0 +1,179 @@
+//! `msae-coordinator bench`: the orchestration alone, measured.
+//!
+//! Starts a real coordinator as a child process (this same binary, a temporary redb file with
+//! durable commits, listening on an ephemeral loopback port), then N workers in this process
+//! running no-op trials over real gRPC. Reports trials/s and the coordinator's CPU time per
+//! trial, read from the child's own accounting so worker CPU is not counted.
+
+use anyhow::Context;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// Options of `msae-coordinator bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Worker counts to measure, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 64])]
+    pub workers: Vec<usize>,
+    /// No-op trials per run (a grid sweep of this many points).
+    #[arg(long, default_value_t = 10_000)]
+    pub trials: usize,
+    /// Print one JSON object per run instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One measured run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    pub workers: usize,
+    pub trials: u64,
+    pub wall_s: f64,
+    pub trials_per_s: f64,
+    pub coordinator_cpu_s: f64,
+    pub cpu_ms_per_trial: f64,
+}
+
+/// A grid sweep of exactly `trials` no-op points (lr x layer_k x seed).
+pub fn bench_sweep_yaml(name: &str, trials: usize) -> String {
+    // Factor trials into a grid: seed values fill the rest after a 10 x 10 base.
+    let per = trials.div_ceil(100).max(1);
+    let mut yaml = format!(
+        "name: {name}\nmethod: grid\nrun_cap: {trials}\nmax_attempts: 3\n\
+         task: {{kind: noop, sleep_ms: 0}}\nmetric: {{name: fvu, goal: minimize}}\nparameters:\n"
+    );
+    let lrs: Vec<String> = (1..=10).map(|i| format!("{}", i as f64 * 1e-4)).collect();
+    yaml.push_str(&format!("  lr: {{values: [{}]}}\n", lrs.join(", ")));
+    let ks: Vec<String> = (1..=10).map(|k| k.to_string()).collect();
+    yaml.push_str(&format!("  layer_k: {{values: [{}]}}\n", ks.join(", ")));
+    let seeds: Vec<String> = (0..per).map(|s| s.to_string()).collect();
+    yaml.push_str(&format!("  seed: {{values: [{}]}}\n", seeds.join(", ")));
+    yaml
+}
+
+/// Run every configured worker count; prints the results.
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let exe = std::env::current_exe().context("locating this binary")?;
+    if !args.json {
+        println!(
+            "{:>8} {:>8} {:>9} {:>10} {:>14} {:>13}",
+            "workers", "trials", "wall_s", "trials/s", "coord_cpu_s", "cpu_ms/trial"
+        );
+    }
+    for &workers in &args.workers {
+        let result = runtime.block_on(run_one(&exe, workers, args.trials))?;
+        if args.json {
+            println!("{}", serde_json::to_string(&result)?);
+        } else {
+            println!(
+                "{:>8} {:>8} {:>9.2} {:>10.0} {:>14.2} {:>13.3}",
+                result.workers,
+                result.trials,
+                result.wall_s,
+                result.trials_per_s,
+                result.coordinator_cpu_s,
+                result.cpu_ms_per_trial
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn run_one(exe: &Path, workers: usize, trials: usize) -> anyhow::Result<BenchResult> {
+    let dir = std::env::temp_dir().join(format!("msae-bench-{}-{workers}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let sweep = dir.join("bench.yaml");
+    std::fs::write(&sweep, bench_sweep_yaml(&format!("bench-{workers}"), trials))?;
+    let db = dir.join("bench.redb");
+    let child = tokio::process::Command::new(exe)
+        .arg(&sweep)
+        .args(["--db"])
+        .arg(&db)
+        .args(["--listen", "127.0.0.1:0", "--local-workers", "0", "--logdir", "none"])
+        .args(["--quiet", "--no-report", "--print-stats"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the coordinator")?;
+    let addr_file = crate::run::address_file(&db);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let addr = loop {
+        if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+            if !addr.trim().is_empty() {
+                break addr.trim().to_string();
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the coordinator did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let started = Instant::now();
+    let handles = spawn_workers(&addr, workers);
+    let output = tokio::time::timeout(Duration::from_secs(3600), child.wait_with_output())
+        .await
+        .context("the benchmark sweep did not finish within an hour")??;
+    let wall_s = started.elapsed().as_secs_f64();
+    for h in handles {
+        let _ = h.await;
+    }
+    anyhow::ensure!(output.status.success(), "the coordinator failed: {}", output.status);
+    let stats: serde_json::Value = serde_json::from_slice(
+        output.stdout.split(|b| *b == b'\n').rfind(|l| !l.is_empty()).unwrap_or_default(),
+    )
+    .context("reading the coordinator's stats line")?;
+    let completed = stats["completed"].as_u64().unwrap_or(0);
+    let cpu = stats["cpu_s"].as_f64().unwrap_or(0.0);
+    anyhow::ensure!(completed as usize == trials, "{completed} of {trials} trials completed");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(BenchResult {
+        workers,
+        trials: completed,
+        wall_s,
+        trials_per_s: completed as f64 / wall_s,
+        coordinator_cpu_s: cpu,
+        cpu_ms_per_trial: cpu * 1000.0 / completed.max(1) as f64,
+    })
+}
+
+#[cfg(feature = "local-worker")]
+fn spawn_workers(addr: &str, workers: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    use msae_worker::client::{ClientOptions, run_worker};
+    use std::sync::Arc;
+    let runner: Arc<dyn msae_worker::runner::TrialRunner> =
+        Arc::new(msae_worker::noop::NoopRunner { sleep: Duration::ZERO });
+    (0..workers)
+        .map(|i| {
+            let mut opts = ClientOptions::new(format!("http://{addr}"));
+            opts.name = format!("bench-{i}");
+            let runner = runner.clone();
+            tokio::spawn(async move {
+                if let Err(e) = run_worker(opts, runner, std::future::pending()).await {
+                    tracing::warn!("bench worker {i}: {e:#}");
+                }
+            })
+        })
+        .collect()
+}
+
+#[cfg(not(feature = "local-worker"))]
+fn spawn_workers(_addr: &str, _workers: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    panic!("the orchestration benchmark needs the `local-worker` feature")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_sweep_has_exactly_the_requested_trials() {
+        for trials in [1, 100, 250, 10_000] {
+            let yaml = bench_sweep_yaml("b", trials);
+            let spec = crate::spec::SweepSpec::parse(&yaml, "bench.yaml").unwrap();
+            assert_eq!(spec.planned_trials(), Some(trials as u64), "{yaml}");
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! Command-line front end of `msae-coordinator`: run a sweep, `report`, `bench`.
+//!
+//! Kept in the library so tests drive the same code the binary runs.
+
+use crate::model::{SweepRecord, TrialRecord};
+use crate::report::{Report, ReportFormat};
+use crate::run::{RunOptions, address_file, run_sweep};
+use crate::service::ReportJson;
+use crate::store::{Store, StoreError};
+use anyhow::Context;
+use msae_shared::proto;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `msae-coordinator`: runs hyperparameter sweeps of modular sparse autoencoders.
+///
+/// `msae-coordinator SWEEP.yaml` expands the sweep, leases its trials over gRPC to workers (one
+/// embedded local worker by default), stores every trial in the database and prints the ranked
+/// results. Running it again on the same database resumes the sweep: finished trials are not
+/// rerun. Remote workers join with `msae-worker --coordinator http://HOST:PORT`.
+#[derive(Debug, clap::Parser)]
+#[command(name = "msae-coordinator", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Ranked results of a sweep (reads the database, or asks the running coordinator).
+    Report(ReportArgs),
+    /// Orchestration benchmark: no-op trials through real gRPC and durable redb commits.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Options of a sweep run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Sweep YAML file (see sweeps/stripes.yaml).
+    #[arg(value_name = "SWEEP.yaml")]
+    pub sweep: Option<PathBuf>,
+    /// Database file holding every sweep and trial.
+    #[arg(long, env = "MSAE_DB", default_value = "msae.redb")]
+    pub db: PathBuf,
+    /// Address of the gRPC service. Use 0.0.0.0:50051 for remote workers (with --token).
+    #[arg(long, env = "MSAE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Workers run inside this process; 0 = remote workers only.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub local_workers: usize,
+    /// Local workers train on CUDA device N (needs `--features msae-worker/cuda`).
+    #[arg(long, value_name = "N")]
+    pub gpu: Option<usize>,
+    /// TensorBoard log directory (`tensorboard --logdir runs`); `none` disables it.
+    #[arg(long, default_value = "runs")]
+    pub logdir: String,
+    /// Local workers keep each trial's weights and config under DIR/<sweep>/<trial>.
+    #[arg(long, value_name = "DIR")]
+    pub artifacts: Option<PathBuf>,
+    /// Start a new sweep even if one of the same name with another definition exists
+    /// (stored as NAME-2, NAME-3, ...).
+    #[arg(long)]
+    pub new_sweep: bool,
+    /// Shared secret workers must send (`authorization: Bearer TOKEN`).
+    #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// A lease expires when its worker has not reported for this long; its trial is re-leased.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// No live progress line.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Don't print the ranked report at the end.
+    #[arg(long)]
+    pub no_report: bool,
+    /// Print one JSON line with trials, wall and CPU seconds at exit (used by `bench`).
+    #[arg(long, hide = true)]
+    pub print_stats: bool,
+}
+
+/// Options of `msae-coordinator report`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReportArgs {
+    /// Database file.
+    #[arg(long, env = "MSAE_DB", default_value = "msae.redb")]
+    pub db: PathBuf,
+    /// Sweep to report (default: the most recently created).
+    #[arg(long)]
+    pub sweep: Option<String>,
+    /// Show only the N best trials.
+    #[arg(long, value_name = "N")]
+    pub top: Option<usize>,
+    /// Rank by this metric instead of the sweep's own.
+    #[arg(long, value_name = "NAME")]
+    pub metric: Option<String>,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
+    /// Ask this running coordinator instead of opening the database.
+    #[arg(long, value_name = "URL")]
+    pub coordinator: Option<String>,
+    /// Token of the running coordinator.
+    #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// Parses `90`, `90s`, `500ms`, `30m`, `2h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (examples: 90s, 500ms, 30m, 2h)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("`{text}`: unknown unit `{unit}` (use ms, s, m or h)")),
+    };
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err(format!("`{text}` must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// `msae-coordinator SWEEP.yaml`.
+pub async fn run_command(args: &RunArgs) -> anyhow::Result<()> {
+    let Some(sweep) = &args.sweep else {
+        anyhow::bail!(
+            "no sweep file given: try `msae-coordinator sweeps/stripes.yaml` (see --help)"
+        );
+    };
+    let mut opts = RunOptions::new(sweep);
+    opts.db = args.db.clone();
+    opts.listen = args.listen;
+    opts.local_workers = args.local_workers;
+    opts.local_gpu = args.gpu;
+    opts.logdir = (args.logdir != "none").then(|| PathBuf::from(&args.logdir));
+    opts.artifacts = args.artifacts.clone();
+    opts.new_sweep = args.new_sweep;
+    opts.token = args.token.clone();
+    opts.lease_ttl = args.lease_ttl;
+    opts.progress = !args.quiet;
+    opts.report = !args.no_report;
+    let started = std::time::Instant::now();
+    let summary = run_sweep(opts, msae_shared::signal::shutdown_signal()).await?;
+    if args.print_stats {
+        let stats = serde_json::json!({
+            "sweep": summary.sweep,
+            "completed": summary.counts.completed,
+            "failed": summary.counts.failed,
+            "wall_s": started.elapsed().as_secs_f64(),
+            "cpu_s": msae_shared::signal::process_cpu_seconds(),
+        });
+        println!("{stats}");
+    }
+    if !summary.finished {
+        eprintln!(
+            "sweep {} stopped with {} of {} trials done; run the same command again to resume",
+            summary.sweep,
+            summary.counts.completed + summary.counts.failed,
+            summary.counts.proposed
+        );
+    }
+    Ok(())
+}
+
+/// `msae-coordinator report`: the rendered report.
+pub async fn report_command(args: &ReportArgs) -> anyhow::Result<String> {
+    let (sweeps, trials) = match &args.coordinator {
+        Some(url) => ask_coordinator(url, args).await?,
+        None => {
+            let db = args.db.clone();
+            let sweep = args.sweep.clone();
+            let opened = tokio::task::spawn_blocking(move || read_store(&db, sweep.as_deref()))
+                .await?;
+            match opened {
+                Ok(found) => found,
+                Err(StoreError::InUse { path }) => {
+                    let addr_file = address_file(&path);
+                    let addr = std::fs::read_to_string(&addr_file).with_context(|| {
+                        format!(
+                            "{} is locked by a running coordinator, and {} (where it writes its \
+                             address) cannot be read; pass --coordinator http://HOST:PORT",
+                            path.display(),
+                            addr_file.display()
+                        )
+                    })?;
+                    tracing::debug!("database in use: asking the coordinator at {}", addr.trim());
+                    ask_coordinator(&format!("http://{}", addr.trim()), args).await?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let sweep = pick_sweep(&sweeps, args.sweep.as_deref(), &args.db)?;
+    let trials: Vec<TrialRecord> = trials.into_iter().filter(|t| t.sweep == sweep.name).collect();
+    let report = Report::for_sweep(sweep, &trials, args.top, args.metric.as_deref());
+    Ok(report.render(args.format))
+}
+
+fn read_store(
+    db: &std::path::Path,
+    sweep: Option<&str>,
+) -> Result<(Vec<SweepRecord>, Vec<TrialRecord>), StoreError> {
+    if !db.exists() {
+        return Err(StoreError::Io {
+            path: db.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such database (run a sweep first, or pass --db)",
+            ),
+        });
+    }
+    let store = Store::open_read_only(db)?;
+    let sweeps = store.sweeps()?;
+    let mut trials = Vec::new();
+    for s in &sweeps {
+        if sweep.is_none_or(|name| name == s.name) {
+            trials.extend(store.trials(&s.name)?);
+        }
+    }
+    Ok((sweeps, trials))
+}
+
+fn pick_sweep<'a>(
+    sweeps: &'a [SweepRecord],
+    name: Option<&str>,
+    db: &std::path::Path,
+) -> anyhow::Result<&'a SweepRecord> {
+    match name {
+        Some(name) => sweeps.iter().find(|s| s.name == name).with_context(|| {
+            let names: Vec<&str> = sweeps.iter().map(|s| s.name.as_str()).collect();
+            format!("no sweep named {name:?} in {} (sweeps: {})", db.display(), names.join(", "))
+        }),
+        None => sweeps
+            .iter()
+            .max_by_key(|s| s.created_ms)
+            .with_context(|| format!("{} holds no sweeps yet", db.display())),
+    }
+}
+
+async fn ask_coordinator(
+    url: &str,
+    args: &ReportArgs,
+) -> anyhow::Result<(Vec<SweepRecord>, Vec<TrialRecord>)> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("invalid coordinator URL {url:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {url}"))?;
+    let mut client = proto::coordinator_client::CoordinatorClient::new(channel);
+    let mut request = tonic::Request::new(proto::ReportRequest {
+        sweep: args.sweep.clone().unwrap_or_default(),
+    });
+    if let Some(token) = &args.token {
+        let value = format!("Bearer {token}").parse().context("token is not valid ASCII")?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let reply = client
+        .report(request)
+        .await
+        .map_err(|s| anyhow::anyhow!("the coordinator at {url} refused the report: {}", s.message()))?;
+    let doc: ReportJson = serde_json::from_str(&reply.into_inner().json)
+        .context("the coordinator sent a report this version cannot read")?;
+    Ok((doc.sweeps, doc.trials))
+}
+
+/// The whole `msae-coordinator` program (the binary and the end-to-end tests call this).
+pub fn main() -> std::process::ExitCode {
+    let cli = <Cli as clap::Parser>::parse();
+    msae_shared::logging::init();
+    let result = match &cli.command {
+        Some(Command::Bench(args)) => crate::bench::run(args),
+        other => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| {
+                rt.block_on(async {
+                    match other {
+                        Some(Command::Report(args)) => {
+                            let text = crate::cli::report_command(args).await?;
+                            println!("{text}");
+                            Ok(())
+                        }
+                        _ => crate::cli::run_command(&cli.run).await,
+                    }
+                })
+            }),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("abc").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn cli_parses_defaults_and_rejects_bad_flags() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["msae-coordinator", "sweeps/stripes.yaml"]).unwrap();
+        assert_eq!(cli.run.local_workers, 1);
+        assert_eq!(cli.run.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(cli.run.db, PathBuf::from("msae.redb"));
+        let err = Cli::try_parse_from(["msae-coordinator", "x.yaml", "--local-workers", "-3"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--local-workers"), "{err}");
+        let err = Cli::try_parse_from(["msae-coordinator", "x.yaml", "--listen", "nowhere"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--listen"), "{err}");
+        let cli = Cli::try_parse_from(["msae-coordinator", "report", "--format", "csv"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Report(ReportArgs { format: ReportFormat::Csv, .. }))));
+    }
+}

@@ -1,0 +1,295 @@
+//! Running a sweep: the glue behind `msae-coordinator SWEEP.yaml`.
+//!
+//! Parses and validates the sweep, opens the store, starts (or resumes) the scheduler, serves
+//! gRPC, runs the embedded local workers, writes TensorBoard logs and shows progress, then
+//! prints the ranked report. Ctrl-C stops dispatching, lets workers hand their trials back,
+//! and shuts down with everything committed.
+
+use crate::progress::ProgressDisplay;
+use crate::report::{Report, ReportFormat};
+use crate::scheduler::{
+    Counts, Scheduler, SchedulerEvent, SchedulerHandle, SchedulerPolicy, SweepInput,
+};
+use crate::spec::{SweepSpec, TaskKind};
+use crate::store::Store;
+use crate::tensorboard::TensorBoardLogger;
+use anyhow::Context;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Everything `run_sweep` needs besides the sweep file.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub sweep: PathBuf,
+    pub db: PathBuf,
+    pub listen: SocketAddr,
+    /// Workers run inside this process (0 = remote workers only).
+    pub local_workers: usize,
+    /// CUDA device of the local workers (None = CPU).
+    pub local_gpu: Option<usize>,
+    /// TensorBoard root (None = no event files).
+    pub logdir: Option<PathBuf>,
+    /// Local workers keep each trial's weights under this directory.
+    pub artifacts: Option<PathBuf>,
+    pub new_sweep: bool,
+    pub token: Option<String>,
+    pub lease_ttl: Duration,
+    /// Show live progress on stderr.
+    pub progress: bool,
+    /// Print the ranked report when the sweep ends.
+    pub report: bool,
+}
+
+impl RunOptions {
+    /// Defaults of the CLI for `sweep`.
+    pub fn new(sweep: impl Into<PathBuf>) -> Self {
+        RunOptions {
+            sweep: sweep.into(),
+            db: PathBuf::from("msae.redb"),
+            listen: "127.0.0.1:50051".parse().expect("valid address"),
+            local_workers: 1,
+            local_gpu: None,
+            logdir: Some(PathBuf::from("runs")),
+            artifacts: None,
+            new_sweep: false,
+            token: None,
+            lease_ttl: Duration::from_secs(30),
+            progress: true,
+            report: true,
+        }
+    }
+}
+
+/// How a sweep run ended.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The sweep's name in the store (differs from the YAML's with `--new-sweep`).
+    pub sweep: String,
+    /// The address the service listened on.
+    pub addr: SocketAddr,
+    pub counts: Counts,
+    /// True when every trial reached a final state; false after Ctrl-C.
+    pub finished: bool,
+}
+
+/// The file beside the database that tells `report` where the running coordinator listens.
+pub fn address_file(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".addr");
+    PathBuf::from(name)
+}
+
+/// Read and validate a sweep file; the error names the file, line and column.
+pub fn load_spec(path: &Path) -> anyhow::Result<(SweepSpec, String)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read sweep file {}", path.display()))?;
+    let spec = SweepSpec::parse(&text, &path.display().to_string()).map_err(anyhow::Error::new)?;
+    Ok((spec, text))
+}
+
+/// Run or resume the sweep until it finishes or `shutdown` resolves.
+pub async fn run_sweep(
+    opts: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<RunSummary> {
+    let (spec, yaml) = load_spec(&opts.sweep)?;
+    let db = opts.db.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;
+    let policy = SchedulerPolicy {
+        max_attempts: spec.max_attempts,
+        lease_ttl: opts.lease_ttl,
+        timeout: spec.timeout,
+        max_concurrent: spec.max_concurrent,
+        run_cap: spec.run_cap,
+        metric: spec.metric.name.clone(),
+        goal: spec.metric.goal,
+        runner: match spec.task.kind {
+            TaskKind::Sae => "sae".into(),
+            TaskKind::Noop => "noop".into(),
+        },
+        noop_sleep_ms: spec.task.sleep_ms.min(u32::MAX as u64) as u32,
+    };
+    let strategy = crate::search::make_strategy(&spec);
+    let input = SweepInput {
+        name: spec.name.clone(),
+        yaml,
+        fingerprint: spec.fingerprint(),
+        new_sweep: opts.new_sweep,
+    };
+    let config_spec = spec.clone();
+    let make_config = Box::new(move |params: &crate::scheduler::Params| {
+        config_spec.trial_config(params).map_err(|e| e.to_string())
+    });
+    let scheduler = Scheduler::start(store, input, policy, strategy, make_config).await?;
+    let sweep = scheduler.sweep_name().to_string();
+
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", opts.listen))?;
+    let addr = listener.local_addr()?;
+    let addr_file = address_file(&opts.db);
+    if let Err(e) = std::fs::write(&addr_file, addr.to_string()) {
+        tracing::warn!("cannot write {}: {e}", addr_file.display());
+    }
+    tracing::info!(%sweep, %addr, db = %opts.db.display(), "coordinator listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = {
+        let scheduler = scheduler.clone();
+        let token = opts.token.clone();
+        let stop = wait_for(stop_rx.clone());
+        tokio::spawn(async move { crate::service::serve(listener, scheduler, token, stop).await })
+    };
+    let tensorboard = opts.logdir.clone().map(|root| {
+        let params: Vec<&String> = spec.parameters.keys().collect();
+        spawn_tensorboard(&scheduler, root, &sweep, &params, &spec.metric.name)
+    });
+    let display = opts.progress.then(|| {
+        ProgressDisplay::spawn(scheduler.counts(), spec.metric.name.clone(), stop_rx.clone())
+    });
+    let workers = spawn_local_workers(&opts, addr, stop_rx.clone());
+
+    let mut counts_rx = scheduler.counts();
+    let finished = tokio::select! {
+        result = scheduler.finished() => { result?; true }
+        () = shutdown => {
+            eprintln!("stopping: no new trials are dispatched; running trials are handed back");
+            false
+        }
+        // A fatal store error stops the scheduler: report it rather than hang.
+        _ = counts_rx.wait_for(|c| c.stopped) => false,
+    };
+
+    // Local workers first: they hand their leases back while the scheduler still commits.
+    let _ = stop_tx.send(true);
+    for w in workers {
+        match tokio::time::timeout(Duration::from_secs(30), w).await {
+            Ok(Ok(Err(e))) => tracing::warn!("local worker ended with an error: {e:#}"),
+            Ok(Err(e)) => tracing::warn!("local worker panicked: {e}"),
+            Err(_) => tracing::warn!("local worker did not stop within 30 s"),
+            Ok(Ok(Ok(_))) => {}
+        }
+    }
+    let counts = scheduler.counts().borrow().clone();
+    let records = scheduler.records(&sweep).await.unwrap_or_default();
+    let sweeps = scheduler.sweeps().await.unwrap_or_default();
+    scheduler.shutdown(Duration::from_secs(5)).await.ok();
+    if let Some(handle) = display {
+        let _ = handle.await;
+    }
+    if let Some(handle) = tensorboard {
+        let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
+    }
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Err(e))) => tracing::warn!("gRPC server error: {e}"),
+        Err(_) => tracing::warn!("gRPC server did not stop within 5 s"),
+        _ => {}
+    }
+    let _ = std::fs::remove_file(&addr_file);
+    if let Some(error) = &counts.error {
+        anyhow::bail!("the scheduler stopped: {error}");
+    }
+    if opts.report {
+        if let Some(record) = sweeps.iter().find(|s| s.name == sweep) {
+            let report = Report::for_sweep(record, &records, Some(20), None);
+            println!("{}", report.render(ReportFormat::Table));
+        }
+    }
+    Ok(RunSummary { sweep, addr, counts, finished })
+}
+
+/// Resolves when the watch flips to true (or its sender is gone).
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+#[cfg(feature = "local-worker")]
+fn spawn_local_workers(
+    opts: &RunOptions,
+    addr: SocketAddr,
+    stop: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<anyhow::Result<msae_worker::client::WorkerSummary>>> {
+    use msae_worker::client::{ClientOptions, run_worker};
+    let runner: Arc<dyn msae_worker::runner::TrialRunner> = Arc::new(msae_worker::train::SaeRunner);
+    (0..opts.local_workers)
+        .map(|i| {
+            let mut client = ClientOptions::new(format!("http://{addr}"));
+            client.name = format!("local-{i}");
+            client.gpu = opts.local_gpu;
+            client.token = opts.token.clone();
+            client.out_dir = opts.artifacts.clone();
+            let runner = runner.clone();
+            let stop = wait_for(stop.clone());
+            tokio::spawn(async move { run_worker(client, runner, stop).await })
+        })
+        .collect()
+}
+
+#[cfg(not(feature = "local-worker"))]
+fn spawn_local_workers(
+    opts: &RunOptions,
+    _addr: SocketAddr,
+    _stop: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    if opts.local_workers > 0 {
+        tracing::warn!("built without the `local-worker` feature: no local workers");
+    }
+    Vec::new()
+}
+
+/// Writes TensorBoard events from the scheduler's event stream. The store stays the source of
+/// truth: a lagging receiver only loses curve points, and I/O errors are logged, not fatal.
+fn spawn_tensorboard(
+    scheduler: &SchedulerHandle,
+    root: PathBuf,
+    sweep: &str,
+    params: &[&String],
+    metric: &str,
+) -> tokio::task::JoinHandle<()> {
+    let logger = Arc::new(TensorBoardLogger::new(root));
+    let mut metrics = vec![metric.to_string()];
+    for m in [msae_shared::metrics::MSE, msae_shared::metrics::FVU, msae_shared::metrics::L0] {
+        if m != metric {
+            metrics.push(m.to_string());
+        }
+    }
+    if let Err(e) = logger.sweep_experiment(sweep, params, &metrics) {
+        tracing::warn!("TensorBoard: {e}");
+    }
+    let mut events = scheduler.events();
+    let sweep = sweep.to_string();
+    tokio::spawn(async move {
+        loop {
+            let event = match events.recv().await {
+                Ok(event) => event,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!("TensorBoard writer lagged by {n} events");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            };
+            let logger = logger.clone();
+            let sweep = sweep.clone();
+            let result = tokio::task::spawn_blocking(move || match event {
+                SchedulerEvent::TrialStarted { record, .. } => logger.trial_started(&record),
+                SchedulerEvent::TrialProgress { index, step, scalars } => {
+                    logger.progress(&sweep, index, step, &scalars)
+                }
+                SchedulerEvent::TrialFinished { record } => logger.trial_finished(&record),
+            })
+            .await;
+            match result {
+                Ok(Err(e)) => tracing::warn!("TensorBoard: {e}"),
+                Err(e) => tracing::warn!("TensorBoard writer task failed: {e}"),
+                Ok(Ok(())) => {}
+            }
+        }
+        if let Err(e) = logger.close_all() {
+            tracing::warn!("TensorBoard: {e}");
+        }
+    })
+}

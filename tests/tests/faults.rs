@@ -1,0 +1,201 @@
+//! Fault tests with real processes on 127.0.0.1: a worker killed mid-trial, the coordinator
+//! killed and restarted mid-sweep, a worker stopped with SIGTERM, report beside a live
+//! coordinator, and bad sweep files.
+
+use msae_coordinator::model::TrialStatus;
+use msae_tests::*;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+#[test]
+fn killed_worker_trial_is_re_leased_and_completes_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("kill.yaml");
+    std::fs::write(&sweep, noop_sweep("kill", 4, 1500, 3)).unwrap();
+    let db = dir.path().join("kill.redb");
+    let port = free_port();
+    let mut coordinator =
+        spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0", "--lease-ttl", "1s"]);
+    let mut doomed = spawn_worker(dir.path(), port, "doomed");
+    // Wait until the doomed worker holds a lease, then kill it without a chance to say goodbye.
+    let victim = wait_until(Duration::from_secs(60), "a running trial", || {
+        let r = report_rpc(port)?;
+        r.trials.iter().find(|t| t.status == TrialStatus::Running).map(|t| t.index)
+    });
+    kill9(&mut doomed);
+    let mut rescuer = spawn_worker(dir.path(), port, "rescuer");
+    let status = wait_exit(&mut coordinator, Duration::from_secs(120), "coordinator");
+    assert!(status.success(), "coordinator failed: {status}");
+    let _ = wait_exit(&mut rescuer, Duration::from_secs(30), "rescuer");
+
+    let trials = stored_trials(&db);
+    assert_eq!(trials.len(), 4);
+    assert!(trials.iter().all(|t| t.status == TrialStatus::Completed), "{trials:#?}");
+    let re_leased = trials.iter().find(|t| t.index == victim).unwrap();
+    assert_eq!(re_leased.attempt, 2, "the killed worker's trial ran a second attempt");
+    assert_eq!(re_leased.worker.as_deref(), Some("rescuer"));
+    assert!(!re_leased.errors.is_empty(), "the expired lease is recorded: {re_leased:?}");
+}
+
+#[test]
+fn coordinator_restart_resumes_without_rerunning_or_losing_trials() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("restart.yaml");
+    std::fs::write(&sweep, noop_sweep("restart", 16, 250, 3)).unwrap();
+    let db = dir.path().join("restart.redb");
+    let port = free_port();
+    let mut coordinator = spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
+    let mut workers: Vec<_> =
+        ["w1", "w2"].iter().map(|n| spawn_worker(dir.path(), port, n)).collect();
+    wait_until(Duration::from_secs(60), "4 completed trials", || {
+        let r = report_rpc(port)?;
+        (count(&r, TrialStatus::Completed) >= 4).then_some(())
+    });
+    kill9(&mut coordinator);
+    let before: Vec<_> = stored_trials(&db)
+        .into_iter()
+        .filter(|t| t.status == TrialStatus::Completed)
+        .collect();
+    assert!(before.len() >= 4 && before.len() < 16, "{} completed before the kill", before.len());
+
+    // Same YAML, same database, same address: the workers reconnect by themselves.
+    let mut coordinator = spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
+    let status = wait_exit(&mut coordinator, Duration::from_secs(120), "restarted coordinator");
+    assert!(status.success(), "restarted coordinator failed: {status}");
+    for w in &mut workers {
+        let _ = wait_exit(w, Duration::from_secs(30), "worker");
+    }
+    let after = stored_trials(&db);
+    assert_eq!(after.len(), 16);
+    let indexes: BTreeSet<u64> = after.iter().map(|t| t.index).collect();
+    assert_eq!(indexes, (0..16).collect(), "no trial lost or duplicated");
+    assert!(after.iter().all(|t| t.status == TrialStatus::Completed));
+    for done in &before {
+        let now = after.iter().find(|t| t.index == done.index).unwrap();
+        assert_eq!(now.finished_ms, done.finished_ms, "trial {} was rerun", done.index);
+        assert_eq!(now.attempt, done.attempt, "trial {} was rerun", done.index);
+    }
+}
+
+#[test]
+fn sigterm_hands_the_lease_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("term.yaml");
+    std::fs::write(&sweep, noop_sweep("term", 2, 3000, 1)).unwrap();
+    let db = dir.path().join("term.redb");
+    let port = free_port();
+    // A long TTL: the trial can only be re-leased quickly if the worker hands it back.
+    let mut coordinator =
+        spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0", "--lease-ttl", "120s"]);
+    let leaving = spawn_worker(dir.path(), port, "leaving");
+    let mut leaving = leaving;
+    wait_until(Duration::from_secs(60), "a running trial", || {
+        let r = report_rpc(port)?;
+        (count(&r, TrialStatus::Running) >= 1).then_some(())
+    });
+    sigterm(&leaving);
+    let status = wait_exit(&mut leaving, Duration::from_secs(30), "worker after SIGTERM");
+    assert!(status.success(), "worker exits cleanly on SIGTERM: {status}");
+    let r = report_rpc(port).unwrap();
+    assert_eq!(count(&r, TrialStatus::Running), 0, "the lease was handed back");
+    assert_eq!(count(&r, TrialStatus::Failed), 0, "a handed-back trial is not a failure");
+    let mut staying = spawn_worker(dir.path(), port, "staying");
+    let status = wait_exit(&mut coordinator, Duration::from_secs(60), "coordinator");
+    assert!(status.success());
+    let _ = wait_exit(&mut staying, Duration::from_secs(30), "worker");
+    let trials = stored_trials(&db);
+    assert!(trials.iter().all(|t| t.status == TrialStatus::Completed), "{trials:#?}");
+}
+
+#[test]
+fn report_beside_a_running_coordinator_asks_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("live.yaml");
+    std::fs::write(&sweep, noop_sweep("live", 3, 200, 1)).unwrap();
+    let db = dir.path().join("live.redb");
+    let port = free_port();
+    let mut coordinator = spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
+    wait_until(Duration::from_secs(60), "the coordinator to listen", || report_rpc(port));
+    // The database is locked by the coordinator: report must go through it.
+    let out = std::process::Command::new(bin("e2e-coordinator"))
+        .args(["report", "--format", "json", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["sweep"], "live");
+    assert_eq!(report["counts"]["queued"].as_u64().unwrap() + report["counts"]["running"].as_u64().unwrap(), 3);
+    let mut worker = spawn_worker(dir.path(), port, "w");
+    assert!(wait_exit(&mut coordinator, Duration::from_secs(60), "coordinator").success());
+    let _ = wait_exit(&mut worker, Duration::from_secs(30), "worker");
+    // And after it exits, from the file.
+    let out = std::process::Command::new(bin("e2e-coordinator"))
+        .args(["report", "--format", "csv", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(csv.lines().count(), 4, "header + 3 trials:\n{csv}");
+}
+
+#[test]
+fn bad_sweep_files_are_refused_with_their_line_and_nothing_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bad.redb");
+    let cases = [
+        ("name: bad\nmethod: grid\nparameters:\n  layer_kk: {values: [1, 2]}\n", "4:", "layer_k"),
+        ("name: bad\nmethod: grid\nrun_capp: 3\nparameters:\n  lr: {value: 0.1}\n", "3:", "run_cap"),
+        (
+            "name: bad\nmethod: grid\nparameters:\n  layer_k: {values: [4, 300]}\n",
+            "4:",
+            "larger than the code layer",
+        ),
+        ("name: bad\nmethod: grid\nparameters: [\n", "", "bad.yaml"),
+    ];
+    for (yaml, location, needle) in cases {
+        let sweep = dir.path().join("bad.yaml");
+        std::fs::write(&sweep, yaml).unwrap();
+        let out = std::process::Command::new(bin("e2e-coordinator"))
+            .arg(&sweep)
+            .arg("--db")
+            .arg(&db)
+            .args(["--listen", "127.0.0.1:0", "--quiet"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted:\n{yaml}");
+        assert!(stderr.contains(&format!("bad.yaml:{location}")), "no location in: {stderr}");
+        assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
+    }
+    assert!(!db.exists(), "a refused sweep must not create the database");
+}
+
+#[test]
+fn changed_sweep_under_the_same_name_is_refused_unless_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("s.yaml");
+    let db = dir.path().join("s.redb");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(bin("e2e-coordinator"))
+            .arg(&sweep)
+            .arg("--db")
+            .arg(&db)
+            .args(["--listen", "127.0.0.1:0", "--quiet", "--no-report", "--logdir", "none"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    std::fs::write(&sweep, noop_sweep("same", 2, 0, 1)).unwrap();
+    assert!(run(&[]).status.success());
+    std::fs::write(&sweep, noop_sweep("same", 3, 0, 1)).unwrap();
+    let out = run(&[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("different definition") && stderr.contains("--new-sweep"), "{stderr}");
+    assert!(run(&["--new-sweep"]).status.success());
+    let trials = stored_trials(&db);
+    assert_eq!(trials.iter().filter(|t| t.sweep == "same").count(), 2, "the first sweep is intact");
+    assert_eq!(trials.iter().filter(|t| t.sweep == "same-2").count(), 3);
+}

@@ -1,0 +1,188 @@
+//! End-to-end sweeps: a coordinator and several workers in one process over real gRPC on
+//! 127.0.0.1, then a small real SAE sweep with the embedded local worker, and the standalone
+//! `msae-worker train` command.
+
+use msae_coordinator::model::TrialStatus;
+use msae_coordinator::run::{RunOptions, address_file, run_sweep};
+use msae_tests::*;
+use msae_worker::client::{ClientOptions, run_worker};
+use msae_worker::noop::NoopRunner;
+use msae_worker::runner::TrialRunner;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grid_with_several_workers_completes_every_point_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("grid.yaml");
+    std::fs::write(&sweep, noop_sweep("grid", 40, 20, 2)).unwrap();
+    let db = dir.path().join("grid.redb");
+    let mut opts = RunOptions::new(&sweep);
+    opts.db = db.clone();
+    opts.listen = "127.0.0.1:0".parse().unwrap();
+    opts.local_workers = 0;
+    opts.logdir = Some(dir.path().join("runs"));
+    opts.progress = false;
+    opts.report = false;
+    let coordinator = tokio::spawn(run_sweep(opts, std::future::pending()));
+    let addr_file = address_file(&db);
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                break a;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("coordinator address");
+    let runner: Arc<dyn TrialRunner> = Arc::new(NoopRunner { sleep: Duration::ZERO });
+    let workers: Vec<_> = (0..4)
+        .map(|i| {
+            let mut o = ClientOptions::new(format!("http://{}", addr.trim()));
+            o.name = format!("w{i}");
+            tokio::spawn(run_worker(o, runner.clone(), std::future::pending()))
+        })
+        .collect();
+    let summary = tokio::time::timeout(Duration::from_secs(120), coordinator)
+        .await
+        .expect("sweep finished in time")
+        .unwrap()
+        .unwrap();
+    assert!(summary.finished);
+    assert_eq!(summary.counts.completed, 40);
+    let mut succeeded = 0;
+    for w in workers {
+        let s = tokio::time::timeout(Duration::from_secs(30), w).await.unwrap().unwrap().unwrap();
+        succeeded += s.succeeded;
+    }
+    assert_eq!(succeeded, 40, "workers' accepted results add up to the grid");
+    let trials = stored_trials(&db);
+    assert_eq!(trials.len(), 40);
+    let indexes: BTreeSet<u64> = trials.iter().map(|t| t.index).collect();
+    assert_eq!(indexes.len(), 40);
+    assert!(trials.iter().all(|t| t.status == TrialStatus::Completed && t.attempt == 1));
+    let workers_used: BTreeSet<_> = trials.iter().filter_map(|t| t.worker.clone()).collect();
+    assert!(workers_used.len() > 1, "work was spread: {workers_used:?}");
+    // TensorBoard: one run directory per trial with an event file.
+    let runs = walk(&dir.path().join("runs"));
+    let event_files = runs.iter().filter(|p| p.contains("events.out.tfevents")).count();
+    assert!(event_files >= 40, "{event_files} event files");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn small_sae_sweep_with_the_embedded_worker_ranks_real_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("sae.yaml");
+    std::fs::write(
+        &sweep,
+        "name: sae\nmethod: grid\nmetric: {name: fvu, goal: minimize}\n\
+         base:\n  steps: 150\n  eval_every: 50\n  data: {synthetic: {num_samples: 2048}}\n\
+         parameters:\n  layer_sparsity_mode: {values: [ordinary, boosted]}\n\
+         \x20 stripe_sparsity_mode: {values: [none, routing]}\n",
+    )
+    .unwrap();
+    let db = dir.path().join("sae.redb");
+    let out = std::process::Command::new(bin("e2e-coordinator"))
+        .arg(&sweep)
+        .arg("--db")
+        .arg(&db)
+        .args(["--listen", "127.0.0.1:0", "--quiet", "--logdir"])
+        .arg(dir.path().join("runs"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let trials = stored_trials(&db);
+    assert_eq!(trials.len(), 4);
+    for t in &trials {
+        assert_eq!(t.status, TrialStatus::Completed, "{t:?}");
+        for m in ["fvu", "mse", "l0", "mmcs", "active_stripes", "dead_neurons"] {
+            let v = t.metrics.get(m).unwrap_or_else(|| panic!("{m} missing in {:?}", t.metrics));
+            assert!(v.is_finite());
+        }
+        // Routing keeps stripe_k (default 4) of 16 stripes.
+        if t.params["stripe_sparsity_mode"] == "routing" {
+            assert!(t.metrics["active_stripes"] <= 4.0 + 1e-9, "{:?}", t.metrics);
+        }
+    }
+    // The final table is ranked by fvu, best first.
+    let mut fvus: Vec<f64> = trials.iter().map(|t| t.metrics["fvu"]).collect();
+    fvus.sort_by(f64::total_cmp);
+    assert!(stdout.contains("fvu"), "{stdout}");
+    let report = std::process::Command::new(bin("e2e-coordinator"))
+        .args(["report", "--format", "json", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let ranked: Vec<f64> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["metrics"]["fvu"].as_f64().unwrap())
+        .collect();
+    assert_eq!(ranked, fvus);
+}
+
+#[test]
+fn standalone_train_writes_weights_config_and_json_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("trial.yaml");
+    std::fs::write(&config, "steps: 100\ndata: {synthetic: {num_samples: 2048}}\n").unwrap();
+    let out_dir = dir.path().join("out");
+    let out = std::process::Command::new(bin("e2e-worker"))
+        .args(["train", "--json", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "one JSON object on stdout: {stdout}");
+    let metrics: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(metrics["fvu"].as_f64().unwrap().is_finite());
+    assert_eq!(metrics["steps"].as_f64().unwrap(), 100.0);
+    assert!(out_dir.join("weights.safetensors").exists());
+    let resolved = std::fs::read_to_string(out_dir.join("config.yaml")).unwrap();
+    let cfg = msae_shared::TrialConfig::from_yaml(&resolved).unwrap();
+    assert_eq!(cfg.steps, 100);
+
+    // Bad input: unknown key, and --gpu on a CPU build.
+    std::fs::write(&config, "stepz: 100\n").unwrap();
+    let out = std::process::Command::new(bin("e2e-worker"))
+        .args(["train", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("trial.yaml") && stderr.contains("stepz"), "{stderr}");
+    if !cfg!(feature = "cuda") {
+        std::fs::write(&config, "steps: 10\n").unwrap();
+        let out = std::process::Command::new(bin("e2e-worker"))
+            .args(["train", "--gpu", "0", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("without CUDA support"));
+    }
+}

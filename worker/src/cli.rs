@@ -1,0 +1,228 @@
+//! Command-line front end of `msae-worker`: argument types and the `train` command.
+//!
+//! Kept in the library so tests drive the same code the binary runs.
+
+use crate::runner::{Control, Progress, RunOptions, TrialRunner};
+use crate::train::SaeRunner;
+use anyhow::Context;
+use msae_shared::TrialConfig;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// `msae-worker`: trains modular sparse autoencoders for an msae coordinator, or on its own.
+///
+/// With `--coordinator URL` it registers with the coordinator, leases trials, trains them and
+/// reports results until stopped (Ctrl-C/SIGTERM hands the running trial back). `train` runs
+/// one trial from a YAML file without any network; `bench` times training steps.
+#[derive(Debug, clap::Parser)]
+#[command(name = "msae-worker", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run one trial locally from a trial-config YAML file (no coordinator).
+    Train(TrainArgs),
+    /// Time training steps (samples/s, GFLOP/s) of the fast top-k path and the candle model.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Device selection shared by every command.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DeviceArgs {
+    /// Train on CUDA device N (needs a binary built with `--features cuda`).
+    #[arg(long, value_name = "N", conflicts_with = "cpu")]
+    pub gpu: Option<usize>,
+    /// Train on the CPU (the default).
+    #[arg(long)]
+    pub cpu: bool,
+}
+
+/// Options of the worker loop.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// Coordinator to lease trials from, e.g. http://10.0.0.5:50051.
+    #[arg(long, env = "MSAE_COORDINATOR", value_name = "URL")]
+    pub coordinator: Option<String>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Name shown in the coordinator's logs and reports (default: hostname-pid).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Shared secret expected by the coordinator (`authorization: Bearer TOKEN`).
+    #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Keep each trial's weights and resolved config under DIR/<sweep>/<trial>.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Exit after this many trials.
+    #[arg(long, value_name = "N")]
+    pub max_trials: Option<usize>,
+}
+
+/// Options of `msae-worker train`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// Trial config YAML (every field optional; see the README for the list).
+    #[arg(long, short, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Write weights.safetensors, config.yaml and metrics.json into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Print the final metrics as one JSON object on stdout (progress stays on stderr).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Read and validate a trial config file; errors name the file.
+pub fn read_config(path: &std::path::Path) -> anyhow::Result<TrialConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read trial config {}", path.display()))?;
+    TrialConfig::from_yaml(&text).with_context(|| format!("invalid trial config {}", path.display()))
+}
+
+/// `msae-worker train`: one trial, progress on stderr, metrics on stdout.
+pub fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
+    let config = read_config(&args.config)?;
+    let options = RunOptions { gpu: args.device.gpu, out_dir: args.out.clone() };
+    let started = Instant::now();
+    let mut last_print = Instant::now() - Duration::from_secs(10);
+    let mut progress = |p: &Progress| {
+        // Throttled: one line per second at most, plus the final step.
+        if last_print.elapsed() >= Duration::from_secs(1) || p.step == p.total_steps {
+            last_print = Instant::now();
+            let mut line = format!("step {:>6}/{}", p.step, p.total_steps);
+            for (k, v) in &p.scalars {
+                line.push_str(&format!("  {k} {v:.5}"));
+            }
+            eprintln!("{line}  [{:.1}s]", started.elapsed().as_secs_f64());
+        }
+        Control::Continue
+    };
+    let outcome = SaeRunner.run(&config, &options, &mut progress)?;
+    if let Some(dir) = &args.out {
+        let path = dir.join("metrics.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&outcome.metrics)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        writeln!(stdout, "{}", serde_json::to_string(&outcome.metrics)?)?;
+    } else {
+        for (k, v) in &outcome.metrics {
+            writeln!(stdout, "{k:<24} {v:.6}")?;
+        }
+        if let Some(dir) = &args.out {
+            writeln!(stdout, "weights and config written to {}", dir.display())?;
+        }
+    }
+    Ok(())
+}
+
+/// The worker loop (`msae-worker --coordinator URL`), until the coordinator finishes the sweep
+/// or Ctrl-C/SIGTERM hands the running trial back.
+pub fn worker_command(args: &WorkerArgs) -> anyhow::Result<()> {
+    let Some(url) = &args.coordinator else {
+        anyhow::bail!(
+            "nothing to do: pass --coordinator http://HOST:50051 to join a sweep, or use \
+             `msae-worker train --config FILE` for a single local trial (see --help)"
+        );
+    };
+    check_device(&args.device)?;
+    let mut opts = crate::client::ClientOptions::new(url.clone());
+    if let Some(name) = &args.name {
+        opts.name = name.clone();
+    }
+    opts.gpu = args.device.gpu;
+    opts.token = args.token.clone();
+    opts.out_dir = args.out.clone();
+    opts.max_trials = args.max_trials;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let summary = runtime.block_on(crate::client::run_worker(
+        opts,
+        std::sync::Arc::new(SaeRunner),
+        msae_shared::signal::shutdown_signal(),
+    ))?;
+    tracing::info!(
+        leases = summary.leases,
+        succeeded = summary.succeeded,
+        failed = summary.failed,
+        refused = summary.refused,
+        released = summary.released,
+        "worker finished"
+    );
+    Ok(())
+}
+
+/// Fails early, with the fix, when `--gpu` is asked of a binary built without CUDA.
+pub fn check_device(device: &DeviceArgs) -> anyhow::Result<()> {
+    if let Some(n) = device.gpu {
+        if !cfg!(feature = "cuda") {
+            anyhow::bail!(
+                "--gpu {n}: this msae-worker was built without CUDA support; rebuild with \
+                 `cargo build --release -p msae-worker --features cuda` or use --cpu"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The whole `msae-worker` program (the binary and the end-to-end tests call this).
+pub fn main() -> std::process::ExitCode {
+    let cli = <Cli as clap::Parser>::parse();
+    msae_shared::logging::init();
+    let result = match &cli.command {
+        Some(Command::Train(args)) => check_device(&args.device).and_then(|()| train_command(args)),
+        Some(Command::Bench(args)) => crate::bench::run(args),
+        None => worker_command(&cli.worker),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn parses_worker_and_subcommands() {
+        let cli = Cli::try_parse_from(["msae-worker", "--coordinator", "http://h:1", "--gpu", "0"])
+            .unwrap();
+        assert_eq!(cli.worker.coordinator.as_deref(), Some("http://h:1"));
+        assert_eq!(cli.worker.device.gpu, Some(0));
+        let cli = Cli::try_parse_from(["msae-worker", "train", "--config", "t.yaml", "--json"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Train(TrainArgs { json: true, .. }))));
+        let err = Cli::try_parse_from(["msae-worker", "--gpu", "0", "--cpu"]).unwrap_err().to_string();
+        assert!(err.contains("cannot be used with"), "{err}");
+        let err = Cli::try_parse_from(["msae-worker", "--gpu", "zero"]).unwrap_err().to_string();
+        assert!(err.contains("--gpu"), "{err}");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn gpu_without_cuda_build_fails_clearly() {
+        let err = check_device(&DeviceArgs { gpu: Some(0), cpu: false }).unwrap_err().to_string();
+        assert!(err.contains("built without CUDA support"), "{err}");
+        assert!(err.contains("--features cuda"), "{err}");
+        check_device(&DeviceArgs::default()).unwrap();
+    }
+
+    #[test]
+    fn missing_config_file_is_named() {
+        let err = read_config(std::path::Path::new("/nonexistent/trial.yaml")).unwrap_err();
+        assert!(format!("{err:#}").contains("/nonexistent/trial.yaml"), "{err:#}");
+    }
+}
