@@ -289,7 +289,7 @@ pub fn main() -> std::process::ExitCode {
                     match other {
                         Some(Command::Report(args)) => {
                             let text = crate::cli::report_command(args).await?;
-                            println!("{text}");
+                            println!("{}", text.trim_end());
                             Ok(())
                         }
                         _ => crate::cli::run_command(&cli.run).await,
@@ -328,7 +328,7 @@ mod tests {
         assert_eq!(cli.run.local_workers, 1);
         assert_eq!(cli.run.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(cli.run.db, PathBuf::from("msae.redb"));
-        let err = Cli::try_parse_from(["msae-coordinator", "x.yaml", "--local-workers", "-3"])
+        let err = Cli::try_parse_from(["msae-coordinator", "x.yaml", "--local-workers", "many"])
             .unwrap_err()
             .to_string();
         assert!(err.contains("--local-workers"), "{err}");

@@ -21,6 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// How long a finished sweep keeps serving so that workers hear it is over.
+const DISMISS_GRACE: Duration = Duration::from_secs(3);
+
 /// Everything `run_sweep` needs besides the sweep file.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -164,6 +167,12 @@ pub async fn run_sweep(
         _ = counts_rx.wait_for(|c| c.stopped) => false,
     };
 
+    if finished {
+        // Workers learn that the sweep is over from their next lease request: keep serving
+        // until every registered worker has been told (or a dead one would hold us forever).
+        let mut counts = scheduler.counts();
+        let _ = tokio::time::timeout(DISMISS_GRACE, counts.wait_for(|c| c.workers == 0)).await;
+    }
     // Local workers first: they hand their leases back while the scheduler still commits.
     let _ = stop_tx.send(true);
     for w in workers {
@@ -196,7 +205,7 @@ pub async fn run_sweep(
     if opts.report {
         if let Some(record) = sweeps.iter().find(|s| s.name == sweep) {
             let report = Report::for_sweep(record, &records, Some(20), None);
-            println!("{}", report.render(ReportFormat::Table));
+            println!("{}", report.render(ReportFormat::Table).trim_end());
         }
     }
     Ok(RunSummary { sweep, addr, counts, finished })

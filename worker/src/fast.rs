@@ -333,7 +333,7 @@ impl FastTopK {
     }
 
     fn rows_of(&self, batch: &[f32]) -> Result<usize, FastError> {
-        if batch.is_empty() || batch.len() % self.dim != 0 {
+        if batch.is_empty() || !batch.len().is_multiple_of(self.dim) {
             return Err(FastError::BadBatch { len: batch.len(), dim: self.dim });
         }
         Ok(batch.len() / self.dim)
@@ -670,7 +670,7 @@ fn topk_row(row: &[f32], idx: &mut [u32], val: &mut [f32], cand: &mut Vec<(f32, 
             if cand.len() == k {
                 break;
             }
-            if !(v > 0.0) {
+            if v <= 0.0 || v.is_nan() {
                 cand.push((0.0, j as u32));
             }
         }

@@ -379,12 +379,16 @@ impl Core {
         worker_id: &str,
         now: u64,
     ) -> Result<LeaseDecision, SchedulerError> {
-        let Some(worker) = self.workers.get(worker_id) else {
+        if !self.workers.contains_key(worker_id) {
             return Err(SchedulerError::UnknownWorker(worker_id.to_string()));
-        };
+        }
         if self.shutting_down || self.sweep.finished {
+            // A dismissed worker no longer counts, so the coordinator knows when every worker
+            // has been told (it keeps serving until then, briefly, after a sweep finishes).
+            self.workers.remove(worker_id);
             return Ok(LeaseDecision::Shutdown);
         }
+        let worker = &self.workers[worker_id];
         if self.policy.max_concurrent.is_some_and(|m| self.leases.len() >= m) {
             return Ok(LeaseDecision::Nothing);
         }
@@ -431,13 +435,14 @@ impl Core {
     /// The checks of [`Core::try_lease`] without granting: for a request that queues behind
     /// earlier waiters.
     pub(crate) fn try_lease_check_only(
-        &self,
+        &mut self,
         worker_id: &str,
     ) -> Result<LeaseDecision, SchedulerError> {
         if !self.workers.contains_key(worker_id) {
             return Err(SchedulerError::UnknownWorker(worker_id.to_string()));
         }
         if self.shutting_down || self.sweep.finished {
+            self.workers.remove(worker_id);
             return Ok(LeaseDecision::Shutdown);
         }
         Ok(LeaseDecision::Nothing)
