@@ -49,7 +49,7 @@ const NORM_EPS: f32 = 1e-8;
 #[derive(Debug, thiserror::Error)]
 pub enum FastError {
     /// The configuration needs the general candle model.
-    #[error("the top-k fast path does not support this config: {0}")]
+    #[error("the fast path does not support this config: {0}")]
     NotEligible(String),
     /// A batch whose length is not a multiple of the input dimension, or an empty one.
     #[error("batch of {len} values is not a whole number of rows of dim {dim}")]
@@ -61,11 +61,12 @@ pub enum FastError {
 
 /// Why `cfg` cannot use the fast path, or `None` when it can.
 pub fn ineligibility(cfg: &TrialConfig) -> Option<String> {
+    let dense = cfg.layer_sparsity_mode == LayerSparsityMode::None;
     let checks: [(bool, &str); 14] = [
         (cfg.intermediate_dim == 0, "intermediate_dim must be 0"),
         (
-            cfg.layer_sparsity_mode == LayerSparsityMode::Ordinary,
-            "layer_sparsity_mode must be ordinary",
+            dense || cfg.layer_sparsity_mode == LayerSparsityMode::Ordinary,
+            "layer_sparsity_mode must be ordinary or none",
         ),
         (cfg.stripe_sparsity_mode == StripeSparsityMode::None, "stripe_sparsity_mode must be none"),
         (cfg.active_stripes_per_batch == 1.0, "active_stripes_per_batch must be 1"),
@@ -81,12 +82,16 @@ pub fn ineligibility(cfg: &TrialConfig) -> Option<String> {
             matches!(cfg.optimizer, Optimizer::Adam | Optimizer::Adamw),
             "optimizer must be adam or adamw",
         ),
-        (cfg.layer_k >= 1 && cfg.layer_k <= cfg.code_dim(), "layer_k must be in 1..=code size"),
+        // The dense SAE keeps every latent: k plays no part.
+        (
+            dense || (cfg.layer_k >= 1 && cfg.layer_k <= cfg.code_dim()),
+            "layer_k must be in 1..=code size",
+        ),
     ];
     checks.iter().find(|(ok, _)| !ok).map(|(_, why)| (*why).to_string())
 }
 
-/// Whether `cfg` is the classic one-layer top-k SAE this module trains.
+/// Whether `cfg` is the classic one-layer top-k (or dense) SAE this module trains.
 pub fn eligible(cfg: &TrialConfig) -> bool {
     ineligibility(cfg).is_none()
 }
@@ -150,6 +155,13 @@ struct Workspace {
     db_enc: Vec<f32>,
     /// [dim]: dL/db_dec.
     db_dec: Vec<f32>,
+    /// Dense mode, [rows, n]: z * inv_norm (the decoder's input), then dL/dpre.
+    zs: Vec<f32>,
+    /// Dense mode, [n, dim]: dL/dW_enc.
+    gw_enc: Vec<f32>,
+    /// Dense mode, [n, dim]: dL/du (gradient w.r.t. the normalised atoms; projected in place
+    /// to the raw atoms' gradient by the update).
+    gw_dec: Vec<f32>,
 }
 
 impl Workspace {
@@ -168,6 +180,24 @@ impl Workspace {
         self.db_enc.resize(n, 0.0);
         self.db_dec.resize(dim, 0.0);
     }
+
+    /// Buffers of the dense mode: `pre` holds z = relu(pre), `g` the reconstruction then
+    /// dL/dx_hat, plus `zs` and the two weight gradients; the top-k buffers stay empty.
+    fn resize_dense(&mut self, rows: usize, dim: usize, n: usize, train: bool) {
+        self.rows = rows;
+        self.k = n;
+        self.xc.resize(rows * dim, 0.0);
+        self.pre.resize(rows * n, 0.0);
+        self.zs.resize(rows * n, 0.0);
+        self.g.resize(rows * dim, 0.0);
+        self.row_sse.resize(rows, 0.0);
+        if train {
+            self.db_enc.resize(n, 0.0);
+            self.db_dec.resize(dim, 0.0);
+            self.gw_enc.resize(n * dim, 0.0);
+            self.gw_dec.resize(n * dim, 0.0);
+        }
+    }
 }
 
 /// Dense gradients of the loss, for tests and diagnostics (training never materialises them).
@@ -185,13 +215,16 @@ pub struct Gradients {
     pub b_dec: Vec<f32>,
 }
 
-/// The top-k SAE fast path: parameters, Adam state and reusable buffers.
+/// The SAE fast path (top-k, or dense with `layer_sparsity_mode: none`): parameters, Adam
+/// state and reusable buffers.
 #[derive(Debug, Clone)]
 pub struct FastTopK {
     cfg: TrialConfig,
     dim: usize,
     n: usize,
     normalize: bool,
+    /// `layer_sparsity_mode: none`: z = relu(pre) over all latents, every product a dense GEMM.
+    dense: bool,
     p: Params,
     opt: Moments,
     ws: Workspace,
@@ -245,6 +278,7 @@ impl FastTopK {
             dim,
             n,
             normalize,
+            dense: cfg.layer_sparsity_mode == LayerSparsityMode::None,
             p,
             opt,
             ws: Workspace::default(),
@@ -260,6 +294,11 @@ impl FastTopK {
     /// Number of latents N.
     pub fn latents(&self) -> usize {
         self.n
+    }
+
+    /// Whether this is the dense SAE (`layer_sparsity_mode: none`) rather than top-k.
+    pub fn is_dense(&self) -> bool {
+        self.dense
     }
 
     /// Replace the weights with those of a safetensors file written by [`Trainer::save`] (or
@@ -298,11 +337,27 @@ impl FastTopK {
         Ok(())
     }
 
-    /// Dense gradients of the loss on `batch` with `k` kept latents per row, computed by the
-    /// same sparse kernels as [`Trainer::step`], without updating anything.
+    /// Dense gradients of the loss on `batch` with `k` kept latents per row (ignored by the
+    /// dense SAE), computed by the same kernels as [`Trainer::step`], without updating anything.
     pub fn gradients(&mut self, batch: &[f32], k: usize) -> anyhow::Result<Gradients> {
         let rows = self.rows_of(batch)?;
         let (dim, n) = (self.dim, self.n);
+        if self.dense {
+            let sse = forward_dense(&self.p, dim, n, batch, rows, &mut self.ws, true);
+            backward_dense(&self.p, dim, n, self.normalize, &mut self.ws);
+            let mut w_dec = self.ws.gw_dec[..n * dim].to_vec();
+            for (j, row) in w_dec.chunks_mut(dim).enumerate() {
+                let w = &self.p.w_dec[j * dim..(j + 1) * dim];
+                project_dec_grad(w, self.p.inv_norm[j], self.normalize, row);
+            }
+            return Ok(Gradients {
+                loss: sse / (rows * dim) as f64,
+                w_enc: self.ws.gw_enc[..n * dim].to_vec(),
+                b_enc: self.ws.db_enc.clone(),
+                w_dec,
+                b_dec: self.ws.db_dec.clone(),
+            });
+        }
         let sse = forward(&self.p, dim, n, batch, rows, k, &mut self.ws, true);
         backward_shared(&self.p, dim, n, &mut self.ws);
         let ws = &self.ws;
@@ -384,6 +439,51 @@ impl FastTopK {
                 },
             );
     }
+
+    /// The dense mode's Adam update, over the gradients of [`backward_dense`]: per latent (in
+    /// parallel) the encoder row, the decoder atom (its gradient projected through the
+    /// normalisation first) and the encoder bias, then the atom's norm is refreshed.
+    fn update_dense(&mut self) {
+        let (dim, normalize) = (self.dim, self.normalize);
+        self.opt.t += 1;
+        let adam = AdamStep::new(&self.cfg, self.opt.t);
+        let ws = &mut self.ws;
+        let p = &mut self.p;
+        let o = &mut self.opt;
+        adam.update(&mut p.b_dec, &mut o.m_bdec, &mut o.v_bdec, &ws.db_dec);
+        let db_enc = &ws.db_enc;
+        (
+            p.w_enc.par_chunks_mut(dim),
+            o.m_enc.par_chunks_mut(dim),
+            o.v_enc.par_chunks_mut(dim),
+            p.w_dec.par_chunks_mut(dim),
+            o.m_dec.par_chunks_mut(dim),
+            o.v_dec.par_chunks_mut(dim),
+            p.b_enc.par_iter_mut(),
+            o.m_benc.par_iter_mut(),
+            o.v_benc.par_iter_mut(),
+            p.inv_norm.par_iter_mut(),
+            ws.gw_enc.par_chunks(dim),
+            ws.gw_dec.par_chunks_mut(dim),
+        )
+            .into_par_iter()
+            .enumerate()
+            .with_min_len(32)
+            .for_each(|(j, (we, me, ve, wd, md, vd, be, mbe, vbe, inv, ge, gd))| {
+                adam.update(we, me, ve, ge);
+                project_dec_grad(wd, *inv, normalize, gd);
+                adam.update(wd, md, vd, gd);
+                adam.update(
+                    std::slice::from_mut(be),
+                    std::slice::from_mut(mbe),
+                    std::slice::from_mut(vbe),
+                    &[db_enc[j]],
+                );
+                if normalize {
+                    *inv = inv_norm(wd);
+                }
+            });
+    }
 }
 
 impl Trainer for FastTopK {
@@ -391,6 +491,12 @@ impl Trainer for FastTopK {
         let rows = self.rows_of(batch)?;
         let k = self.cfg.layer_k_at(step).clamp(1, self.n);
         self.current_k = k;
+        if self.dense {
+            let sse = forward_dense(&self.p, self.dim, self.n, batch, rows, &mut self.ws, true);
+            backward_dense(&self.p, self.dim, self.n, self.normalize, &mut self.ws);
+            self.update_dense();
+            return Ok(sse / (rows * self.dim) as f64);
+        }
         let sse = forward(&self.p, self.dim, self.n, batch, rows, k, &mut self.ws, true);
         backward_shared(&self.p, self.dim, self.n, &mut self.ws);
         self.update();
@@ -401,6 +507,13 @@ impl Trainer for FastTopK {
         let rows = self.rows_of(x)?;
         let (dim, n, k) = (self.dim, self.n, self.current_k);
         let mut ws = Workspace::default();
+        if self.dense {
+            let sse = forward_dense(&self.p, dim, n, x, rows, &mut ws, false);
+            // `pre` holds the codes z = relu(pre).
+            ws.pre.truncate(rows * n);
+            ws.g.truncate(rows * dim);
+            return Ok(Inference { codes: ws.pre, recon: ws.g, loss: sse / (rows * dim) as f64 });
+        }
         let sse = forward(&self.p, dim, n, x, rows, k, &mut ws, false);
         let mut codes = vec![0f32; rows * n];
         codes.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
