@@ -103,10 +103,10 @@ async fn run_one(exe: &Path, workers: usize, trials: usize) -> anyhow::Result<Be
     let addr_file = crate::run::address_file(&db);
     let deadline = Instant::now() + Duration::from_secs(120);
     let addr = loop {
-        if let Ok(addr) = std::fs::read_to_string(&addr_file) {
-            if !addr.trim().is_empty() {
-                break addr.trim().to_string();
-            }
+        if let Ok(addr) = std::fs::read_to_string(&addr_file)
+            && !addr.trim().is_empty()
+        {
+            break addr.trim().to_string();
         }
         anyhow::ensure!(Instant::now() < deadline, "the coordinator did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;

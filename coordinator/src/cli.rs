@@ -178,8 +178,8 @@ pub async fn report_command(args: &ReportArgs) -> anyhow::Result<String> {
         None => {
             let db = args.db.clone();
             let sweep = args.sweep.clone();
-            let opened = tokio::task::spawn_blocking(move || read_store(&db, sweep.as_deref()))
-                .await?;
+            let opened =
+                tokio::task::spawn_blocking(move || read_store(&db, sweep.as_deref())).await?;
             match opened {
                 Ok(found) => found,
                 Err(StoreError::InUse { path }) => {
@@ -258,17 +258,15 @@ async fn ask_coordinator(
         .await
         .with_context(|| format!("cannot reach the coordinator at {url}"))?;
     let mut client = proto::coordinator_client::CoordinatorClient::new(channel);
-    let mut request = tonic::Request::new(proto::ReportRequest {
-        sweep: args.sweep.clone().unwrap_or_default(),
-    });
+    let mut request =
+        tonic::Request::new(proto::ReportRequest { sweep: args.sweep.clone().unwrap_or_default() });
     if let Some(token) = &args.token {
         let value = format!("Bearer {token}").parse().context("token is not valid ASCII")?;
         request.metadata_mut().insert("authorization", value);
     }
-    let reply = client
-        .report(request)
-        .await
-        .map_err(|s| anyhow::anyhow!("the coordinator at {url} refused the report: {}", s.message()))?;
+    let reply = client.report(request).await.map_err(|s| {
+        anyhow::anyhow!("the coordinator at {url} refused the report: {}", s.message())
+    })?;
     let doc: ReportJson = serde_json::from_str(&reply.into_inner().json)
         .context("the coordinator sent a report this version cannot read")?;
     Ok((doc.sweeps, doc.trials))
@@ -277,7 +275,11 @@ async fn ask_coordinator(
 /// The whole `msae-coordinator` program (the binary and the end-to-end tests call this).
 pub fn main() -> std::process::ExitCode {
     let cli = <Cli as clap::Parser>::parse();
-    msae_shared::logging::init();
+    if matches!(cli.command, Some(Command::Bench(_))) {
+        msae_shared::logging::init_with_default("warn");
+    } else {
+        msae_shared::logging::init();
+    }
     let result = match &cli.command {
         Some(Command::Bench(args)) => crate::bench::run(args),
         other => tokio::runtime::Builder::new_multi_thread()
@@ -337,6 +339,9 @@ mod tests {
             .to_string();
         assert!(err.contains("--listen"), "{err}");
         let cli = Cli::try_parse_from(["msae-coordinator", "report", "--format", "csv"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Report(ReportArgs { format: ReportFormat::Csv, .. }))));
+        assert!(matches!(
+            cli.command,
+            Some(Command::Report(ReportArgs { format: ReportFormat::Csv, .. }))
+        ));
     }
 }

@@ -11,7 +11,8 @@ use tokio::sync::watch;
 /// One status line for `counts`, e.g.
 /// `[stripes] 12/36 done, 1 running, 23 queued, 0 failed; best fvu 0.0123 (trial 7)`.
 pub fn status_line(counts: &Counts, metric: &str, elapsed: Duration) -> String {
-    let total = counts.proposed.max(counts.completed + counts.failed + counts.running + counts.queued);
+    let total =
+        counts.proposed.max(counts.completed + counts.failed + counts.running + counts.queued);
     let mut line = format!(
         "[{}] {}/{} done, {} running, {} queued, {} failed",
         counts.sweep, counts.completed, total, counts.running, counts.queued, counts.failed

@@ -202,11 +202,11 @@ pub async fn run_sweep(
     if let Some(error) = &counts.error {
         anyhow::bail!("the scheduler stopped: {error}");
     }
-    if opts.report {
-        if let Some(record) = sweeps.iter().find(|s| s.name == sweep) {
-            let report = Report::for_sweep(record, &records, Some(20), None);
-            println!("{}", report.render(ReportFormat::Table).trim_end());
-        }
+    if opts.report
+        && let Some(record) = sweeps.iter().find(|s| s.name == sweep)
+    {
+        let report = Report::for_sweep(record, &records, Some(20), None);
+        println!("{}", report.render(ReportFormat::Table).trim_end());
     }
     Ok(RunSummary { sweep, addr, counts, finished })
 }

@@ -372,8 +372,8 @@ impl TrialConfig {
 
     /// Parse a YAML trial config (`msae-worker train --config trial.yaml`) and validate it.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: TrialConfig = crate::yaml::from_str(text)
-            .map_err(|e| ConfigError::new("config", e.to_string()))?;
+        let cfg: TrialConfig =
+            crate::yaml::from_str(text).map_err(|e| ConfigError::new("config", e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -443,17 +443,14 @@ impl TrialConfig {
         if self.stripe_dim == 0 {
             return err("stripe_dim", "must be at least 1".into());
         }
-        if let Some(d) = self.known_input_dim() {
-            if d == 0 {
-                return err("data.synthetic.input_dim", "must be at least 1".into());
-            }
-        }
-        if self.tied_weights && self.intermediate_dim > 0 {
-            // Tied weights mirror every layer; supported, nothing to check.
+        if self.known_input_dim() == Some(0) {
+            return err("data.synthetic.input_dim", "must be at least 1".into());
         }
         let uses_layer_k = matches!(
             self.layer_sparsity_mode,
-            LayerSparsityMode::Ordinary | LayerSparsityMode::LifetimeBatchMean | LayerSparsityMode::Boosted
+            LayerSparsityMode::Ordinary
+                | LayerSparsityMode::LifetimeBatchMean
+                | LayerSparsityMode::Boosted
         );
         if uses_layer_k {
             if self.layer_k == 0 {
@@ -479,17 +476,26 @@ impl TrialConfig {
             if self.k_curriculum_start > n {
                 return err(
                     "k_curriculum_start",
-                    format!("{} is larger than the code layer ({n} neurons)", self.k_curriculum_start),
+                    format!(
+                        "{} is larger than the code layer ({n} neurons)",
+                        self.k_curriculum_start
+                    ),
                 );
             }
             if self.k_curriculum_steps == 0 {
-                return err("k_curriculum_steps", "must be at least 1 when k_curriculum_start is set".into());
+                return err(
+                    "k_curriculum_steps",
+                    "must be at least 1 when k_curriculum_start is set".into(),
+                );
             }
         }
         unit_interval("lifetime_rate", self.lifetime_rate)?;
         unit_interval("active_stripes_per_batch", self.active_stripes_per_batch)?;
         if !(self.boost_strength.is_finite() && self.boost_strength >= 0.0) {
-            return err("boost_strength", format!("{} must be a finite number >= 0", self.boost_strength));
+            return err(
+                "boost_strength",
+                format!("{} must be a finite number >= 0", self.boost_strength),
+            );
         }
         if self.duty_cycle_period == 0 {
             return err("duty_cycle_period", "must be at least 1".into());
@@ -528,7 +534,10 @@ impl TrialConfig {
             return err("jumprelu_bandwidth", format!("{} must be > 0", self.jumprelu_bandwidth));
         }
         if self.aux_k > n {
-            return err("aux_k", format!("{} is larger than the code layer ({n} neurons)", self.aux_k));
+            return err(
+                "aux_k",
+                format!("{} is larger than the code layer ({n} neurons)", self.aux_k),
+            );
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return err("lr", format!("{} must be a finite number > 0", self.lr));
@@ -580,7 +589,10 @@ impl TrialConfig {
                 if s.active_clusters > s.num_clusters {
                     return Err(ConfigError::new(
                         "data.synthetic.active_clusters",
-                        format!("{} is larger than num_clusters ({})", s.active_clusters, s.num_clusters),
+                        format!(
+                            "{} is larger than num_clusters ({})",
+                            s.active_clusters, s.num_clusters
+                        ),
                     ));
                 }
                 if s.active_features > s.features_per_cluster {
@@ -602,7 +614,10 @@ impl TrialConfig {
                 if s.num_samples <= val {
                     return Err(ConfigError::new(
                         "data.synthetic.num_samples",
-                        format!("{} leaves no training samples after the validation split", s.num_samples),
+                        format!(
+                            "{} leaves no training samples after the validation split",
+                            s.num_samples
+                        ),
                     ));
                 }
             }
@@ -665,7 +680,8 @@ mod tests {
             let cfg = TrialConfig { active_stripes_per_batch: bad, ..Default::default() };
             assert_eq!(cfg.validate().unwrap_err().field, "active_stripes_per_batch");
         }
-        let cfg = TrialConfig { active_stripes_per_batch: 1.0, lifetime_rate: 1.0, ..Default::default() };
+        let cfg =
+            TrialConfig { active_stripes_per_batch: 1.0, lifetime_rate: 1.0, ..Default::default() };
         cfg.validate().unwrap();
     }
 
@@ -711,7 +727,12 @@ mod tests {
 
     #[test]
     fn curriculum_decays_linearly() {
-        let cfg = TrialConfig { layer_k: 8, k_curriculum_start: 64, k_curriculum_steps: 100, ..Default::default() };
+        let cfg = TrialConfig {
+            layer_k: 8,
+            k_curriculum_start: 64,
+            k_curriculum_steps: 100,
+            ..Default::default()
+        };
         assert_eq!(cfg.layer_k_at(0), 64);
         assert_eq!(cfg.layer_k_at(50), 36);
         assert_eq!(cfg.layer_k_at(100), 8);

@@ -21,9 +21,7 @@ pub fn process_cpu_seconds() -> f64 {
     // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
     let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
-    });
+    let ticks: f64 =
+        fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
     ticks / 100.0 // USER_HZ is 100 on every Linux we target.
 }
-

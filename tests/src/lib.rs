@@ -87,7 +87,9 @@ pub fn report_rpc(port: u16) -> Option<ReportJson> {
         let url = format!("http://127.0.0.1:{port}");
         let fut = async {
             let mut client =
-                msae_shared::proto::coordinator_client::CoordinatorClient::connect(url).await.ok()?;
+                msae_shared::proto::coordinator_client::CoordinatorClient::connect(url)
+                    .await
+                    .ok()?;
             let reply = client
                 .report(msae_shared::proto::ReportRequest { sweep: String::new() })
                 .await

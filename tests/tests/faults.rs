@@ -14,8 +14,13 @@ fn killed_worker_trial_is_re_leased_and_completes_once() {
     std::fs::write(&sweep, noop_sweep("kill", 4, 1500, 3)).unwrap();
     let db = dir.path().join("kill.redb");
     let port = free_port();
-    let mut coordinator =
-        spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0", "--lease-ttl", "1s"]);
+    let mut coordinator = spawn_coordinator(
+        dir.path(),
+        &sweep,
+        &db,
+        port,
+        &["--local-workers", "0", "--lease-ttl", "1s"],
+    );
     let mut doomed = spawn_worker(dir.path(), port, "doomed");
     // Wait until the doomed worker holds a lease, then kill it without a chance to say goodbye.
     let victim = wait_until(Duration::from_secs(60), "a running trial", || {
@@ -44,7 +49,8 @@ fn coordinator_restart_resumes_without_rerunning_or_losing_trials() {
     std::fs::write(&sweep, noop_sweep("restart", 16, 250, 3)).unwrap();
     let db = dir.path().join("restart.redb");
     let port = free_port();
-    let mut coordinator = spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
+    let mut coordinator =
+        spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
     let mut workers: Vec<_> =
         ["w1", "w2"].iter().map(|n| spawn_worker(dir.path(), port, n)).collect();
     wait_until(Duration::from_secs(60), "4 completed trials", || {
@@ -52,14 +58,13 @@ fn coordinator_restart_resumes_without_rerunning_or_losing_trials() {
         (count(&r, TrialStatus::Completed) >= 4).then_some(())
     });
     kill9(&mut coordinator);
-    let before: Vec<_> = stored_trials(&db)
-        .into_iter()
-        .filter(|t| t.status == TrialStatus::Completed)
-        .collect();
+    let before: Vec<_> =
+        stored_trials(&db).into_iter().filter(|t| t.status == TrialStatus::Completed).collect();
     assert!(before.len() >= 4 && before.len() < 16, "{} completed before the kill", before.len());
 
     // Same YAML, same database, same address: the workers reconnect by themselves.
-    let mut coordinator = spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
+    let mut coordinator =
+        spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
     let status = wait_exit(&mut coordinator, Duration::from_secs(120), "restarted coordinator");
     assert!(status.success(), "restarted coordinator failed: {status}");
     for w in &mut workers {
@@ -85,8 +90,13 @@ fn sigterm_hands_the_lease_back() {
     let db = dir.path().join("term.redb");
     let port = free_port();
     // A long TTL: the trial can only be re-leased quickly if the worker hands it back.
-    let mut coordinator =
-        spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0", "--lease-ttl", "120s"]);
+    let mut coordinator = spawn_coordinator(
+        dir.path(),
+        &sweep,
+        &db,
+        port,
+        &["--local-workers", "0", "--lease-ttl", "120s"],
+    );
     let leaving = spawn_worker(dir.path(), port, "leaving");
     let mut leaving = leaving;
     wait_until(Duration::from_secs(60), "a running trial", || {
@@ -114,7 +124,8 @@ fn report_beside_a_running_coordinator_asks_it() {
     std::fs::write(&sweep, noop_sweep("live", 3, 200, 1)).unwrap();
     let db = dir.path().join("live.redb");
     let port = free_port();
-    let mut coordinator = spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
+    let mut coordinator =
+        spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
     wait_until(Duration::from_secs(60), "the coordinator to listen", || report_rpc(port));
     // The database is locked by the coordinator: report must go through it.
     let out = std::process::Command::new(bin("e2e-coordinator"))
@@ -148,7 +159,11 @@ fn bad_sweep_files_are_refused_with_their_line_and_nothing_is_stored() {
     let db = dir.path().join("bad.redb");
     let cases = [
         ("name: bad\nmethod: grid\nparameters:\n  layer_kk: {values: [1, 2]}\n", "4:", "layer_k"),
-        ("name: bad\nmethod: grid\nrun_capp: 3\nparameters:\n  lr: {value: 0.1}\n", "3:", "run_cap"),
+        (
+            "name: bad\nmethod: grid\nrun_capp: 3\nparameters:\n  lr: {value: 0.1}\n",
+            "3:",
+            "run_cap",
+        ),
         (
             "name: bad\nmethod: grid\nparameters:\n  layer_k: {values: [4, 300]}\n",
             "4:",

@@ -85,7 +85,8 @@ pub struct TrainArgs {
 pub fn read_config(path: &std::path::Path) -> anyhow::Result<TrialConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read trial config {}", path.display()))?;
-    TrialConfig::from_yaml(&text).with_context(|| format!("invalid trial config {}", path.display()))
+    TrialConfig::from_yaml(&text)
+        .with_context(|| format!("invalid trial config {}", path.display()))
 }
 
 /// `msae-worker train`: one trial, progress on stderr, metrics on stdout.
@@ -163,13 +164,13 @@ pub fn worker_command(args: &WorkerArgs) -> anyhow::Result<()> {
 
 /// Fails early, with the fix, when `--gpu` is asked of a binary built without CUDA.
 pub fn check_device(device: &DeviceArgs) -> anyhow::Result<()> {
-    if let Some(n) = device.gpu {
-        if !cfg!(feature = "cuda") {
-            anyhow::bail!(
-                "--gpu {n}: this msae-worker was built without CUDA support; rebuild with \
-                 `cargo build --release -p msae-worker --features cuda` or use --cpu"
-            );
-        }
+    if let Some(n) = device.gpu
+        && !cfg!(feature = "cuda")
+    {
+        anyhow::bail!(
+            "--gpu {n}: this msae-worker was built without CUDA support; rebuild with \
+             `cargo build --release -p msae-worker --features cuda` or use --cpu"
+        );
     }
     Ok(())
 }
@@ -177,7 +178,11 @@ pub fn check_device(device: &DeviceArgs) -> anyhow::Result<()> {
 /// The whole `msae-worker` program (the binary and the end-to-end tests call this).
 pub fn main() -> std::process::ExitCode {
     let cli = <Cli as clap::Parser>::parse();
-    msae_shared::logging::init();
+    if matches!(cli.command, Some(Command::Bench(_))) {
+        msae_shared::logging::init_with_default("warn");
+    } else {
+        msae_shared::logging::init();
+    }
     let result = match &cli.command {
         Some(Command::Train(args)) => check_device(&args.device).and_then(|()| train_command(args)),
         Some(Command::Bench(args)) => crate::bench::run(args),
@@ -203,9 +208,11 @@ mod tests {
             .unwrap();
         assert_eq!(cli.worker.coordinator.as_deref(), Some("http://h:1"));
         assert_eq!(cli.worker.device.gpu, Some(0));
-        let cli = Cli::try_parse_from(["msae-worker", "train", "--config", "t.yaml", "--json"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["msae-worker", "train", "--config", "t.yaml", "--json"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Train(TrainArgs { json: true, .. }))));
-        let err = Cli::try_parse_from(["msae-worker", "--gpu", "0", "--cpu"]).unwrap_err().to_string();
+        let err =
+            Cli::try_parse_from(["msae-worker", "--gpu", "0", "--cpu"]).unwrap_err().to_string();
         assert!(err.contains("cannot be used with"), "{err}");
         let err = Cli::try_parse_from(["msae-worker", "--gpu", "zero"]).unwrap_err().to_string();
         assert!(err.contains("--gpu"), "{err}");
