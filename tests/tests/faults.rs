@@ -216,3 +216,70 @@ fn changed_sweep_under_the_same_name_is_refused_unless_asked() {
     assert_eq!(trials.iter().filter(|t| t.sweep == "same").count(), 2, "the first sweep is intact");
     assert_eq!(trials.iter().filter(|t| t.sweep == "same-2").count(), 3);
 }
+
+#[test]
+fn sigterm_on_the_coordinator_stops_cleanly_and_the_sweep_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("int.yaml");
+    std::fs::write(&sweep, noop_sweep("int", 12, 300, 3)).unwrap();
+    let db = dir.path().join("int.redb");
+    let port = free_port();
+    let mut coordinator =
+        spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
+    let mut worker = spawn_worker(dir.path(), port, "w");
+    wait_until(Duration::from_secs(60), "2 completed trials", || {
+        let r = report_rpc(port)?;
+        (count(&r, TrialStatus::Completed) >= 2).then_some(())
+    });
+    sigterm(&coordinator);
+    let status = wait_exit(&mut coordinator, Duration::from_secs(30), "coordinator after SIGTERM");
+    assert!(status.success(), "a stopped sweep is not an error: {status}");
+    let stopped = stored_trials(&db);
+    let done = stopped.iter().filter(|t| t.status == TrialStatus::Completed).count();
+    assert!((2..12).contains(&done), "{done} completed at the stop");
+    assert!(stopped.iter().all(|t| t.status != TrialStatus::Failed), "{stopped:#?}");
+
+    let mut coordinator =
+        spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
+    assert!(wait_exit(&mut coordinator, Duration::from_secs(120), "resumed coordinator").success());
+    let _ = wait_exit(&mut worker, Duration::from_secs(30), "worker");
+    let trials = stored_trials(&db);
+    assert_eq!(trials.len(), 12);
+    assert!(trials.iter().all(|t| t.status == TrialStatus::Completed));
+    for before in stopped.iter().filter(|t| t.status == TrialStatus::Completed) {
+        let after = trials.iter().find(|t| t.index == before.index).unwrap();
+        assert_eq!(after.finished_ms, before.finished_ms, "trial {} rerun", before.index);
+    }
+}
+
+#[test]
+fn a_corrupt_database_is_named_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("c.yaml");
+    std::fs::write(&sweep, noop_sweep("c", 2, 0, 1)).unwrap();
+    let db = dir.path().join("corrupt.redb");
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    std::fs::write(&db, &garbage).unwrap();
+    let out = std::process::Command::new(bin("e2e-coordinator"))
+        .arg(&sweep)
+        .arg("--db")
+        .arg(&db)
+        .args(["--listen", "127.0.0.1:0", "--quiet"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("corrupt.redb") && stderr.contains("not a msae/redb database"),
+        "{stderr}"
+    );
+    let out = std::process::Command::new(bin("e2e-coordinator"))
+        .args(["report", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("corrupt.redb"), "{stderr}");
+    assert_eq!(std::fs::read(&db).unwrap(), garbage, "the file was modified");
+}
