@@ -6,7 +6,9 @@
 //! gradients each), so the figure is comparable across paths and with PyTorch. Paths:
 //! - `fast`: the hand-written top-k path ([`crate::fast::FastTopK`]);
 //! - `candle`: the general candle model ([`crate::model::CandleTrainer`]) on the same top-k config;
-//! - `dense`: the candle model with `layer_sparsity_mode: none` (a dense SAE).
+//! - `dense`: the dense SAE (`layer_sparsity_mode: none`) on the fast path, which is what
+//!   training uses for that config (every product a dense GEMM);
+//! - `dense-candle`: the same dense SAE on the general candle model, for comparison.
 //!
 //! Data are standard-normal rows from `--seed` (no files); a few batches are cycled so the
 //! timing includes reading fresh inputs without measuring the generator.
@@ -97,16 +99,20 @@ pub enum BenchPath {
     Fast,
     /// The general candle model on the same top-k config.
     Candle,
-    /// The candle model as a dense SAE (no top-k).
+    /// The dense SAE (no top-k) on the fast path, as training runs it.
     Dense,
-    /// All three.
+    /// The dense SAE on the general candle model.
+    DenseCandle,
+    /// All four.
     All,
 }
 
 impl BenchPath {
     fn expand(self) -> Vec<BenchPath> {
         match self {
-            BenchPath::All => vec![BenchPath::Fast, BenchPath::Candle, BenchPath::Dense],
+            BenchPath::All => {
+                vec![BenchPath::Fast, BenchPath::Candle, BenchPath::Dense, BenchPath::DenseCandle]
+            }
             p => vec![p],
         }
     }
@@ -116,6 +122,7 @@ impl BenchPath {
             BenchPath::Fast => "fast",
             BenchPath::Candle => "candle",
             BenchPath::Dense => "dense",
+            BenchPath::DenseCandle => "dense-candle",
             BenchPath::All => "all",
         }
     }
@@ -181,6 +188,8 @@ pub struct ShapeReport {
     pub results: Vec<Measurement>,
     /// samples/s of `fast` over samples/s of `candle`, when both ran.
     pub fast_vs_candle: Option<f64>,
+    /// samples/s of `dense` over samples/s of `dense-candle`, when both ran.
+    pub dense_vs_candle: Option<f64>,
 }
 
 /// The trial config a path trains at `shape`: one stripe of `latents` neurons, AdamW.
@@ -196,7 +205,7 @@ pub fn bench_config(shape: &Shape, path: BenchPath, seed: u64) -> TrialConfig {
         ..TrialConfig::default()
     };
     cfg.data.synthetic.input_dim = shape.input;
-    if path == BenchPath::Dense {
+    if matches!(path, BenchPath::Dense | BenchPath::DenseCandle) {
         cfg.layer_sparsity_mode = LayerSparsityMode::None;
     }
     cfg
@@ -205,8 +214,8 @@ pub fn bench_config(shape: &Shape, path: BenchPath, seed: u64) -> TrialConfig {
 fn build(shape: &Shape, path: BenchPath, seed: u64) -> anyhow::Result<Box<dyn Trainer>> {
     let cfg = bench_config(shape, path, seed);
     Ok(match path {
-        BenchPath::Fast => Box::new(FastTopK::new(&cfg, shape.input)?),
-        BenchPath::Candle | BenchPath::Dense => {
+        BenchPath::Fast | BenchPath::Dense => Box::new(FastTopK::new(&cfg, shape.input)?),
+        BenchPath::Candle | BenchPath::DenseCandle => {
             Box::new(CandleTrainer::new(&cfg, shape.input, &Device::Cpu)?)
         }
         BenchPath::All => anyhow::bail!("`all` is not a single path"),
@@ -265,11 +274,13 @@ pub fn measure_all(args: &BenchArgs) -> anyhow::Result<Vec<ShapeReport>> {
             results.push(measure(&shape, path, args, &data)?);
         }
         let rate = |p: BenchPath| results.iter().find(|m| m.path == p).map(|m| m.samples_per_s);
-        let fast_vs_candle = match (rate(BenchPath::Fast), rate(BenchPath::Candle)) {
+        let ratio = |a: BenchPath, b: BenchPath| match (rate(a), rate(b)) {
             (Some(f), Some(c)) => Some(f / c),
             _ => None,
         };
-        reports.push(ShapeReport { shape, results, fast_vs_candle });
+        let fast_vs_candle = ratio(BenchPath::Fast, BenchPath::Candle);
+        let dense_vs_candle = ratio(BenchPath::Dense, BenchPath::DenseCandle);
+        reports.push(ShapeReport { shape, results, fast_vs_candle, dense_vs_candle });
     }
     Ok(reports)
 }
@@ -292,12 +303,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     for r in &reports {
         println!("\n{}", r.shape);
         println!(
-            "  {:<7} {:>9} {:>9} {:>11} {:>9}",
+            "  {:<12} {:>9} {:>9} {:>11} {:>9}",
             "path", "ms/step", "min ms", "samples/s", "GFLOP/s"
         );
         for m in &r.results {
             println!(
-                "  {:<7} {:>9.2} {:>9.2} {:>11.0} {:>9.1}",
+                "  {:<12} {:>9.2} {:>9.2} {:>11.0} {:>9.1}",
                 m.path.name(),
                 m.ms_per_step,
                 m.min_ms,
@@ -307,6 +318,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         }
         if let Some(x) = r.fast_vs_candle {
             println!("  fast vs candle: {x:.2}x");
+        }
+        if let Some(x) = r.dense_vs_candle {
+            println!("  dense vs dense-candle: {x:.2}x");
         }
     }
     Ok(())
@@ -336,9 +350,12 @@ mod tests {
             cfg.validate().unwrap();
             assert!(crate::fast::eligible(&cfg));
             assert_eq!(cfg.code_dim(), shape.latents);
+            // Both dense paths train the same config, which the fast path accepts.
             let dense = bench_config(&shape, BenchPath::Dense, 1);
             dense.validate().unwrap();
-            assert!(!crate::fast::eligible(&dense));
+            assert!(crate::fast::eligible(&dense));
+            assert_eq!(dense.layer_sparsity_mode, LayerSparsityMode::None);
+            assert_eq!(bench_config(&shape, BenchPath::DenseCandle, 1), dense);
         }
     }
 
@@ -353,15 +370,25 @@ mod tests {
         let reports = measure_all(&args).unwrap();
         assert_eq!(reports.len(), 1);
         let paths: Vec<BenchPath> = reports[0].results.iter().map(|m| m.path).collect();
-        assert_eq!(paths, [BenchPath::Fast, BenchPath::Candle, BenchPath::Dense]);
+        assert_eq!(
+            paths,
+            [BenchPath::Fast, BenchPath::Candle, BenchPath::Dense, BenchPath::DenseCandle]
+        );
         for m in &reports[0].results {
             assert!(m.ms_per_step > 0.0 && m.samples_per_s.is_finite() && m.gflops > 0.0, "{m:?}");
             assert!(m.last_loss.is_finite() && m.last_loss > 0.0, "{m:?}");
             assert!(m.min_ms <= m.ms_per_step + 1e-9);
         }
         assert!(reports[0].fast_vs_candle.unwrap() > 0.0);
+        assert!(reports[0].dense_vs_candle.unwrap() > 0.0);
+        // Same dense model, same data, same seed: both dense paths reach about the same loss.
+        let loss =
+            |p: BenchPath| reports[0].results.iter().find(|m| m.path == p).unwrap().last_loss;
+        let (a, b) = (loss(BenchPath::Dense), loss(BenchPath::DenseCandle));
+        assert!((a - b).abs() <= 1e-3 * b, "dense loss {a} vs dense-candle {b}");
         let json = serde_json::to_value(&reports).unwrap();
         assert_eq!(json[0]["results"][0]["path"], "fast");
+        assert_eq!(json[0]["results"][3]["path"], "dense_candle");
         assert_eq!(json[0]["shape"]["latents"], 32);
     }
 }

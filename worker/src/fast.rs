@@ -1,8 +1,11 @@
-//! A hand-written training step for the classic one-layer top-k SAE, exploiting its sparsity.
+//! A hand-written training step for the classic one-layer SAE: top-k (exploiting its
+//! sparsity) or dense.
 //!
 //! The candle model ([`crate::model`]) trains every configuration through autograd; for the
-//! most common one (one layer, ordinary top-k, ReLU, Adam/AdamW, no penalties) this module does
-//! the same arithmetic by hand, several times faster on CPU:
+//! most common ones (one layer, ordinary top-k or no layer sparsity, ReLU, Adam/AdamW, no
+//! penalties) this module does the same arithmetic by hand, several times faster on CPU.
+//!
+//! Top-k (`layer_sparsity_mode: ordinary`):
 //!
 //! - only the encoder forward `pre = (x - b_dec) W_enc^T + b_enc` is a dense GEMM (the `gemm`
 //!   crate, AVX-512 when the CPU has it);
@@ -14,10 +17,19 @@
 //! - that same pass applies Adam/AdamW in place (fused: gradients are never stored), and
 //!   refreshes the atom's norm for the next step's normalised decoder.
 //!
+//! Dense (`layer_sparsity_mode: none`): `z = relu(pre)` over all latents, and every product is
+//! a dense GEMM through `gemm` with its rayon parallelism, five per step (forward: encoder and
+//! decoder; backward: dL/dpre = dL/dx_hat W_dec^T, dL/dW_enc = dpre^T (x - b_dec),
+//! dL/dU = z^T dL/dx_hat; PyTorch's sixth, the gradient w.r.t. the encoder input, is only
+//! needed summed over the batch for b_dec, a matrix-vector product). The gradients land in
+//! reused [n, dim] buffers and the same fused Adam/AdamW pass updates each latent's row,
+//! atom, bias and norm. The ReLU's gradient at exactly 0 is 0 (PyTorch's convention; candle
+//! lets it through, a difference only on a measure-zero set).
+//!
 //! Semantics (identical to the candle model; tested against candle autograd below):
-//! `z = topk_k(relu(W_enc (x - b_dec) + b_enc))`, atoms `u_j = d_j / ||d_j||` when
-//! `normalize_decoder` (`d_j / sqrt(|d_j|^2 + 1e-8)`, gradient through the normalisation),
-//! `x_hat = z U^T + b_dec`,
+//! `z = topk_k(relu(W_enc (x - b_dec) + b_enc))` (dense: no `topk_k`), atoms
+//! `u_j = d_j / ||d_j||` when `normalize_decoder` (`d_j / sqrt(|d_j|^2 + 1e-8)`, gradient
+//! through the normalisation), `x_hat = z U^T + b_dec`,
 //! loss = mean over all elements of `(x - x_hat)^2`. Weight decay applies to every parameter
 //! (biases too), as in candle-nn and PyTorch: decoupled for AdamW, added to the gradient for Adam.
 //!
@@ -26,7 +38,7 @@
 //! data mean, so the step is a pure function of the config and the batches). This is
 //! [`crate::model::initial_weights`] value for value (tested), so both paths start equal.
 //! Evaluation keeps the k of the last training step (the curriculum's current k), as the candle
-//! model does.
+//! model does; the dense SAE has no k.
 //!
 //! Weights are saved in the candle model's layout: `encoder.weight` [N, dim], `encoder.bias` [N],
 //! `decoder.weight` [dim, N] (columns are atoms, unnormalised), `decoder.bias` [dim].
@@ -200,7 +212,8 @@ impl Workspace {
     }
 }
 
-/// Dense gradients of the loss, for tests and diagnostics (training never materialises them).
+/// Dense gradients of the loss, for tests and diagnostics (top-k training never materialises
+/// them; dense training keeps the weight gradients in its workspace).
 #[derive(Debug, Clone)]
 pub struct Gradients {
     /// Batch loss (mean squared error).
@@ -344,7 +357,7 @@ impl FastTopK {
         let (dim, n) = (self.dim, self.n);
         if self.dense {
             let sse = forward_dense(&self.p, dim, n, batch, rows, &mut self.ws, true);
-            backward_dense(&self.p, dim, n, self.normalize, &mut self.ws);
+            backward_dense(&self.p, dim, n, &mut self.ws);
             let mut w_dec = self.ws.gw_dec[..n * dim].to_vec();
             for (j, row) in w_dec.chunks_mut(dim).enumerate() {
                 let w = &self.p.w_dec[j * dim..(j + 1) * dim];
@@ -493,7 +506,7 @@ impl Trainer for FastTopK {
         self.current_k = k;
         if self.dense {
             let sse = forward_dense(&self.p, self.dim, self.n, batch, rows, &mut self.ws, true);
-            backward_dense(&self.p, self.dim, self.n, self.normalize, &mut self.ws);
+            backward_dense(&self.p, self.dim, self.n, &mut self.ws);
             self.update_dense();
             return Ok(sse / (rows * self.dim) as f64);
         }
@@ -696,10 +709,15 @@ fn backward_shared(p: &Params, dim: usize, n: usize, ws: &mut Workspace) {
         let list = &ws.entries[ws.starts[j] as usize..ws.starts[j + 1] as usize];
         ws.db_enc[j] = list.iter().map(|&pos| ws.dz[pos as usize]).sum();
     }
+    dec_bias_grad(&ws.g, &ws.db_enc, &p.w_enc, dim, &mut ws.db_dec);
+}
+
+/// dL/db_dec = sum_b g_b - W_enc^T dL/db_enc (b_dec enters x_hat directly and the encoder
+/// input as -b_dec), from dL/dx_hat `g` [rows, dim] and dL/db_enc.
+fn dec_bias_grad(g: &[f32], db_enc: &[f32], w_enc: &[f32], dim: usize, db_dec: &mut [f32]) {
     // Column blocks of b_dec in parallel; each block sums rows and latents in a fixed order.
     const BLOCK: usize = 64;
-    let (g, db_enc, w_enc) = (&ws.g, &ws.db_enc, &p.w_enc);
-    ws.db_dec.par_chunks_mut(BLOCK).enumerate().for_each(|(blk, out)| {
+    db_dec.par_chunks_mut(BLOCK).enumerate().for_each(|(blk, out)| {
         let c0 = blk * BLOCK;
         let w = out.len();
         out.iter_mut().for_each(|o| *o = 0.0);
@@ -742,10 +760,178 @@ fn dec_row_grad(
         let b = pos as usize / k;
         kernels::axpy(val[pos as usize], &g[b * dim..(b + 1) * dim], out);
     }
+    project_dec_grad(w, inv_norm, normalize, out);
+}
+
+/// Turns `gu`, the gradient w.r.t. the atom u = w / ||w||, into the gradient w.r.t. the raw
+/// atom w: (gu - u (u . gu)) / ||w||. Without normalisation u = w and `gu` is left as is.
+fn project_dec_grad(w: &[f32], inv_norm: f32, normalize: bool, gu: &mut [f32]) {
     if normalize {
-        let c = kernels::dot(w, out) * inv_norm * inv_norm;
-        out.iter_mut().zip(w).for_each(|(o, &wv)| *o = (*o - c * wv) * inv_norm);
+        let c = kernels::dot(w, gu) * inv_norm * inv_norm;
+        gu.iter_mut().zip(w).for_each(|(o, &wv)| *o = (*o - c * wv) * inv_norm);
     }
+}
+
+/// A strided read-only matrix for [`matmul`]: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl Mat<'_> {
+    /// Whether every element of an r x c view lies inside `data`.
+    fn covers(&self, r: usize, c: usize) -> bool {
+        r == 0 || c == 0 || (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst[m, n] = a[m, k] b[k, n]`, dst row-major and contiguous, through the `gemm` crate
+/// (AVX-512 when the CPU has it, rayon threads). Transposed operands are just other strides:
+/// `gemm` packs its panels from any layout.
+fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], a: Mat<'_>, b: Mat<'_>) {
+    assert!(dst.len() >= m * n, "matmul: dst of {} < {m}x{n}", dst.len());
+    assert!(a.covers(m, k) && b.covers(k, n), "matmul: operand smaller than its view");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the asserts above show every element gemm reads (a: m x k, b: k x n) or writes
+    // (dst: m x n, row stride n) lies inside its slice; `dst` is borrowed mutably, so it
+    // cannot alias `a` or `b`. With read_dst false, dst's old contents are never read.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// The dense SAE's forward pass over `rows` rows of `x`: `xc = x - b_dec`,
+/// `pre = xc W_enc^T + b_enc` then `z = relu(pre)` (in `pre`), `zs = z * inv_norm`, and the
+/// reconstruction `x_hat = zs W_dec + b_dec` in `g` (two GEMMs). With `train`, turns `g` into
+/// dL/dx_hat. Returns the sum of squared errors.
+fn forward_dense(
+    p: &Params,
+    dim: usize,
+    n: usize,
+    x: &[f32],
+    rows: usize,
+    ws: &mut Workspace,
+    train: bool,
+) -> f64 {
+    ws.resize_dense(rows, dim, n, train);
+    let b_dec = &p.b_dec;
+    ws.xc.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(c, xr)| {
+        c.iter_mut().zip(xr).zip(b_dec).for_each(|((c, &xv), &b)| *c = xv - b);
+    });
+    // W_enc^T (d x n): element (kk, j) = w_enc[j * dim + kk].
+    matmul(
+        rows,
+        n,
+        dim,
+        &mut ws.pre,
+        Mat { data: &ws.xc, rs: dim, cs: 1 },
+        Mat { data: &p.w_enc, rs: 1, cs: dim },
+    );
+    let (b_enc, inv) = (&p.b_enc, &p.inv_norm);
+    ws.pre.par_chunks_mut(n).zip(ws.zs.par_chunks_mut(n)).with_min_len(4).for_each(|(z, zs)| {
+        for (((z, zs), &b), &s) in z.iter_mut().zip(zs.iter_mut()).zip(b_enc).zip(inv) {
+            *z = (*z + b).max(0.0);
+            *zs = *z * s;
+        }
+    });
+    matmul(
+        rows,
+        dim,
+        n,
+        &mut ws.g,
+        Mat { data: &ws.zs, rs: n, cs: 1 },
+        Mat { data: &p.w_dec, rs: dim, cs: 1 },
+    );
+    let scale = 2.0 / (rows * dim) as f32;
+    (ws.g.par_chunks_mut(dim), ws.row_sse.par_iter_mut(), x.par_chunks(dim))
+        .into_par_iter()
+        .with_min_len(4)
+        .for_each(|(g, sse, xr)| {
+            kernels::add(g, b_dec);
+            if train {
+                g.iter_mut().zip(xr).for_each(|(g, &xv)| *g -= xv);
+                *sse = kernels::dot(g, g);
+                g.iter_mut().for_each(|g| *g *= scale);
+            } else {
+                *sse = g.iter().zip(xr).map(|(&a, &b)| (a - b) * (a - b)).sum();
+            }
+        });
+    ws.row_sse.iter().map(|&s| s as f64).sum()
+}
+
+/// The dense SAE's gradients after a training [`forward_dense`], three GEMMs:
+/// `dz = (g W_dec^T) * inv_norm * 1{pre > 0}` (in `zs`), `dW_enc = dz^T xc`,
+/// `dU = z^T g` (w.r.t. the normalised atoms; [`project_dec_grad`] maps it to the raw ones),
+/// and both bias gradients. The ReLU gradient at exactly 0 is 0, as in PyTorch.
+fn backward_dense(p: &Params, dim: usize, n: usize, ws: &mut Workspace) {
+    let rows = ws.rows;
+    // W_dec^T (d x n): element (kk, j) = w_dec[j * dim + kk].
+    matmul(
+        rows,
+        n,
+        dim,
+        &mut ws.zs,
+        Mat { data: &ws.g, rs: dim, cs: 1 },
+        Mat { data: &p.w_dec, rs: 1, cs: dim },
+    );
+    let inv = &p.inv_norm;
+    ws.zs.par_chunks_mut(n).zip(ws.pre.par_chunks(n)).with_min_len(4).for_each(|(d, z)| {
+        for ((d, &z), &s) in d.iter_mut().zip(z).zip(inv) {
+            *d = if z > 0.0 { *d * s } else { 0.0 };
+        }
+    });
+    // db_enc: column sums of dz, column blocks in parallel, rows in a fixed order.
+    const BLOCK: usize = 256;
+    let dz = &ws.zs[..rows * n];
+    ws.db_enc.par_chunks_mut(BLOCK).enumerate().for_each(|(blk, out)| {
+        let c0 = blk * BLOCK;
+        out.iter_mut().for_each(|o| *o = 0.0);
+        for row in dz.chunks_exact(n) {
+            kernels::add(out, &row[c0..c0 + out.len()]);
+        }
+    });
+    // dz^T (n x rows): element (j, b) = dz[b * n + j]; likewise z^T from `pre`.
+    matmul(
+        n,
+        dim,
+        rows,
+        &mut ws.gw_enc,
+        Mat { data: dz, rs: 1, cs: n },
+        Mat { data: &ws.xc, rs: dim, cs: 1 },
+    );
+    matmul(
+        n,
+        dim,
+        rows,
+        &mut ws.gw_dec,
+        Mat { data: &ws.pre, rs: 1, cs: n },
+        Mat { data: &ws.g, rs: dim, cs: 1 },
+    );
+    dec_bias_grad(&ws.g, &ws.db_enc, &p.w_enc, dim, &mut ws.db_dec);
 }
 
 /// Exactly k entries of relu(row): larger value first, ties to the lower index; output sorted
@@ -963,8 +1149,9 @@ mod tests {
         mask
     }
 
-    /// The same model in plain candle ops, differentiated by candle's autograd.
-    fn reference(m: &FastTopK, x: &[f32], k: usize) -> candle_core::Result<Reference> {
+    /// The same model in plain candle ops, differentiated by candle's autograd: top-k with
+    /// `Some(k)`, the dense SAE (all of relu(pre)) with `None`.
+    fn reference(m: &FastTopK, x: &[f32], k: Option<usize>) -> candle_core::Result<Reference> {
         let (n, dim) = (m.n, m.dim);
         let rows = x.len() / dim;
         let dev = Device::Cpu;
@@ -975,8 +1162,13 @@ mod tests {
         let xt = Tensor::from_vec(x.to_vec(), (rows, dim), &dev)?;
         let pre = xt.broadcast_sub(&b_dec)?.matmul(&w_enc.t()?)?.broadcast_add(&b_enc)?;
         let act = pre.relu()?;
-        let mask = sort_mask(&act.flatten_all()?.to_vec1::<f32>()?, n, k);
-        let z = (act * Tensor::from_vec(mask, (rows, n), &dev)?)?;
+        let z = match k {
+            Some(k) => {
+                let mask = sort_mask(&act.flatten_all()?.to_vec1::<f32>()?, n, k);
+                (act * Tensor::from_vec(mask, (rows, n), &dev)?)?
+            }
+            None => act,
+        };
         let dec = if m.normalize {
             w_dec.broadcast_div(&w_dec.sqr()?.sum_keepdim(0)?.affine(1.0, 1e-8)?.sqrt()?)?
         } else {
@@ -1011,13 +1203,22 @@ mod tests {
         assert!(want.iter().any(|&w| w != 0.0), "{name}: reference is all zero, test is vacuous");
     }
 
-    fn check_against_autograd(normalize: bool) {
+    fn check_against_autograd(normalize: bool, dense: bool) {
         let (dim, rows, k) = (12, 9, 5);
-        let cfg = cfg(8, k, normalize); // 32 latents
+        let mut cfg = cfg(8, k, normalize); // 32 latents
+        if dense {
+            cfg.layer_sparsity_mode = LayerSparsityMode::None;
+        }
         let mut m = perturbed(&cfg, dim, 7);
+        assert_eq!(m.is_dense(), dense);
         let mut rng = StdRng::seed_from_u64(99);
         let x = random(rows * dim, 1.0, &mut rng);
-        let r = reference(&m, &x, k).unwrap();
+        let r = reference(&m, &x, (!dense).then_some(k)).unwrap();
+        if dense {
+            // Not secretly top-k: most rows keep more than k latents.
+            let wide = r.codes.chunks(m.n).filter(|c| c.iter().filter(|&&v| v > 0.0).count() > k);
+            assert!(wide.count() > rows / 2, "dense reference keeps too few latents");
+        }
 
         let inf = m.infer(&x).unwrap();
         assert_close("codes", &inf.codes, &r.codes);
@@ -1034,12 +1235,55 @@ mod tests {
 
     #[test]
     fn matches_candle_autograd_normalized() {
-        check_against_autograd(true);
+        check_against_autograd(true, false);
     }
 
     #[test]
     fn matches_candle_autograd_unnormalized() {
-        check_against_autograd(false);
+        check_against_autograd(false, false);
+    }
+
+    #[test]
+    fn dense_matches_candle_autograd_normalized() {
+        check_against_autograd(true, true);
+    }
+
+    #[test]
+    fn dense_matches_candle_autograd_unnormalized() {
+        check_against_autograd(false, true);
+    }
+
+    /// Shapes that are not multiples of any SIMD width or GEMM block, and more latents than a
+    /// bias-sum block, so every kernel's edge handling is exercised. (Not dim 1: a normalised
+    /// 1-d atom has an identically zero gradient, leaving only rounding noise to compare.)
+    #[test]
+    fn dense_matches_candle_autograd_odd_shapes() {
+        for &(stripes, dim, rows) in &[(1usize, 3usize, 1usize), (7, 37, 67), (70, 5, 3)] {
+            let cfg = TrialConfig {
+                layer_sparsity_mode: LayerSparsityMode::None,
+                ..cfg(stripes, 1, true)
+            };
+            let mut m = perturbed(&cfg, dim, 21);
+            let mut rng = StdRng::seed_from_u64(22);
+            let x = random(rows * dim, 1.0, &mut rng);
+            let r = reference(&m, &x, None).unwrap();
+            let g = m.gradients(&x, 1).unwrap();
+            assert!((g.loss - r.loss).abs() <= 1e-5 * r.loss, "{stripes} {dim} {rows}");
+            let inf = m.infer(&x).unwrap();
+            let tol = |name: &str, got: &[f32], want: &[f32]| {
+                let scale = want.iter().fold(0f32, |a, &b| a.max(b.abs())).max(1e-12);
+                for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                    assert!((a - b).abs() <= 1e-4 * scale, "{name}[{i}] {a} vs {b} ({dim} {rows})");
+                }
+                assert_eq!(got.len(), want.len(), "{name}");
+            };
+            tol("codes", &inf.codes, &r.codes);
+            tol("recon", &inf.recon, &r.recon);
+            tol("encoder.weight grad", &g.w_enc, &r.w_enc);
+            tol("encoder.bias grad", &g.b_enc, &r.b_enc);
+            tol("decoder.weight grad", &transpose(&g.w_dec, m.n, dim), &r.w_dec);
+            tol("decoder.bias grad", &g.b_dec, &r.b_dec);
+        }
     }
 
     #[test]
@@ -1089,9 +1333,12 @@ mod tests {
     }
 
     /// One AdamW / Adam step against the update computed by hand from the gradients.
-    fn check_adam(optimizer: Optimizer) {
+    fn check_adam(optimizer: Optimizer, dense: bool) {
         let (dim, rows, k) = (10, 6, 3);
-        let cfg = TrialConfig { optimizer, lr: 0.01, weight_decay: 0.1, ..cfg(4, k, true) };
+        let mut cfg = TrialConfig { optimizer, lr: 0.01, weight_decay: 0.1, ..cfg(4, k, true) };
+        if dense {
+            cfg.layer_sparsity_mode = LayerSparsityMode::None;
+        }
         let mut m = perturbed(&cfg, dim, 11);
         let mut rng = StdRng::seed_from_u64(12);
         let x = random(rows * dim, 1.0, &mut rng);
@@ -1134,12 +1381,18 @@ mod tests {
 
     #[test]
     fn adamw_step_matches_hand_computation() {
-        check_adam(Optimizer::Adamw);
+        check_adam(Optimizer::Adamw, false);
     }
 
     #[test]
     fn adam_step_matches_hand_computation() {
-        check_adam(Optimizer::Adam);
+        check_adam(Optimizer::Adam, false);
+    }
+
+    #[test]
+    fn dense_adamw_and_adam_steps_match_hand_computation() {
+        check_adam(Optimizer::Adamw, true);
+        check_adam(Optimizer::Adam, true);
     }
 
     #[test]
@@ -1194,7 +1447,6 @@ mod tests {
     /// trajectory (losses per step, then reconstructions).
     #[test]
     fn follows_the_candle_trainer() {
-        let (dim, rows) = (20, 24);
         let cfg = TrialConfig {
             seed: 5,
             lr: 1e-3,
@@ -1203,6 +1455,32 @@ mod tests {
             k_curriculum_steps: 3,
             ..cfg(8, 4, true)
         };
+        follow_candle(&cfg);
+    }
+
+    /// The dense SAE (no top-k) follows the candle trainer, with and without normalised
+    /// atoms, with AdamW and Adam.
+    #[test]
+    fn dense_follows_the_candle_trainer() {
+        for (normalize, optimizer) in [(true, Optimizer::Adamw), (false, Optimizer::Adam)] {
+            let cfg = TrialConfig {
+                seed: 6,
+                lr: 1e-3,
+                weight_decay: 0.01,
+                optimizer,
+                layer_sparsity_mode: LayerSparsityMode::None,
+                ..cfg(8, 4, normalize)
+            };
+            assert!(eligible(&cfg));
+            follow_candle(&cfg);
+        }
+    }
+
+    /// Same config, same batches: the fast path and the general candle trainer follow the same
+    /// trajectory (losses per step, then reconstructions and codes).
+    fn follow_candle(cfg: &TrialConfig) {
+        let (dim, rows) = (20, 24);
+        let cfg = cfg.clone();
         let mut fast = FastTopK::new(&cfg, dim).unwrap();
         let mut slow = crate::model::CandleTrainer::new(&cfg, dim, &Device::Cpu).unwrap();
         let mut rng = StdRng::seed_from_u64(6);
@@ -1216,6 +1494,10 @@ mod tests {
         assert!((a.loss - b.loss).abs() <= 1e-4 * b.loss, "eval loss {} vs {}", a.loss, b.loss);
         for (i, (p, q)) in a.recon.iter().zip(&b.recon).enumerate() {
             assert!((p - q).abs() < 1e-3, "recon[{i}] {p} vs {q}");
+        }
+        assert_eq!(a.codes.len(), b.codes.len());
+        for (i, (p, q)) in a.codes.iter().zip(&b.codes).enumerate() {
+            assert!((p - q).abs() < 1e-3, "codes[{i}] {p} vs {q}");
         }
     }
 
@@ -1301,7 +1583,12 @@ mod tests {
         for bad in [
             TrialConfig { l1_weight: 0.1, ..Default::default() },
             TrialConfig { intermediate_dim: 8, ..Default::default() },
-            TrialConfig { layer_sparsity_mode: LayerSparsityMode::None, ..Default::default() },
+            TrialConfig { layer_sparsity_mode: LayerSparsityMode::Lifetime, ..Default::default() },
+            TrialConfig {
+                layer_sparsity_mode: LayerSparsityMode::None,
+                intermediate_dim: 8,
+                ..Default::default()
+            },
             TrialConfig { optimizer: Optimizer::Sgd, ..Default::default() },
             TrialConfig { aux_k: 4, ..Default::default() },
             TrialConfig {
@@ -1313,6 +1600,15 @@ mod tests {
             let e = FastTopK::new(&bad, 8).unwrap_err().to_string();
             assert!(e.contains("does not support"), "{e}");
         }
+        // Dense: k plays no part, so a layer_k beyond the code size is fine.
+        let dense = TrialConfig {
+            layer_sparsity_mode: LayerSparsityMode::None,
+            layer_k: 1_000_000,
+            ..Default::default()
+        };
+        assert!(eligible(&dense), "{:?}", ineligibility(&dense));
+        assert!(FastTopK::new(&dense, 8).unwrap().is_dense());
+        assert!(!eligible(&TrialConfig { layer_k: 1_000_000, ..Default::default() }));
         let mut m = FastTopK::new(&TrialConfig::default(), 8).unwrap();
         let e = m.step(&[0.0; 12], 0).unwrap_err().to_string();
         assert!(e.contains("12 values") && e.contains("dim 8"), "{e}");

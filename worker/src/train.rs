@@ -133,7 +133,7 @@ pub fn train_with(
         latents = cfg.code_dim(),
         train_rows = data.n_train(),
         val_rows = data.n_val(),
-        trainer = if use_fast { "fast-topk" } else { "candle" },
+        trainer = if use_fast { "fast" } else { "candle" },
         device = ?device,
         "training started"
     );
