@@ -136,6 +136,13 @@ pub async fn run_command(args: &RunArgs) -> anyhow::Result<()> {
             "no sweep file given: try `msae-coordinator sweeps/stripes.yaml` (see --help)"
         );
     };
+    #[cfg(feature = "local-worker")]
+    if args.local_workers > 0 {
+        msae_worker::cli::check_device(&msae_worker::cli::DeviceArgs {
+            gpu: args.gpu,
+            cpu: false,
+        })?;
+    }
     let mut opts = RunOptions::new(sweep);
     opts.db = args.db.clone();
     opts.listen = args.listen;

@@ -283,3 +283,74 @@ fn a_corrupt_database_is_named_and_left_untouched() {
     assert!(stderr.contains("corrupt.redb"), "{stderr}");
     assert_eq!(std::fs::read(&db).unwrap(), garbage, "the file was modified");
 }
+
+#[test]
+fn token_artifacts_and_max_trials() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("tok.yaml");
+    std::fs::write(
+        &sweep,
+        "name: tok\nmethod: grid\nbase: {steps: 20, eval_every: 10, data: {synthetic: {num_samples: 1024}}}\n\
+         parameters:\n  seed: {values: [1, 2]}\n",
+    )
+    .unwrap();
+    let db = dir.path().join("tok.redb");
+    let port = free_port();
+    let mut coordinator = spawn_coordinator(
+        dir.path(),
+        &sweep,
+        &db,
+        port,
+        &["--local-workers", "0", "--token", "s3cret"],
+    );
+    wait_until(Duration::from_secs(60), "the coordinator to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let url = format!("http://127.0.0.1:{port}");
+    // Without the token: refused, and the worker says why instead of retrying forever.
+    let out = std::process::Command::new(bin("e2e-worker"))
+        .args(["--coordinator", &url])
+        .env_remove("MSAE_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.to_lowercase().contains("token"), "{stderr}");
+    // With it: one trial, artifacts kept, then exit.
+    let artifacts = dir.path().join("artifacts");
+    let out = std::process::Command::new(bin("e2e-worker"))
+        .args(["--coordinator", &url, "--name", "one", "--max-trials", "1", "--out"])
+        .arg(&artifacts)
+        .env("MSAE_TOKEN", "s3cret")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let weights: Vec<_> =
+        walk_files(&artifacts).into_iter().filter(|p| p.ends_with("weights.safetensors")).collect();
+    assert_eq!(weights.len(), 1, "one trial's weights under {}", artifacts.display());
+    let mut rest = std::process::Command::new(bin("e2e-worker"))
+        .args(["--coordinator", &url, "--name", "rest"])
+        .env("MSAE_TOKEN", "s3cret")
+        .spawn()
+        .unwrap();
+    assert!(wait_exit(&mut coordinator, Duration::from_secs(120), "coordinator").success());
+    let _ = wait_exit(&mut rest, Duration::from_secs(30), "worker");
+    let trials = stored_trials(&db);
+    assert_eq!(trials.len(), 2);
+    assert!(trials.iter().all(|t| t.status == TrialStatus::Completed));
+    let workers: BTreeSet<_> = trials.iter().filter_map(|t| t.worker.clone()).collect();
+    assert_eq!(workers, ["one".to_string(), "rest".to_string()].into_iter().collect());
+}
+
+fn walk_files(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
