@@ -26,6 +26,7 @@ use crate::search::Strategy;
 use crate::store::{Store, StoreError, WriteBatch};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -144,6 +145,26 @@ pub struct CompleteAck {
     pub reason: String,
 }
 
+/// The "then lease for worker W, waiting up to T" part of a completion: lets a worker hand in
+/// a result and ask for its next trial in one round trip and one durable commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NextLease {
+    /// The worker asking (must be registered, as for [`SchedulerHandle::lease`]).
+    pub worker_id: String,
+    /// How long the lease part may wait for a trial (a long-poll, as for a lease request).
+    pub wait: Duration,
+}
+
+/// Answer to a completion that may have carried a [`NextLease`] request.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CompleteOutcome {
+    /// Whether the result was taken (refused for a stale lease, as a plain completion).
+    pub ack: CompleteAck,
+    /// The answer to the lease part: a lease, nothing (the wait elapsed, no lease part, or the
+    /// worker id is unknown: the client registers again and leases), or shutdown.
+    pub next: LeaseOutcome,
+}
+
 /// The best completed trial so far.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Best {
@@ -245,7 +266,9 @@ enum Command {
     Complete {
         lease_id: String,
         outcome: TrialOutcome,
-        reply: Reply<CompleteAck>,
+        /// Then lease for this worker, in the same batch and commit.
+        next: Option<NextLease>,
+        reply: Reply<CompleteOutcome>,
     },
     Release {
         lease_id: String,
@@ -300,9 +323,24 @@ impl Scheduler {
         let (tx, rx) = mpsc::channel(4096);
         let (counts_tx, counts_rx) = watch::channel(core.counts());
         let (events_tx, _) = broadcast::channel(4096);
-        let actor = actor::Actor::new(core, store.clone(), rx, counts_tx, events_tx.clone());
+        let commits = Arc::new(AtomicU64::new(0));
+        let actor = actor::Actor::new(
+            core,
+            store.clone(),
+            rx,
+            counts_tx,
+            events_tx.clone(),
+            commits.clone(),
+        );
         tokio::spawn(actor.run());
-        Ok(SchedulerHandle { tx, counts: counts_rx, events: events_tx, store, sweep: name })
+        Ok(SchedulerHandle {
+            tx,
+            counts: counts_rx,
+            events: events_tx,
+            store,
+            sweep: name,
+            commits,
+        })
     }
 }
 
@@ -355,9 +393,16 @@ pub struct SchedulerHandle {
     events: broadcast::Sender<SchedulerEvent>,
     store: Arc<Store>,
     sweep: String,
+    commits: Arc<AtomicU64>,
 }
 
 impl SchedulerHandle {
+    /// Store write transactions the actor has committed so far (the durable-commit cost of the
+    /// work done: with group commit, fewer than the state changes).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
     /// The name of the sweep this scheduler runs (may be `NAME-2` after `new_sweep`).
     pub fn sweep_name(&self) -> &str {
         &self.sweep
@@ -404,8 +449,22 @@ impl SchedulerHandle {
 
     /// Reports the final outcome of a lease.
     pub async fn complete(&self, lease_id: &str, outcome: TrialOutcome) -> Result<CompleteAck> {
+        Ok(self.complete_then_lease(lease_id, outcome, None).await?.ack)
+    }
+
+    /// Reports the final outcome of a lease and, with `next`, asks for the worker's next lease
+    /// in the same command: both are applied in one batch and answered after ONE commit (the
+    /// lease part long-polls up to `next.wait` like [`SchedulerHandle::lease`]). A refused
+    /// (stale) result may still get a lease; an unknown worker gets its result acknowledged
+    /// and no lease (it registers again and leases as usual).
+    pub async fn complete_then_lease(
+        &self,
+        lease_id: &str,
+        outcome: TrialOutcome,
+        next: Option<NextLease>,
+    ) -> Result<CompleteOutcome> {
         let lease_id = lease_id.to_string();
-        self.ask(|reply| Command::Complete { lease_id, outcome, reply }).await
+        self.ask(|reply| Command::Complete { lease_id, outcome, next, reply }).await
     }
 
     /// Hands a lease back without counting a failure.

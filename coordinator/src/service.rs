@@ -7,13 +7,17 @@
 //! errors map to precise status codes (`not_found` for an unknown worker: re-register;
 //! `failed_precondition` for a protocol mismatch; `unavailable` when the scheduler stopped).
 //!
+//! A `Complete` may carry the worker's next lease request (`lease_next`, `worker_id`,
+//! `wait_ms`, checked like a `Lease`): the scheduler applies both in one batch and one commit,
+//! so a worker pays one round trip per trial instead of two.
+//!
 //! [`serve`] runs the service on a bound listener with an optional shared bearer token
 //! ([`auth_interceptor`]) until a shutdown future resolves. Call
 //! [`SchedulerHandle::shutdown`](crate::scheduler::SchedulerHandle::shutdown) before (or as
 //! part of) that future so long-polling lease requests are answered at once.
 
 use crate::model::{SweepRecord, TrialRecord};
-use crate::scheduler::{SchedulerError, SchedulerHandle, TrialOutcome};
+use crate::scheduler::{LeaseGrant, NextLease, SchedulerError, SchedulerHandle, TrialOutcome};
 use msae_shared::proto;
 use msae_shared::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use std::collections::{BTreeMap, HashMap};
@@ -142,6 +146,9 @@ impl TryFrom<proto::ProgressRequest> for ProgressUpdate {
 pub struct Completion {
     pub lease_id: String,
     pub outcome: TrialOutcome,
+    /// The worker's next lease request carried along (`lease_next`), its wait clamped to
+    /// [`MAX_WAIT`].
+    pub next: Option<NextLease>,
 }
 
 impl TryFrom<proto::CompleteRequest> for Completion {
@@ -157,8 +164,16 @@ impl TryFrom<proto::CompleteRequest> for Completion {
             )));
         }
         let (metrics, dropped) = check_metrics("metrics", r.metrics)?;
+        // The same limits as a Lease request; worker_id is only read when a lease is asked for.
+        let next = if r.lease_next {
+            check_id("worker_id", &r.worker_id)?;
+            Some(NextLease { worker_id: r.worker_id, wait: clamp_wait(r.wait_ms) })
+        } else {
+            None
+        };
         Ok(Completion {
             lease_id: r.lease_id,
+            next,
             outcome: TrialOutcome {
                 success: r.success,
                 metrics,
@@ -168,6 +183,26 @@ impl TryFrom<proto::CompleteRequest> for Completion {
                 dropped,
             },
         })
+    }
+}
+
+/// A requested long-poll wait, clamped to [`MAX_WAIT`].
+fn clamp_wait(wait_ms: u32) -> Duration {
+    Duration::from_millis(wait_ms.into()).min(MAX_WAIT)
+}
+
+/// A granted lease as the protocol carries it.
+fn lease_proto(g: LeaseGrant) -> proto::Lease {
+    proto::Lease {
+        lease_id: g.lease_id,
+        trial_id: g.trial_id,
+        sweep: g.sweep,
+        attempt: g.attempt,
+        config_json: g.config_json,
+        ttl_ms: g.ttl.as_millis().min(u32::MAX as u128) as u32,
+        timeout_s: g.timeout.map_or(0.0, |t| t.as_secs_f64()),
+        runner: g.runner,
+        noop_sleep_ms: g.noop_sleep_ms,
     }
 }
 
@@ -202,20 +237,10 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<proto::LeaseReply>, Status> {
         let r = request.into_inner();
         check_id("worker_id", &r.worker_id)?;
-        let wait = Duration::from_millis(r.wait_ms.into()).min(MAX_WAIT);
-        let outcome = self.scheduler.lease(&r.worker_id, wait).await.map_err(status_of)?;
+        let outcome =
+            self.scheduler.lease(&r.worker_id, clamp_wait(r.wait_ms)).await.map_err(status_of)?;
         Ok(Response::new(proto::LeaseReply {
-            lease: outcome.lease.map(|g| proto::Lease {
-                lease_id: g.lease_id,
-                trial_id: g.trial_id,
-                sweep: g.sweep,
-                attempt: g.attempt,
-                config_json: g.config_json,
-                ttl_ms: g.ttl.as_millis().min(u32::MAX as u128) as u32,
-                timeout_s: g.timeout.map_or(0.0, |t| t.as_secs_f64()),
-                runner: g.runner,
-                noop_sleep_ms: g.noop_sleep_ms,
-            }),
+            lease: outcome.lease.map(lease_proto),
             shutdown: outcome.shutdown,
         }))
     }
@@ -235,8 +260,17 @@ impl Coordinator for CoordinatorService {
         request: Request<proto::CompleteRequest>,
     ) -> Result<Response<proto::CompleteReply>, Status> {
         let c = Completion::try_from(request.into_inner())?;
-        let ack = self.scheduler.complete(&c.lease_id, c.outcome).await.map_err(status_of)?;
-        Ok(Response::new(proto::CompleteReply { accepted: ack.accepted, reason: ack.reason }))
+        let out = self
+            .scheduler
+            .complete_then_lease(&c.lease_id, c.outcome, c.next)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(proto::CompleteReply {
+            accepted: out.ack.accepted,
+            reason: out.ack.reason,
+            next: out.next.lease.map(lease_proto),
+            shutdown: out.next.shutdown,
+        }))
     }
 
     async fn release(

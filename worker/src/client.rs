@@ -16,6 +16,12 @@
 //!   [`Control::Stop`], returned from its progress callback when the coordinator says stop, the
 //!   trial's `timeout_s` passes, or the worker shuts down. On shutdown the lease is handed back
 //!   (`Release`) so the trial is requeued at once instead of after the lease expires.
+//! - One round trip per trial: a result goes out with the worker's next lease request
+//!   (`lease_next`), so the coordinator commits both at once and the reply carries the next
+//!   lease (or says shutdown); only when it carries neither does the worker send a `Lease`.
+//!   An unknown worker id (the coordinator restarted) does not cost the result: it is
+//!   accepted without a lease, and the `Lease` that follows triggers the re-registration.
+//!   No next lease is asked for when the worker is shutting down or `max_trials` is reached.
 //! - Invalid leases (bad JSON, a config `validate()` refuses, an unknown runner kind) are
 //!   reported as failed trials with the reason, never a panic.
 
@@ -276,6 +282,15 @@ impl StopFlag {
     }
 }
 
+/// What the coordinator said after a result, about the worker's next step.
+#[derive(Debug, Default)]
+struct After {
+    /// The next lease, carried by the reply to the result (no `Lease` call needed).
+    lease: Option<Lease>,
+    /// The coordinator is finishing: exit (after running `lease`, if any).
+    shutdown: bool,
+}
+
 /// How a lease ended on this worker.
 enum Finished {
     /// Report this to the coordinator.
@@ -358,10 +373,20 @@ impl Worker {
             match reply {
                 Ok(reply) => {
                     backoff.reset();
-                    if let Some(lease) = reply.lease {
-                        self.handle_lease(lease).await?;
+                    let mut after = After { lease: reply.lease, shutdown: reply.shutdown };
+                    // Each result's reply may carry the next lease: run them back to back.
+                    while let Some(lease) = after.lease.take() {
+                        if self.shutdown.is_set() {
+                            // Asked for before the shutdown came: hand it back at once.
+                            self.summary.leases += 1;
+                            self.release(&lease, StopCause::Shutdown.to_string()).await;
+                            break;
+                        }
+                        let shutdown = after.shutdown;
+                        after = self.handle_lease(lease).await?;
+                        after.shutdown |= shutdown;
                     }
-                    if reply.shutdown {
+                    if after.shutdown {
                         tracing::info!("the coordinator is finishing; worker exits");
                         break;
                     }
@@ -433,7 +458,9 @@ impl Worker {
         }
     }
 
-    async fn handle_lease(&mut self, lease: Lease) -> anyhow::Result<()> {
+    /// Runs a lease to its end and reports it; returns what the result's reply said about the
+    /// next step.
+    async fn handle_lease(&mut self, lease: Lease) -> anyhow::Result<After> {
         self.summary.leases += 1;
         tracing::info!(trial = %lease.trial_id, attempt = lease.attempt, lease = %lease.lease_id,
             runner = %lease.runner, "leased trial");
@@ -455,7 +482,7 @@ impl Worker {
             Finished::Report(request) => self.deliver(&lease, request).await,
             Finished::Release(reason) => {
                 self.release(&lease, reason).await;
-                Ok(())
+                Ok(After::default())
             }
         }
     }
@@ -630,13 +657,47 @@ impl Worker {
         }
     }
 
-    /// Delivers a result until it is accepted or refused. At shutdown, one last try.
-    async fn deliver(&mut self, lease: &Lease, request: CompleteRequest) -> anyhow::Result<()> {
+    /// Whether a result should carry the next lease request: not when shutting down or when
+    /// this worker has handled all the leases it may.
+    fn wants_next_lease(&self) -> bool {
+        !self.shutdown.is_set() && self.opts.max_trials.is_none_or(|max| self.summary.leases < max)
+    }
+
+    /// Delivers a result until it is accepted or refused (with the next lease request when
+    /// [`Self::wants_next_lease`]). At shutdown, one last try without it. Returns what the
+    /// reply said about the next step.
+    async fn deliver(
+        &mut self,
+        lease: &Lease,
+        mut request: CompleteRequest,
+    ) -> anyhow::Result<After> {
         let mut backoff = self.backoff();
         loop {
             let last_try = self.shutdown.is_set();
+            let ask_next = self.wants_next_lease();
+            request.lease_next = ask_next;
+            request.worker_id =
+                if ask_next { self.summary.worker_id.clone() } else { String::new() };
+            request.wait_ms = if ask_next {
+                self.opts.poll_wait.as_millis().min(u32::MAX as u128) as u32
+            } else {
+                0
+            };
             let mut client = self.client.clone();
-            match timed(self.opts.rpc_timeout, client.complete(request.clone())).await {
+            let reply = if ask_next {
+                // The lease part may long-poll; a shutdown cuts it short and the loop resends
+                // the result alone (refused as stale if the cut call had already been taken:
+                // the result is committed either way).
+                let limit = self.opts.poll_wait + self.opts.rpc_timeout;
+                let mut shutdown = self.shutdown.clone();
+                tokio::select! {
+                    reply = timed(limit, client.complete(request.clone())) => reply,
+                    () = shutdown.wait() => continue,
+                }
+            } else {
+                timed(self.opts.rpc_timeout, client.complete(request.clone())).await
+            };
+            match reply {
                 Ok(reply) if reply.accepted => {
                     tracing::info!(trial = %lease.trial_id, success = request.success, duration_s = request.duration_s,
                         error = %request.error, "result accepted");
@@ -645,13 +706,14 @@ impl Worker {
                     } else {
                         self.summary.failed += 1;
                     }
-                    return Ok(());
+                    return Ok(After { lease: reply.next, shutdown: reply.shutdown });
                 }
                 Ok(reply) => {
                     tracing::warn!(trial = %lease.trial_id, lease = %lease.lease_id, reason = %reply.reason,
                         "the coordinator refused the result (stale lease); dropping it");
                     self.summary.refused += 1;
-                    return Ok(());
+                    // A refused result may still come with the next lease.
+                    return Ok(After { lease: reply.next, shutdown: reply.shutdown });
                 }
                 Err(status)
                     if matches!(
@@ -662,7 +724,7 @@ impl Worker {
                     tracing::warn!(trial = %lease.trial_id, lease = %lease.lease_id, code = ?status.code(),
                         message = status.message(), "the coordinator refused the result; dropping it");
                     self.summary.refused += 1;
-                    return Ok(());
+                    return Ok(After::default());
                 }
                 Err(status) if !is_transient(&status) => anyhow::bail!(
                     "coordinator {} rejected the result of trial {}: {:?}: {}",
@@ -676,7 +738,7 @@ impl Worker {
                         tracing::warn!(trial = %lease.trial_id, code = ?status.code(), message = status.message(),
                             "shutting down with an undelivered result; the lease will expire and the trial rerun");
                         self.summary.lost += 1;
-                        return Ok(());
+                        return Ok(After::default());
                     }
                     let delay = backoff.next_delay();
                     tracing::warn!(trial = %lease.trial_id, code = ?status.code(), message = status.message(),
@@ -759,6 +821,16 @@ mod tests {
         forget: HashSet<String>,
         /// Reply shutdown = true once the queue is empty.
         shutdown_when_empty: bool,
+        /// Lease calls received.
+        lease_calls: usize,
+        /// A combined completion (`lease_next`) from these worker ids makes the fake forget
+        /// them (as a restarted coordinator would): the result is accepted with no lease.
+        forget_on_complete: HashSet<String>,
+        /// A combined completion with nothing to lease waits its full `wait_ms` (a real
+        /// long-poll) instead of at most 20 ms.
+        long_poll: bool,
+        /// Behave like a coordinator that predates `lease_next`: ignore it.
+        legacy: bool,
     }
 
     #[derive(Clone, Default)]
@@ -802,6 +874,7 @@ mod tests {
             let request = request.into_inner();
             {
                 let mut state = self.state();
+                state.lease_calls += 1;
                 if state.forget.contains(&request.worker_id) {
                     return Err(Status::not_found(format!("unknown worker {}", request.worker_id)));
                 }
@@ -836,13 +909,38 @@ mod tests {
             request: Request<CompleteRequest>,
         ) -> Result<Response<CompleteReply>, Status> {
             let request = request.into_inner();
-            let mut state = self.state();
-            let accepted = !state.refuse.contains(&request.lease_id);
-            state.completes.push(request);
-            Ok(Response::new(CompleteReply {
-                accepted,
-                reason: if accepted { String::new() } else { "stale lease".into() },
-            }))
+            let (reply, hold) = {
+                let mut state = self.state();
+                let accepted = !state.refuse.contains(&request.lease_id);
+                let mut reply = CompleteReply {
+                    accepted,
+                    reason: if accepted { String::new() } else { "stale lease".into() },
+                    next: None,
+                    shutdown: false,
+                };
+                let mut hold = None;
+                if request.lease_next && !state.legacy {
+                    if state.forget_on_complete.remove(&request.worker_id) {
+                        state.forget.insert(request.worker_id.clone());
+                    }
+                    if state.forget.contains(&request.worker_id) {
+                        // Unknown worker: the result counts, the lease part is dropped.
+                    } else if let Some(lease) = state.leases.pop_front() {
+                        reply.next = Some(lease);
+                    } else if state.shutdown_when_empty {
+                        reply.shutdown = true;
+                    } else {
+                        let cap = if state.long_poll { u32::MAX } else { 20 };
+                        hold = Some(Duration::from_millis(request.wait_ms.min(cap) as u64));
+                    }
+                }
+                state.completes.push(request);
+                (reply, hold)
+            };
+            if let Some(hold) = hold {
+                tokio::time::sleep(hold).await;
+            }
+            Ok(Response::new(reply))
         }
 
         async fn release(
@@ -1012,6 +1110,10 @@ mod tests {
         assert!(progress_a.iter().any(|p| p.scalars.contains_key("train_loss")));
         let ids: Vec<&str> = s.completes.iter().map(|c| c.lease_id.as_str()).collect();
         assert_eq!(ids, vec!["a", "b"]);
+        // One round trip per trial: each result asked for the next lease; "b" came with the
+        // reply to "a", the shutdown with the reply to "b", so only the first lease was a call.
+        assert!(s.completes.iter().all(|c| c.lease_next && c.worker_id == "w1" && c.wait_ms == 50));
+        assert_eq!(s.lease_calls, 1);
         let a = &s.completes[0];
         assert!(a.success && a.error.is_empty());
         assert_eq!(a.metrics["fvu"], crate::noop::analytic_fvu(&TrialConfig::default()));
@@ -1077,6 +1179,8 @@ mod tests {
         assert_eq!((summary.refused, summary.succeeded), (1, 1));
         let ids: Vec<String> = fake.state().completes.iter().map(|c| c.lease_id.clone()).collect();
         assert_eq!(ids, vec!["stale", "fresh"], "the refused result is sent once");
+        // The refusal carried the next lease ("fresh"): no second Lease call.
+        assert_eq!(fake.state().lease_calls, 1);
         server.shutdown().await;
     }
 
@@ -1101,6 +1205,7 @@ mod tests {
         let s = fake.snapshot();
         assert_eq!(s.completes.len(), 1);
         assert!(s.completes[0].success && s.completes[0].lease_id == "a");
+        assert!(!s.completes[0].lease_next, "max_trials reached: no next lease asked for");
         server.shutdown().await;
     }
 
@@ -1218,6 +1323,88 @@ mod tests {
         assert_eq!(summary.succeeded, 1);
         assert_eq!(fake.state().registrations.len(), 2);
         assert!(fake.state().authorization.iter().all(Option::is_none), "no token, no header");
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn result_from_a_forgotten_worker_counts_then_it_registers_again() {
+        let fake = Fake::default();
+        {
+            let mut s = fake.state();
+            s.leases.push_back(lease("a", "noop", 0));
+            s.leases.push_back(lease("b", "noop", 0));
+            s.forget_on_complete.insert("w1".into());
+            s.shutdown_when_empty = true;
+        }
+        let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let summary = tokio::time::timeout(
+            LIMIT,
+            run_worker(options(server.addr), Arc::new(Panics), std::future::pending()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!((summary.succeeded, summary.refused), (2, 0));
+        assert_eq!(summary.worker_id, "w2");
+        let s = fake.snapshot();
+        let sent: Vec<(&str, &str)> =
+            s.completes.iter().map(|c| (c.lease_id.as_str(), c.worker_id.as_str())).collect();
+        assert_eq!(sent, vec![("a", "w1"), ("b", "w2")], "each result sent once");
+        // Lease (a), Lease refused as unknown, Lease (b) after registering again.
+        assert_eq!((s.registrations.len(), s.lease_calls), (2, 3));
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn old_coordinator_without_lease_next_still_works() {
+        let fake = Fake::default();
+        {
+            let mut s = fake.state();
+            s.leases.push_back(lease("a", "noop", 0));
+            s.leases.push_back(lease("b", "noop", 0));
+            s.shutdown_when_empty = true;
+            s.legacy = true;
+        }
+        let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let summary = tokio::time::timeout(
+            LIMIT,
+            run_worker(options(server.addr), Arc::new(Panics), std::future::pending()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(summary.succeeded, 2);
+        // No `next` in the replies: a Lease call per trial, plus the one answered shutdown.
+        assert_eq!(fake.state().lease_calls, 3);
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_during_a_long_polled_result_resends_it_alone() {
+        let fake = Fake::default();
+        {
+            let mut s = fake.state();
+            s.leases.push_back(lease("a", "noop", 0));
+            s.long_poll = true;
+        }
+        let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let mut opts = options(server.addr);
+        opts.poll_wait = Duration::from_secs(15);
+        let (trigger, shutdown) = oneshot::channel::<()>();
+        let worker = tokio::spawn(run_worker(opts, Arc::new(Panics), async {
+            let _ = shutdown.await;
+        }));
+        wait_for("the result with its lease request", || !fake.state().completes.is_empty()).await;
+        let start = Instant::now();
+        trigger.send(()).unwrap();
+        let summary = tokio::time::timeout(LIMIT, worker).await.unwrap().unwrap().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+        assert_eq!((summary.leases, summary.succeeded), (1, 1));
+        let s = fake.snapshot();
+        let sent: Vec<(&str, bool)> =
+            s.completes.iter().map(|c| (c.lease_id.as_str(), c.lease_next)).collect();
+        assert_eq!(sent, vec![("a", true), ("a", false)]);
+        assert_eq!(s.completes[0].wait_ms, 15_000);
         server.shutdown().await;
     }
 

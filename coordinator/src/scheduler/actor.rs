@@ -7,13 +7,24 @@
 //! transaction on a blocking thread; only then send the replies and publish events. While the
 //! commit runs, new commands queue up in the channel and form the next batch, so the commit rate,
 //! not the request rate, bounds the fsyncs.
+//!
+//! A completion may carry the worker's next lease request ([`NextLease`]): the completion is
+//! applied, then the lease part goes through exactly the path of a lease command (granted at
+//! once, parked until a trial appears or its wait ends, or shutdown), so a worker's result and
+//! its next trial cost one round trip and one commit. Parked requests are [`Waiter`]s of either
+//! kind; a parked completion is answered, like a parked lease, only after a commit that
+//! follows the one holding its result.
 
 use super::core::{Core, LeaseDecision};
-use super::{Command, Counts, LeaseOutcome, PROGRESS_FLUSH, Reply, SchedulerError, SchedulerEvent};
+use super::{
+    Command, CompleteAck, CompleteOutcome, Counts, LeaseOutcome, NextLease, PROGRESS_FLUSH, Reply,
+    SchedulerError, SchedulerEvent,
+};
 use crate::model::now_ms;
 use crate::store::{Store, WriteBatch};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
@@ -23,11 +34,68 @@ const MAX_BATCH: usize = 4096;
 /// Period of lease expiry, timeout and long-poll checks.
 const TICK: Duration = Duration::from_millis(50);
 
+/// Who waits for the answer to a lease request.
+enum Waiter {
+    /// A lease command.
+    Lease(Reply<LeaseOutcome>),
+    /// The lease part of a completion; `ack` is the (already applied) completion's answer.
+    Complete { ack: CompleteAck, reply: Reply<CompleteOutcome> },
+}
+
+impl Waiter {
+    /// The requester went away (client timeout or cancel): no trial should be granted to it.
+    fn is_closed(&self) -> bool {
+        match self {
+            Waiter::Lease(reply) => reply.is_closed(),
+            Waiter::Complete { reply, .. } => reply.is_closed(),
+        }
+    }
+
+    /// The answer to send once the batch is committed.
+    fn defer(self, replies: &mut Vec<Deferred>, value: Result<LeaseOutcome, SchedulerError>) {
+        match self {
+            Waiter::Lease(reply) => defer(replies, reply, value),
+            Waiter::Complete { ack, reply } => {
+                defer(replies, reply, Ok(complete_outcome(ack, value)))
+            }
+        }
+    }
+
+    /// Answers now (the actor is stopping after its last commit).
+    fn send_now(self, value: LeaseOutcome) {
+        // The requester may have gone away; nothing to do then.
+        match self {
+            Waiter::Lease(reply) => {
+                let _ = reply.send(Ok(value));
+            }
+            Waiter::Complete { ack, reply } => {
+                let _ = reply.send(Ok(CompleteOutcome { ack, next: value }));
+            }
+        }
+    }
+}
+
+/// The answer to a completion whose lease part ended with `lease`. A lease error (an unknown
+/// worker: the coordinator restarted) must not hide that the result was taken, so the result
+/// is acknowledged with no lease, and the client registers again before its next lease.
+fn complete_outcome(
+    ack: CompleteAck,
+    lease: Result<LeaseOutcome, SchedulerError>,
+) -> CompleteOutcome {
+    match lease {
+        Ok(next) => CompleteOutcome { ack, next },
+        Err(e) => {
+            tracing::debug!(error = %e, "completion's lease part refused; result acknowledged without a lease");
+            CompleteOutcome { ack, next: LeaseOutcome::default() }
+        }
+    }
+}
+
 /// A lease request waiting for a trial.
 struct Parked {
     worker_id: String,
     deadline: Instant,
-    reply: Reply<LeaseOutcome>,
+    waiter: Waiter,
 }
 
 /// A reply to send once the batch is committed; receives the commit error, if any.
@@ -44,6 +112,8 @@ pub(super) struct Actor {
     last_flush: Instant,
     /// Set by a shutdown: when to give up waiting for running trials, and who to tell.
     draining: Option<(Instant, Vec<Reply<()>>)>,
+    /// Successful commits, shared with the handles ([`super::SchedulerHandle::commits`]).
+    commits: Arc<AtomicU64>,
 }
 
 fn defer<T: Send + 'static>(
@@ -68,6 +138,7 @@ impl Actor {
         rx: mpsc::Receiver<Command>,
         counts_tx: watch::Sender<Counts>,
         events_tx: broadcast::Sender<SchedulerEvent>,
+        commits: Arc<AtomicU64>,
     ) -> Actor {
         Actor {
             core,
@@ -79,6 +150,7 @@ impl Actor {
             replies: Vec::new(),
             last_flush: Instant::now(),
             draining: None,
+            commits,
         }
     }
 
@@ -122,8 +194,17 @@ impl Actor {
             if with_progress {
                 self.last_flush = Instant::now();
             }
-            let error =
-                if batch.is_empty() { None } else { commit(self.store.clone(), batch).await.err() };
+            let error = if batch.is_empty() {
+                None
+            } else {
+                let result = commit(self.store.clone(), batch).await;
+                if result.is_ok() {
+                    // Counted before the replies go out, so a caller that sees its reply sees
+                    // the commit that made it durable.
+                    self.commits.fetch_add(1, Ordering::Relaxed);
+                }
+                result.err()
+            };
             for reply in std::mem::take(&mut self.replies) {
                 reply(error.as_deref());
             }
@@ -143,7 +224,7 @@ impl Actor {
                 counts.stopped = true;
                 self.counts_tx.send_replace(counts);
                 for p in self.parked.drain(..) {
-                    let _ = p.reply.send(Ok(LeaseOutcome { lease: None, shutdown: true }));
+                    p.waiter.send_now(LeaseOutcome { lease: None, shutdown: true });
                 }
                 if let Some((_, waiters)) = self.draining.take() {
                     for w in waiters {
@@ -172,47 +253,25 @@ impl Actor {
                 defer(&mut self.replies, reply, value);
             }
             Command::Lease { worker_id, wait, reply } => {
-                // Earlier waiters go first.
-                if self.parked.is_empty() {
-                    self.core.fill_queue(1, now);
-                }
-                let decision = if self.parked.is_empty() {
-                    self.core.try_lease(&worker_id, now)
-                } else if self.core.sweep().finished {
-                    Ok(LeaseDecision::Shutdown)
-                } else {
-                    // Validate the worker even when queuing behind others.
-                    self.core.try_lease_check_only(&worker_id)
-                };
-                match decision {
-                    Err(e) => defer(&mut self.replies, reply, Err(e)),
-                    Ok(LeaseDecision::Granted(g)) => defer(
-                        &mut self.replies,
-                        reply,
-                        Ok(LeaseOutcome { lease: Some(g), shutdown: false }),
-                    ),
-                    Ok(LeaseDecision::Shutdown) => defer(
-                        &mut self.replies,
-                        reply,
-                        Ok(LeaseOutcome { lease: None, shutdown: true }),
-                    ),
-                    Ok(LeaseDecision::Nothing) if wait.is_zero() => {
-                        defer(&mut self.replies, reply, Ok(LeaseOutcome::default()))
-                    }
-                    Ok(LeaseDecision::Nothing) => self.parked.push_back(Parked {
-                        worker_id,
-                        deadline: Instant::now() + wait,
-                        reply,
-                    }),
-                }
+                self.lease(NextLease { worker_id, wait }, Waiter::Lease(reply), now);
             }
             Command::Progress { lease_id, step, scalars, reply } => {
                 let ack = self.core.progress(&lease_id, step, scalars, now);
                 defer(&mut self.replies, reply, Ok(ack));
             }
-            Command::Complete { lease_id, outcome, reply } => {
+            Command::Complete { lease_id, outcome, next, reply } => {
+                // Applied first, so the trial it frees (or the point the strategy proposes
+                // after its observation) can go straight to this worker. A refused (stale)
+                // result leaves the state as it was; the lease part is served all the same.
                 let ack = self.core.complete(&lease_id, outcome, now);
-                defer(&mut self.replies, reply, Ok(ack));
+                match next {
+                    Some(next) => self.lease(next, Waiter::Complete { ack, reply }, now),
+                    None => defer(
+                        &mut self.replies,
+                        reply,
+                        Ok(CompleteOutcome { ack, next: LeaseOutcome::default() }),
+                    ),
+                }
             }
             Command::Release { lease_id, reason, reply } => {
                 let ok = self.core.release(&lease_id, &reason);
@@ -237,6 +296,44 @@ impl Actor {
         }
     }
 
+    /// A lease request (a lease command or the lease part of a completion): granted at once,
+    /// parked until a trial appears or `wait` ends, or answered with shutdown.
+    fn lease(&mut self, request: NextLease, waiter: Waiter, now: u64) {
+        let NextLease { worker_id, wait } = request;
+        if waiter.is_closed() {
+            // The requester gave up before we got to it: a grant would only wait to expire.
+            // (A completion part was applied already; its requester resends or lets it be.)
+            return;
+        }
+        // Earlier waiters go first.
+        if self.parked.is_empty() {
+            self.core.fill_queue(1, now);
+        }
+        let decision = if self.parked.is_empty() {
+            self.core.try_lease(&worker_id, now)
+        } else if self.core.sweep().finished {
+            Ok(LeaseDecision::Shutdown)
+        } else {
+            // Validate the worker even when queuing behind others.
+            self.core.try_lease_check_only(&worker_id)
+        };
+        let value = match decision {
+            Err(e) => Err(e),
+            Ok(LeaseDecision::Granted(g)) => Ok(LeaseOutcome { lease: Some(g), shutdown: false }),
+            Ok(LeaseDecision::Shutdown) => Ok(LeaseOutcome { lease: None, shutdown: true }),
+            Ok(LeaseDecision::Nothing) if wait.is_zero() => Ok(LeaseOutcome::default()),
+            Ok(LeaseDecision::Nothing) => {
+                self.parked.push_back(Parked {
+                    worker_id,
+                    deadline: Instant::now() + wait,
+                    waiter,
+                });
+                return;
+            }
+        };
+        waiter.defer(&mut self.replies, value);
+    }
+
     /// Hands queued trials to waiting lease requests; on ticks, answers waits that elapsed.
     fn serve_parked(&mut self, now: u64, ticked: bool) {
         self.core.fill_queue(self.parked.len().max(1), now);
@@ -247,37 +344,32 @@ impl Actor {
         let stop = finished || self.draining.is_some();
         while !self.parked.is_empty() && (stop || self.core.queued() > 0) {
             let p = self.parked.pop_front().expect("not empty");
-            if p.reply.is_closed() {
+            if p.waiter.is_closed() {
                 continue;
             }
-            match self.core.try_lease(&p.worker_id, now) {
+            let value = match self.core.try_lease(&p.worker_id, now) {
                 Ok(LeaseDecision::Nothing) => {
                     // max_concurrent reached: keep waiting in order.
                     self.parked.push_front(p);
                     break;
                 }
-                Ok(LeaseDecision::Granted(g)) => defer(
-                    &mut self.replies,
-                    p.reply,
-                    Ok(LeaseOutcome { lease: Some(g), shutdown: false }),
-                ),
-                Ok(LeaseDecision::Shutdown) => defer(
-                    &mut self.replies,
-                    p.reply,
-                    Ok(LeaseOutcome { lease: None, shutdown: true }),
-                ),
-                Err(e) => defer(&mut self.replies, p.reply, Err(e)),
-            }
+                Ok(LeaseDecision::Granted(g)) => {
+                    Ok(LeaseOutcome { lease: Some(g), shutdown: false })
+                }
+                Ok(LeaseDecision::Shutdown) => Ok(LeaseOutcome { lease: None, shutdown: true }),
+                Err(e) => Err(e),
+            };
+            p.waiter.defer(&mut self.replies, value);
         }
         if ticked {
             let now = Instant::now();
             let mut keep = VecDeque::with_capacity(self.parked.len());
             for p in self.parked.drain(..) {
-                if p.reply.is_closed() {
+                if p.waiter.is_closed() {
                     continue;
                 }
                 if p.deadline <= now {
-                    defer(&mut self.replies, p.reply, Ok(LeaseOutcome::default()));
+                    p.waiter.defer(&mut self.replies, Ok(LeaseOutcome::default()));
                 } else {
                     keep.push_back(p);
                 }

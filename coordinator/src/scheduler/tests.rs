@@ -527,6 +527,139 @@ async fn shutdown_stops_dispatching_but_accepts_results() {
     assert_eq!(trials[1].attempt, 0);
 }
 
+fn next(worker: &str, wait: Duration) -> Option<NextLease> {
+    Some(NextLease { worker_id: worker.to_string(), wait })
+}
+
+#[tokio::test]
+async fn completion_with_next_lease_is_one_command_and_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("n.redb");
+    let (h, observed) = start_list(&path, 4, actor_policy(), "fp").await.unwrap();
+    let w = within(h.register("a", "cpu", V)).await.unwrap();
+    let g0 = within(h.lease(&w, Duration::ZERO)).await.unwrap().lease.unwrap();
+
+    // The result of trial 0 and the lease of trial 1: one reply, one commit.
+    let before = h.commits();
+    let out = within(h.complete_then_lease(&g0.lease_id, success(0.5), next(&w, Duration::ZERO)))
+        .await
+        .unwrap();
+    assert!(out.ack.accepted, "{:?}", out.ack);
+    let g1 = out.next.lease.expect("the next trial comes with the acknowledgement");
+    assert_eq!((g1.index, g1.attempt), (1, 1));
+    assert!(!out.next.shutdown);
+    assert_eq!(h.commits(), before + 1, "completion and lease share one commit");
+    // Both changes are durable once the reply is out.
+    let records = within(h.records("s")).await.unwrap();
+    assert_eq!(records[0].status, TrialStatus::Completed);
+    assert_eq!(records[1].status, TrialStatus::Running);
+
+    // Exactly once: the same result again is refused and changes nothing, yet the worker
+    // still gets its next lease.
+    let dup = within(h.complete_then_lease(&g0.lease_id, success(9.0), next(&w, Duration::ZERO)))
+        .await
+        .unwrap();
+    assert!(!dup.ack.accepted);
+    assert!(dup.ack.reason.contains("not current"), "{}", dup.ack.reason);
+    let g2 = dup.next.lease.expect("a refused result may still get a lease");
+    assert_eq!(g2.index, 2);
+
+    // An unknown worker (the coordinator restarted): the result is taken, no lease is
+    // granted, and the trial stays queued for whoever leases next.
+    let ghost =
+        within(h.complete_then_lease(&g1.lease_id, success(0.25), next("ghost", Duration::ZERO)))
+            .await
+            .unwrap();
+    assert!(ghost.ack.accepted);
+    assert_eq!(ghost.next, LeaseOutcome::default());
+    let records = within(h.records("s")).await.unwrap();
+    assert_eq!(
+        (records[1].status, records[3].status),
+        (TrialStatus::Completed, TrialStatus::Queued)
+    );
+
+    let out =
+        within(h.complete_then_lease(&g2.lease_id, success(0.75), next(&w, T))).await.unwrap();
+    let g3 = out.next.lease.unwrap();
+    assert_eq!(g3.index, 3);
+    // The last result finishes the sweep: its lease part says shutdown.
+    let last =
+        within(h.complete_then_lease(&g3.lease_id, success(1.0), next(&w, T))).await.unwrap();
+    assert!(last.ack.accepted && last.next.shutdown && last.next.lease.is_none());
+
+    let counts = within(h.finished()).await.unwrap();
+    assert_eq!((counts.completed, counts.failed), (4, 0));
+    assert_eq!(counts.best, Some(Best { index: 1, value: 0.25 }));
+    let mut seen: Vec<u64> = observed.lock().unwrap().iter().map(|(i, _)| *i).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, vec![0, 1, 2, 3], "each trial observed exactly once");
+    let records = within(h.records("s")).await.unwrap();
+    assert_eq!(records[0].metrics["loss"], 0.5, "the refused duplicate changed nothing");
+    assert!(records.iter().all(|r| r.attempt == 1));
+}
+
+#[tokio::test]
+async fn completion_with_next_lease_long_polls_like_a_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.redb");
+    let (h, _) = start_list(&path, 3, actor_policy(), "fp").await.unwrap();
+    let a = within(h.register("a", "cpu", V)).await.unwrap();
+    let b = within(h.register("b", "cpu", V)).await.unwrap();
+    let ga = within(h.lease(&a, Duration::ZERO)).await.unwrap().lease.unwrap();
+    let gb = within(h.lease(&b, Duration::ZERO)).await.unwrap().lease.unwrap();
+    let gc = within(h.lease(&b, Duration::ZERO)).await.unwrap().lease.unwrap();
+    assert_eq!((ga.index, gb.index, gc.index), (0, 1, 2));
+
+    // Nothing queued: a short wait comes back after it elapses, with the result taken.
+    let t = std::time::Instant::now();
+    let out = within(h.complete_then_lease(
+        &ga.lease_id,
+        success(0.5),
+        next(&a, Duration::from_millis(200)),
+    ))
+    .await
+    .unwrap();
+    assert!(out.ack.accepted);
+    assert_eq!(out.next, LeaseOutcome::default());
+    assert!(t.elapsed() >= Duration::from_millis(190), "{:?}", t.elapsed());
+    assert_eq!(within(h.records("s")).await.unwrap()[0].status, TrialStatus::Completed);
+
+    // A long wait parks the completion's lease part until a trial is handed back.
+    let parked = {
+        let (h, a, lease) = (h.clone(), a.clone(), gb.lease_id.clone());
+        tokio::spawn(async move { h.complete_then_lease(&lease, success(0.1), next(&a, T)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(h.counts().borrow().completed, 2, "the result is applied while the lease waits");
+    let t = std::time::Instant::now();
+    assert!(within(h.release(&gc.lease_id, "bye")).await.unwrap());
+    let out = within(parked).await.unwrap().unwrap();
+    assert!(out.ack.accepted);
+    let g = out.next.lease.expect("woken with the released trial");
+    assert_eq!((g.index, g.attempt), (2, 1));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    // A shutdown answers a parked completion with shutdown, its result still acknowledged.
+    let b2 = within(h.register("b2", "cpu", V)).await.unwrap();
+    let g2 = g;
+    let parked = {
+        let h = h.clone();
+        tokio::spawn(async move {
+            // Stale lease (trial 1 is done): refused, and its lease part parks.
+            h.complete_then_lease(&gb.lease_id, success(0.1), next(&b2, T)).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopper = {
+        let h = h.clone();
+        tokio::spawn(async move { h.shutdown(Duration::from_secs(5)).await })
+    };
+    let out = within(parked).await.unwrap().unwrap();
+    assert!(!out.ack.accepted && out.next.shutdown && out.next.lease.is_none(), "{out:?}");
+    assert!(within(h.complete(&g2.lease_id, success(0.2))).await.unwrap().accepted);
+    within(stopper).await.unwrap().unwrap();
+}
+
 /// Throughput of the scheduler alone (no network): lease + complete per trial with durable
 /// commits. `cargo test -p msae-coordinator --lib scheduler::tests::throughput -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -109,6 +109,7 @@ async fn fake_worker(mut c: CoordinatorClient<Channel>, name: String) -> Vec<Str
             error: String::new(),
             artifact: String::new(),
             duration_s: 0.01,
+            ..Default::default()
         }))
         .await
         .unwrap()
@@ -163,6 +164,141 @@ async fn grid_with_concurrent_workers_completes_each_trial_exactly_once() {
     assert!(report.trials.iter().all(|t| !t.metrics.contains_key("bad")));
     let missing = within(c.report(proto::ReportRequest { sweep: "nope".into() })).await;
     assert_eq!(missing.unwrap_err().code(), tonic::Code::NotFound);
+    s.stop().await;
+}
+
+/// A worker that asks for its next lease with each result: one RPC per trial after the first
+/// lease. Returns the trials it completed and the Lease calls it made.
+async fn chained_worker(mut c: CoordinatorClient<Channel>, name: String) -> (Vec<String>, usize) {
+    let id = register(&mut c, &name).await;
+    let (mut done, mut lease_calls) = (Vec::new(), 0);
+    let mut next = None;
+    loop {
+        let lease = match next.take() {
+            Some(lease) => lease,
+            None => {
+                lease_calls += 1;
+                let reply =
+                    within(c.lease(proto::LeaseRequest { worker_id: id.clone(), wait_ms: 2000 }))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                if reply.shutdown {
+                    return (done, lease_calls);
+                }
+                let Some(lease) = reply.lease else { continue };
+                lease
+            }
+        };
+        let index: u64 = lease.trial_id.rsplit('/').next().unwrap().parse().unwrap();
+        let reply = within(c.complete(proto::CompleteRequest {
+            lease_id: lease.lease_id,
+            success: true,
+            metrics: HashMap::from([("loss".into(), index as f64)]),
+            lease_next: true,
+            worker_id: id.clone(),
+            wait_ms: 2000,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+        assert!(reply.accepted, "{}", reply.reason);
+        done.push(lease.trial_id);
+        if reply.shutdown {
+            assert!(reply.next.is_none());
+            return (done, lease_calls);
+        }
+        next = reply.next;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_carries_the_next_lease_over_grpc() {
+    const N: usize = 40;
+    let s = server(N, None).await;
+    let mut workers = Vec::new();
+    for i in 0..4 {
+        let c = s.client().await;
+        workers.push(tokio::spawn(chained_worker(c, format!("w{i}"))));
+    }
+    let (mut all, mut lease_calls) = (Vec::new(), 0);
+    for w in workers {
+        let (done, calls) = within(w).await.unwrap();
+        all.extend(done);
+        lease_calls += calls;
+    }
+    assert_eq!(all.len(), N, "every trial completed once");
+    assert_eq!(all.iter().collect::<HashSet<_>>().len(), N, "no duplicates");
+    // Each worker leases once at the start (a long-poll could come back empty, and a
+    // worker that finds the sweep finished leases once more for its shutdown).
+    assert!(lease_calls <= 4 * 3, "{lease_calls} Lease calls for {N} trials");
+    let counts = within(s.scheduler.finished()).await.unwrap();
+    assert_eq!((counts.completed, counts.failed), (N as u64, 0));
+
+    // Edge checks of the lease part: worker_id is required and bounded, as for Lease.
+    let mut c = s.client().await;
+    for (worker_id, what) in [(String::new(), "worker_id is empty"), ("w".repeat(300), "300 bytes")]
+    {
+        let e = within(c.complete(proto::CompleteRequest {
+            lease_id: "x".into(),
+            lease_next: true,
+            worker_id,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains(what), "{}", e.message());
+    }
+    // Without lease_next the worker fields are ignored, and the reply carries no lease.
+    let reply = within(c.complete(proto::CompleteRequest {
+        lease_id: "x".into(),
+        worker_id: String::new(),
+        wait_ms: 5000,
+        ..Default::default()
+    }))
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(!reply.accepted && reply.next.is_none() && !reply.shutdown);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn completion_from_an_unknown_worker_is_accepted_without_a_lease() {
+    let s = server(3, None).await;
+    let mut c = s.client().await;
+    let id = register(&mut c, "w").await;
+    let lease = within(c.lease(proto::LeaseRequest { worker_id: id, wait_ms: 0 }))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    let reply = within(c.complete(proto::CompleteRequest {
+        lease_id: lease.lease_id,
+        success: true,
+        metrics: HashMap::from([("loss".into(), 0.5)]),
+        lease_next: true,
+        worker_id: "w9-forgotten".into(),
+        wait_ms: 1000,
+        ..Default::default()
+    }))
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(reply.accepted, "{}", reply.reason);
+    assert!(reply.next.is_none() && !reply.shutdown);
+    assert_eq!(
+        within(s.scheduler.records("grid")).await.unwrap()[0].status,
+        TrialStatus::Completed
+    );
+    // The worker's next Lease tells it to register again.
+    let e = within(c.lease(proto::LeaseRequest { worker_id: "w9-forgotten".into(), wait_ms: 0 }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
     s.stop().await;
 }
 
