@@ -190,13 +190,18 @@ pub async fn run_sweep(
     if let Some(handle) = display {
         let _ = handle.await;
     }
-    if let Some(handle) = tensorboard {
-        let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
-    }
     match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(Ok(Err(e))) => tracing::warn!("gRPC server error: {e}"),
         Err(_) => tracing::warn!("gRPC server did not stop within 5 s"),
         _ => {}
+    }
+    // The event stream closes when the last scheduler handle is gone (the server held one):
+    // the TensorBoard writer then drains what is left and closes its files.
+    drop(scheduler);
+    if let Some(handle) = tensorboard
+        && tokio::time::timeout(Duration::from_secs(5), handle).await.is_err()
+    {
+        tracing::warn!("TensorBoard writer did not finish within 5 s");
     }
     let _ = std::fs::remove_file(&addr_file);
     if let Some(error) = &counts.error {
