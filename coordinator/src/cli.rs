@@ -282,6 +282,15 @@ async fn ask_coordinator(
 /// The whole `msae-coordinator` program (the binary and the end-to-end tests call this).
 pub fn main() -> std::process::ExitCode {
     let cli = <Cli as clap::Parser>::parse();
+    if cli.command.is_none()
+        && cli.run.local_workers > 1
+        && std::env::var_os("CANDLE_NUM_THREADS").is_none()
+    {
+        // Several local workers share the cores; candle's element-wise pool spins on a barrier
+        // and collapses when oversubscribed (15 s instead of 1.8 s for a small trial).
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
     if matches!(cli.command, Some(Command::Bench(_))) {
         msae_shared::logging::init_with_default("warn");
     } else {
