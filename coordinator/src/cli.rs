@@ -9,6 +9,7 @@ use crate::service::ReportJson;
 use crate::store::{Store, StoreError};
 use anyhow::Context;
 use msae_shared::proto;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -293,6 +294,10 @@ pub fn main() -> std::process::ExitCode {
     }
     if matches!(cli.command, Some(Command::Bench(_))) {
         msae_shared::logging::init_with_default("warn");
+    } else if cli.command.is_none() && !cli.run.quiet && std::io::stderr().is_terminal() {
+        // The live status line owns the terminal: per-trial logs of the embedded workers
+        // would break it (RUST_LOG still overrides).
+        msae_shared::logging::init_with_default("info,msae_worker=warn");
     } else {
         msae_shared::logging::init();
     }
