@@ -100,6 +100,11 @@ pub async fn run_sweep(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<RunSummary> {
     let (spec, yaml) = load_spec(&opts.sweep)?;
+    // Bind before touching the database: a busy port must fail before anything starts.
+    let listener = tokio::net::TcpListener::bind(opts.listen).await.with_context(|| {
+        format!("cannot listen on {} (another coordinator? use --listen)", opts.listen)
+    })?;
+    let addr = listener.local_addr()?;
     let db = opts.db.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;
     let policy = SchedulerPolicy {
@@ -130,10 +135,6 @@ pub async fn run_sweep(
     let scheduler = Scheduler::start(store, input, policy, strategy, make_config).await?;
     let sweep = scheduler.sweep_name().to_string();
 
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", opts.listen))?;
-    let addr = listener.local_addr()?;
     let addr_file = address_file(&opts.db);
     if let Err(e) = std::fs::write(&addr_file, addr.to_string()) {
         tracing::warn!("cannot write {}: {e}", addr_file.display());

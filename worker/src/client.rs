@@ -175,6 +175,10 @@ pub async fn run_worker(
     work.await
 }
 
+/// How long a result call that also asked for the next lease may still answer after a
+/// shutdown request before it is cut short and the result resent alone.
+const SHUTDOWN_REPLY_GRACE: Duration = Duration::from_secs(2);
+
 /// A cloneable view of the shutdown request.
 #[derive(Clone)]
 struct ShutdownSignal(watch::Receiver<bool>);
@@ -685,14 +689,23 @@ impl Worker {
             };
             let mut client = self.client.clone();
             let reply = if ask_next {
-                // The lease part may long-poll; a shutdown cuts it short and the loop resends
-                // the result alone (refused as stale if the cut call had already been taken:
-                // the result is committed either way).
+                // The lease part may long-poll. A shutdown first gives the call a moment (its
+                // reply is usually in flight: a finished sweep dismisses workers as it
+                // completes their last trial), then cuts it short; the loop resends the result
+                // alone (refused as stale if the cut call had been taken: the result is
+                // committed either way).
                 let limit = self.opts.poll_wait + self.opts.rpc_timeout;
                 let mut shutdown = self.shutdown.clone();
+                let call = timed(limit, client.complete(request.clone()));
+                tokio::pin!(call);
                 tokio::select! {
-                    reply = timed(limit, client.complete(request.clone())) => reply,
-                    () = shutdown.wait() => continue,
+                    reply = &mut call => reply,
+                    () = shutdown.wait() => {
+                        match tokio::time::timeout(SHUTDOWN_REPLY_GRACE, &mut call).await {
+                            Ok(reply) => reply,
+                            Err(_) => continue,
+                        }
+                    }
                 }
             } else {
                 timed(self.opts.rpc_timeout, client.complete(request.clone())).await
