@@ -24,6 +24,10 @@ use tokio::sync::watch;
 /// How long a finished sweep keeps serving so that workers hear it is over.
 const DISMISS_GRACE: Duration = Duration::from_secs(3);
 
+/// How long a stopping coordinator waits for remote workers to hand running trials back (they
+/// hear it on their next progress report, at most a heartbeat away).
+const REMOTE_RELEASE_GRACE: Duration = Duration::from_secs(10);
+
 /// Everything `run_sweep` needs besides the sweep file.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -155,7 +159,9 @@ pub async fn run_sweep(
     let display = opts.progress.then(|| {
         ProgressDisplay::spawn(scheduler.counts(), spec.metric.name.clone(), stop_rx.clone())
     });
-    let workers = spawn_local_workers(&opts, addr, stop_rx.clone());
+    // Local workers stop first, while the server still answers their Release calls.
+    let (workers_stop_tx, workers_stop_rx) = watch::channel(false);
+    let workers = spawn_local_workers(&opts, addr, workers_stop_rx);
 
     let mut counts_rx = scheduler.counts();
     let finished = tokio::select! {
@@ -174,8 +180,9 @@ pub async fn run_sweep(
         let mut counts = scheduler.counts();
         let _ = tokio::time::timeout(DISMISS_GRACE, counts.wait_for(|c| c.workers == 0)).await;
     }
-    // Local workers first: they hand their leases back while the scheduler still commits.
-    let _ = stop_tx.send(true);
+    // Local workers first: they hand their leases back while the server and the scheduler
+    // still run, so a stop costs no attempt.
+    let _ = workers_stop_tx.send(true);
     for w in workers {
         match tokio::time::timeout(Duration::from_secs(30), w).await {
             Ok(Ok(Err(e))) => tracing::warn!("local worker ended with an error: {e:#}"),
@@ -184,10 +191,13 @@ pub async fn run_sweep(
             Ok(Ok(Ok(_))) => {}
         }
     }
-    let counts = scheduler.counts().borrow().clone();
     let records = scheduler.records(&sweep).await.unwrap_or_default();
     let sweeps = scheduler.sweeps().await.unwrap_or_default();
-    scheduler.shutdown(Duration::from_secs(5)).await.ok();
+    // Remote workers learn of the shutdown from their next progress report (replied "stop and
+    // hand the lease back") while the server still runs; then everything is flushed.
+    scheduler.shutdown(REMOTE_RELEASE_GRACE).await.ok();
+    let counts = scheduler.counts().borrow().clone();
+    let _ = stop_tx.send(true);
     if let Some(handle) = display {
         let _ = handle.await;
     }

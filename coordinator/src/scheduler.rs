@@ -123,6 +123,8 @@ pub struct ProgressAck {
     /// The worker should stop this trial.
     pub stop: bool,
     pub reason: String,
+    /// With `stop`: hand the lease back rather than report a result (shutdown).
+    pub release: bool,
 }
 
 /// The final outcome of an attempt, as reported by a worker (validated at the edge).

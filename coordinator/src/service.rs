@@ -252,7 +252,11 @@ impl Coordinator for CoordinatorService {
         let p = ProgressUpdate::try_from(request.into_inner())?;
         let ack =
             self.scheduler.progress(&p.lease_id, p.step, p.scalars).await.map_err(status_of)?;
-        Ok(Response::new(proto::ProgressReply { stop: ack.stop, reason: ack.reason }))
+        Ok(Response::new(proto::ProgressReply {
+            stop: ack.stop,
+            reason: ack.reason,
+            release: ack.release,
+        }))
     }
 
     async fn complete(

@@ -238,6 +238,11 @@ fn sigterm_on_the_coordinator_stops_cleanly_and_the_sweep_resumes() {
     let done = stopped.iter().filter(|t| t.status == TrialStatus::Completed).count();
     assert!((2..12).contains(&done), "{done} completed at the stop");
     assert!(stopped.iter().all(|t| t.status != TrialStatus::Failed), "{stopped:#?}");
+    // The running trial was handed back by the remote worker: queued, no attempt spent.
+    for t in stopped.iter().filter(|t| t.status != TrialStatus::Completed) {
+        assert_eq!(t.status, TrialStatus::Queued, "{t:#?}");
+        assert_eq!(t.attempt, 0, "a stop must not cost an attempt: {t:#?}");
+    }
 
     let mut coordinator =
         spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
@@ -353,4 +358,37 @@ fn walk_files(dir: &std::path::Path) -> Vec<String> {
         }
     }
     out
+}
+
+#[test]
+fn stopping_the_coordinator_hands_local_trials_back_without_spending_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("loc.yaml");
+    // One attempt only: a stop that counted as a failure would fail the trial for good.
+    std::fs::write(&sweep, noop_sweep("loc", 2, 3000, 1)).unwrap();
+    let db = dir.path().join("loc.redb");
+    let port = free_port();
+    let mut coordinator =
+        spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "1"]);
+    wait_until(Duration::from_secs(60), "a running trial", || {
+        let r = report_rpc(port)?;
+        (count(&r, TrialStatus::Running) >= 1).then_some(())
+    });
+    sigterm(&coordinator);
+    assert!(wait_exit(&mut coordinator, Duration::from_secs(30), "coordinator").success());
+    let stopped = stored_trials(&db);
+    assert!(!stopped.is_empty());
+    for t in &stopped {
+        assert_eq!(t.status, TrialStatus::Queued, "{t:#?}");
+        assert_eq!(t.attempt, 0, "{t:#?}");
+    }
+    let mut coordinator =
+        spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "1"]);
+    assert!(wait_exit(&mut coordinator, Duration::from_secs(60), "resumed coordinator").success());
+    let trials = stored_trials(&db);
+    assert_eq!(trials.len(), 2);
+    assert!(
+        trials.iter().all(|t| t.status == TrialStatus::Completed && t.attempt == 1),
+        "{trials:#?}"
+    );
 }

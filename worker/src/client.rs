@@ -255,6 +255,8 @@ enum StopCause {
     Timeout(f64),
     /// The worker is shutting down.
     Shutdown,
+    /// The coordinator asked for the lease back (it is shutting down): no result is reported.
+    Release(String),
 }
 
 impl std::fmt::Display for StopCause {
@@ -264,6 +266,7 @@ impl std::fmt::Display for StopCause {
             StopCause::LeaseLost(reason) => write!(f, "lease lost: {reason}"),
             StopCause::Timeout(secs) => write!(f, "trial exceeded its timeout of {secs} s"),
             StopCause::Shutdown => write!(f, "worker shutting down"),
+            StopCause::Release(reason) => write!(f, "handed back: {reason}"),
         }
     }
 }
@@ -615,8 +618,13 @@ impl Worker {
         // Shutdown hands the lease back, unless the trial ran to its end anyway: then the
         // result is worth delivering.
         let ran_to_end = matches!(&joined, Some(Ok(Ok(outcome))) if outcome.stopped.is_none());
-        if joined.is_none() || (cause == Some(StopCause::Shutdown) && !ran_to_end) {
+        if joined.is_none() {
             return Finished::Release(StopCause::Shutdown.to_string());
+        }
+        if let Some(c @ (StopCause::Shutdown | StopCause::Release(_))) = &cause
+            && !ran_to_end
+        {
+            return Finished::Release(c.to_string());
         }
         let mut request =
             CompleteRequest { lease_id: lease.lease_id.clone(), duration_s, ..Default::default() };
@@ -645,6 +653,10 @@ impl Worker {
         let request = ProgressRequest { lease_id: lease.lease_id.clone(), step, scalars };
         let mut client = self.client.clone();
         match timed(self.opts.rpc_timeout, client.progress(request)).await {
+            Ok(reply) if reply.stop && reply.release => {
+                tracing::info!(trial = %lease.trial_id, reason = %reply.reason, "the coordinator asked for the lease back");
+                stop.set(StopCause::Release(reply.reason));
+            }
             Ok(reply) if reply.stop => {
                 tracing::info!(trial = %lease.trial_id, reason = %reply.reason, "the coordinator asked to stop the trial");
                 stop.set(StopCause::Coordinator(reply.reason));
@@ -830,6 +842,8 @@ mod tests {
         refuse: HashSet<String>,
         /// Progress of these leases is answered with stop.
         stop: HashSet<String>,
+        /// Leases whose stop reply asks for the lease back (coordinator shutting down).
+        release_on_stop: HashSet<String>,
         /// Lease calls from these worker ids get NotFound (a coordinator that forgot them).
         forget: HashSet<String>,
         /// Reply shutdown = true once the queue is empty.
@@ -910,10 +924,12 @@ mod tests {
             let request = request.into_inner();
             let mut state = self.state();
             let stop = state.stop.contains(&request.lease_id);
+            let release = state.release_on_stop.contains(&request.lease_id);
             state.progress.push(request);
             Ok(Response::new(ProgressReply {
                 stop,
                 reason: if stop { "early stop".into() } else { String::new() },
+                release,
             }))
         }
 
@@ -1265,6 +1281,32 @@ mod tests {
         let s = fake.snapshot();
         assert!(s.completes[0].success, "an early-stopped trial reports its metrics");
         assert!(s.completes[0].metrics["steps"] >= 1.0);
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_with_release_hands_the_lease_back_and_reports_nothing() {
+        let fake = Fake::default();
+        {
+            let mut s = fake.state();
+            s.leases.push_back(lease("a", "sae", 0));
+            s.stop.insert("a".into());
+            s.release_on_stop.insert("a".into());
+            s.shutdown_when_empty = true;
+        }
+        let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let summary = tokio::time::timeout(
+            LIMIT,
+            run_worker(options(server.addr), Arc::new(UntilStopped), std::future::pending()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!((summary.succeeded, summary.failed, summary.released), (0, 0, 1));
+        let s = fake.snapshot();
+        assert!(s.completes.is_empty(), "a partial trial must not be reported as a result");
+        assert_eq!(s.releases.len(), 1);
+        assert_eq!(s.releases[0].lease_id, "a");
         server.shutdown().await;
     }
 

@@ -459,6 +459,7 @@ impl Core {
             return ProgressAck {
                 stop: true,
                 reason: "lease is not current (expired, completed or unknown)".into(),
+                release: false,
             };
         };
         let ttl = self.ttl_ms();
@@ -480,11 +481,12 @@ impl Core {
         {
             let reason = format!("timed out after {:.1}s", limit.as_secs_f64());
             self.fail_attempt(index, &reason, now);
-            return ProgressAck { stop: true, reason };
+            return ProgressAck { stop: true, reason, release: false };
         }
         if self.shutting_down {
             return ProgressAck {
                 stop: true,
+                release: true,
                 reason: "the coordinator is shutting down; release the trial".into(),
             };
         }
