@@ -223,8 +223,11 @@ impl Actor {
             if stopping {
                 counts.stopped = true;
                 self.counts_tx.send_replace(counts);
+                // Only a finished sweep dismisses workers; otherwise they will reconnect to a
+                // restarted coordinator.
+                let shutdown = self.core.sweep().finished;
                 for p in self.parked.drain(..) {
-                    p.waiter.send_now(LeaseOutcome { lease: None, shutdown: true });
+                    p.waiter.send_now(LeaseOutcome { lease: None, shutdown });
                 }
                 if let Some((_, waiters)) = self.draining.take() {
                     for w in waiters {
@@ -284,6 +287,13 @@ impl Actor {
             Command::Shutdown { grace, reply } => {
                 tracing::info!(sweep = %self.core.sweep().name, "shutting down: no more dispatching");
                 self.core.set_shutting_down();
+                // Waiting lease requests (and completions' lease parts) get their answer now:
+                // no lease, and a dismissal only if the sweep is over. New ones wait until the
+                // end of the drain.
+                let shutdown = self.core.sweep().finished;
+                for p in self.parked.drain(..) {
+                    p.waiter.defer(&mut self.replies, Ok(LeaseOutcome { lease: None, shutdown }));
+                }
                 let deadline = Instant::now() + grace;
                 match &mut self.draining {
                     Some((d, waiters)) => {

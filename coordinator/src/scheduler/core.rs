@@ -382,11 +382,16 @@ impl Core {
         if !self.workers.contains_key(worker_id) {
             return Err(SchedulerError::UnknownWorker(worker_id.to_string()));
         }
-        if self.shutting_down || self.sweep.finished {
+        if self.sweep.finished {
             // A dismissed worker no longer counts, so the coordinator knows when every worker
             // has been told (it keeps serving until then, briefly, after a sweep finishes).
             self.workers.remove(worker_id);
             return Ok(LeaseDecision::Shutdown);
+        }
+        if self.shutting_down {
+            // The sweep is not over: workers wait (and reconnect to a restarted coordinator)
+            // rather than exit.
+            return Ok(LeaseDecision::Nothing);
         }
         let worker = &self.workers[worker_id];
         if self.policy.max_concurrent.is_some_and(|m| self.leases.len() >= m) {
@@ -441,7 +446,7 @@ impl Core {
         if !self.workers.contains_key(worker_id) {
             return Err(SchedulerError::UnknownWorker(worker_id.to_string()));
         }
-        if self.shutting_down || self.sweep.finished {
+        if self.sweep.finished {
             self.workers.remove(worker_id);
             return Ok(LeaseDecision::Shutdown);
         }

@@ -504,10 +504,11 @@ async fn shutdown_stops_dispatching_but_accepts_results() {
         tokio::spawn(async move { h.shutdown(Duration::from_secs(5)).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let out = within(h.lease(&a, Duration::from_secs(30))).await.unwrap();
-    assert!(out.shutdown && out.lease.is_none());
+    // Not finished: no lease, but no dismissal either (workers wait for a restart).
+    let out = within(h.lease(&a, Duration::ZERO)).await.unwrap();
+    assert!(!out.shutdown && out.lease.is_none(), "{out:?}");
     let p = within(h.progress(&g.lease_id, 1, BTreeMap::new())).await.unwrap();
-    assert!(p.stop && p.reason.contains("shutting down"), "{p:?}");
+    assert!(p.stop && p.release && p.reason.contains("shutting down"), "{p:?}");
     assert!(within(h.complete(&g.lease_id, success(0.5))).await.unwrap().accepted);
     let counts = h.counts().borrow().clone();
     assert_eq!(counts.running, 1);
@@ -639,7 +640,8 @@ async fn completion_with_next_lease_long_polls_like_a_lease() {
     assert_eq!((g.index, g.attempt), (2, 1));
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 
-    // A shutdown answers a parked completion with shutdown, its result still acknowledged.
+    // A shutdown answers a parked completion without a lease (and without dismissing the
+    // worker: the sweep is not finished), its result still acknowledged.
     let b2 = within(h.register("b2", "cpu", V)).await.unwrap();
     let g2 = g;
     let parked = {
@@ -655,7 +657,7 @@ async fn completion_with_next_lease_long_polls_like_a_lease() {
         tokio::spawn(async move { h.shutdown(Duration::from_secs(5)).await })
     };
     let out = within(parked).await.unwrap().unwrap();
-    assert!(!out.ack.accepted && out.next.shutdown && out.next.lease.is_none(), "{out:?}");
+    assert!(!out.ack.accepted && !out.next.shutdown && out.next.lease.is_none(), "{out:?}");
     assert!(within(h.complete(&g2.lease_id, success(0.2))).await.unwrap().accepted);
     within(stopper).await.unwrap().unwrap();
 }
