@@ -94,9 +94,13 @@ pub struct ReportArgs {
     /// Show only the N best trials.
     #[arg(long, value_name = "N")]
     pub top: Option<usize>,
-    /// Rank by this metric instead of the sweep's own.
+    /// Rank by this metric instead of the sweep's own (in its natural direction: higher is
+    /// better for mmcs, stripe_cluster_match and samples_per_s, lower for the rest).
     #[arg(long, value_name = "NAME")]
     pub metric: Option<String>,
+    /// Override the ranking direction.
+    #[arg(long, value_enum)]
+    pub goal: Option<crate::model::Goal>,
     #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
     pub format: ReportFormat,
     /// Ask this running coordinator instead of opening the database.
@@ -209,7 +213,7 @@ pub async fn report_command(args: &ReportArgs) -> anyhow::Result<String> {
     };
     let sweep = pick_sweep(&sweeps, args.sweep.as_deref(), &args.db)?;
     let trials: Vec<TrialRecord> = trials.into_iter().filter(|t| t.sweep == sweep.name).collect();
-    let report = Report::for_sweep(sweep, &trials, args.top, args.metric.as_deref());
+    let report = Report::for_sweep(sweep, &trials, args.top, args.metric.as_deref(), args.goal);
     Ok(report.render(args.format))
 }
 

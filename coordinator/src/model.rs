@@ -14,7 +14,7 @@ pub enum TrialStatus {
 }
 
 /// Optimisation direction of the sweep metric.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Goal {
     #[default]

@@ -86,6 +86,17 @@ pub enum ReportFormat {
     Json,
 }
 
+/// The direction in which a standard metric is better: higher for feature recovery and
+/// throughput, lower for everything else (losses, error, sparsity counts, dead fractions).
+pub fn natural_goal(metric: &str) -> Goal {
+    use msae_shared::metrics as m;
+    if [m::MMCS, m::STRIPE_CLUSTER_MATCH, m::SAMPLES_PER_SECOND].contains(&metric) {
+        Goal::Maximize
+    } else {
+        Goal::Minimize
+    }
+}
+
 impl Report {
     /// Rank the completed `trials` of `sweep` by `metric` towards `goal`; keep the best `top`.
     pub fn build(
@@ -151,14 +162,16 @@ impl Report {
         Report { sweep: sweep.name.clone(), metric: metric.to_string(), goal, rows, failed, counts }
     }
 
-    /// [`Report::build`] with the metric and goal of the sweep's own YAML (`metric_override`
-    /// replaces the name, keeping the goal). A stored YAML that no longer validates (the trial
+    /// [`Report::build`] with the metric and goal of the sweep's own YAML. `metric_override`
+    /// ranks by another metric, in that metric's natural direction ([`natural_goal`]) unless
+    /// `goal_override` says otherwise. A stored YAML that no longer validates (the trial
     /// config changed since) still yields its `metric:` block when it can be read at all.
     pub fn for_sweep(
         sweep: &SweepRecord,
         trials: &[TrialRecord],
         top: Option<usize>,
         metric_override: Option<&str>,
+        goal_override: Option<Goal>,
     ) -> Report {
         let spec_metric = match SweepSpec::parse(&sweep.yaml, &sweep.name) {
             Ok(spec) => spec.metric,
@@ -168,7 +181,13 @@ impl Report {
             }
         };
         let metric = metric_override.unwrap_or(&spec_metric.name);
-        Report::build(sweep, metric, spec_metric.goal, trials, top)
+        // Another metric than the sweep's ranks in its own natural direction.
+        let goal = goal_override.unwrap_or(if metric == spec_metric.name {
+            spec_metric.goal
+        } else {
+            natural_goal(metric)
+        });
+        Report::build(sweep, metric, goal, trials, top)
     }
 
     /// The report as text in `format`.
@@ -613,14 +632,19 @@ mod tests {
     #[test]
     fn for_sweep_uses_the_spec_metric_and_goal() {
         let yaml = "name: s\nmethod: grid\nmetric: {name: l0, goal: maximize}\n";
-        let r = Report::for_sweep(&sweep(yaml), &sample(), None, None);
+        let r = Report::for_sweep(&sweep(yaml), &sample(), None, None, None);
         assert_eq!((r.metric.as_str(), r.goal), ("l0", Goal::Maximize));
         assert_eq!(order(&r)[0], 0);
-        let r = Report::for_sweep(&sweep(yaml), &sample(), None, Some("fvu"));
+        // Another metric ranks in its natural direction, unless a goal is given.
+        let r = Report::for_sweep(&sweep(yaml), &sample(), None, Some("fvu"), None);
+        assert_eq!((r.metric.as_str(), r.goal), ("fvu", Goal::Minimize));
+        let r = Report::for_sweep(&sweep(yaml), &sample(), None, Some("mmcs"), None);
+        assert_eq!((r.metric.as_str(), r.goal), ("mmcs", Goal::Maximize));
+        let r = Report::for_sweep(&sweep(yaml), &sample(), None, Some("fvu"), Some(Goal::Maximize));
         assert_eq!((r.metric.as_str(), r.goal), ("fvu", Goal::Maximize));
         // A stored YAML that no longer validates still gives its metric block.
         let stale = "name: s\nmethod: grid\nmetric: {name: mse, goal: maximize}\nparameters:\n  old_field: {values: [1]}\n";
-        let r = Report::for_sweep(&sweep(stale), &sample(), None, None);
+        let r = Report::for_sweep(&sweep(stale), &sample(), None, None, None);
         assert_eq!((r.metric.as_str(), r.goal), ("mse", Goal::Maximize));
     }
 

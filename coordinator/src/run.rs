@@ -157,7 +157,12 @@ pub async fn run_sweep(
         spawn_tensorboard(&scheduler, root, &sweep, &params, &spec.metric.name)
     });
     let display = opts.progress.then(|| {
-        ProgressDisplay::spawn(scheduler.counts(), spec.metric.name.clone(), stop_rx.clone())
+        ProgressDisplay::spawn(
+            scheduler.counts(),
+            spec.metric.name.clone(),
+            spec.planned_trials(),
+            stop_rx.clone(),
+        )
     });
     // Local workers stop first, while the server still answers their Release calls.
     let (workers_stop_tx, workers_stop_rx) = watch::channel(false);
@@ -221,7 +226,7 @@ pub async fn run_sweep(
     if opts.report
         && let Some(record) = sweeps.iter().find(|s| s.name == sweep)
     {
-        let report = Report::for_sweep(record, &records, Some(20), None);
+        let report = Report::for_sweep(record, &records, Some(20), None, None);
         println!("{}", report.render(ReportFormat::Table).trim_end());
     }
     Ok(RunSummary { sweep, addr, counts, finished })

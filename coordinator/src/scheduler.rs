@@ -360,14 +360,24 @@ fn load_or_create(
             let trials = store.trials(&rec.name)?;
             return Ok((rec, trials, false));
         }
+        Some(rec) if rec.fingerprint == input.fingerprint => {
+            // Asked for a new sweep with an unchanged definition: this one is it.
+            let trials = store.trials(&rec.name)?;
+            return Ok((rec, trials, false));
+        }
         Some(_) => {
             let mut k = 2u64;
             loop {
                 let candidate = format!("{}-{k}", input.name);
-                if store.sweep(&candidate)?.is_none() {
-                    break candidate;
+                match store.sweep(&candidate)? {
+                    None => break candidate,
+                    // A NAME-k started earlier from this same definition: resume it.
+                    Some(rec) if rec.fingerprint == input.fingerprint => {
+                        let trials = store.trials(&rec.name)?;
+                        return Ok((rec, trials, false));
+                    }
+                    Some(_) => k += 1,
                 }
-                k += 1;
             }
         }
         None => input.name.clone(),

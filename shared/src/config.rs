@@ -482,6 +482,15 @@ impl TrialConfig {
                     ),
                 );
             }
+            if self.k_curriculum_start < self.layer_k {
+                return err(
+                    "k_curriculum_start",
+                    format!(
+                        "{} is smaller than layer_k ({}): the curriculum decays from a larger k",
+                        self.k_curriculum_start, self.layer_k
+                    ),
+                );
+            }
             if self.k_curriculum_steps == 0 {
                 return err(
                     "k_curriculum_steps",
@@ -723,6 +732,19 @@ mod tests {
         let mut cfg = TrialConfig::default();
         cfg.data.source = DataSource::Npy;
         assert_eq!(cfg.validate().unwrap_err().field, "data.path");
+    }
+
+    #[test]
+    fn curriculum_must_start_above_the_target() {
+        let cfg = TrialConfig {
+            layer_k: 8,
+            k_curriculum_start: 4,
+            k_curriculum_steps: 10,
+            ..Default::default()
+        };
+        let e = cfg.validate().unwrap_err();
+        assert_eq!(e.field, "k_curriculum_start");
+        assert!(e.message.contains("smaller than layer_k (8)"), "{e}");
     }
 
     #[test]

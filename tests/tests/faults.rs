@@ -212,7 +212,11 @@ fn changed_sweep_under_the_same_name_is_refused_unless_asked() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("different definition") && stderr.contains("--new-sweep"), "{stderr}");
     assert!(run(&["--new-sweep"]).status.success());
+    // Asking again with the same changed definition resumes same-2 instead of a same-3.
+    let again = run(&["--new-sweep"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
     let trials = stored_trials(&db);
+    assert!(trials.iter().all(|t| t.sweep != "same-3"), "a third sweep was started");
     assert_eq!(trials.iter().filter(|t| t.sweep == "same").count(), 2, "the first sweep is intact");
     assert_eq!(trials.iter().filter(|t| t.sweep == "same-2").count(), 3);
 }
@@ -334,7 +338,8 @@ fn token_artifacts_and_max_trials() {
         walk_files(&artifacts).into_iter().filter(|p| p.ends_with("weights.safetensors")).collect();
     assert_eq!(weights.len(), 1, "one trial's weights under {}", artifacts.display());
     let mut rest = std::process::Command::new(bin("e2e-worker"))
-        .args(["--coordinator", &url, "--name", "rest"])
+        // Without a scheme: HOST:PORT is what people type.
+        .args(["--coordinator", &format!("127.0.0.1:{port}"), "--name", "rest"])
         .env("MSAE_TOKEN", "s3cret")
         .spawn()
         .unwrap();

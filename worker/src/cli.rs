@@ -137,7 +137,9 @@ pub fn worker_command(args: &WorkerArgs) -> anyhow::Result<()> {
         );
     };
     check_device(&args.device)?;
-    let mut opts = crate::client::ClientOptions::new(url.clone());
+    // `HOST:PORT` is what people type; tonic needs a scheme.
+    let url = if url.contains("://") { url.clone() } else { format!("http://{url}") };
+    let mut opts = crate::client::ClientOptions::new(url);
     if let Some(name) = &args.name {
         opts.name = name.clone();
     }

@@ -45,10 +45,11 @@ const BATCH_SEED_SALT: u64 = 0xBA7C_0000_0000_0001;
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     /// A hyperparameter is invalid (not retryable).
-    #[error("invalid trial config: {0}")]
+    // The cause is the error's source: `{:#}` (anyhow) prints it once, after this text.
+    #[error("invalid trial config")]
     Config(#[from] ConfigError),
     /// The data could not be loaded (retryable only if the files change).
-    #[error("loading data: {0}")]
+    #[error("loading data")]
     Data(#[from] DataError),
     /// A GPU was requested from a binary built without the `cuda` feature.
     #[error(
@@ -454,7 +455,9 @@ mod tests {
     #[test]
     fn invalid_config_is_rejected_with_the_field() {
         let cfg = TrialConfig { layer_k: 0, ..small_cfg() };
-        let e = train(&cfg, &RunOptions::default(), &mut quiet).unwrap_err().to_string();
+        // `{:#}` shows the chain, as every caller (CLI, worker results) prints it.
+        let e = format!("{:#}", train(&cfg, &RunOptions::default(), &mut quiet).unwrap_err());
         assert!(e.contains("layer_k"), "{e}");
+        assert_eq!(e.matches("layer_k").count(), 1, "the cause is printed once: {e}");
     }
 }
