@@ -27,8 +27,10 @@ pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
     serde_yaml::from_str(text).map_err(YamlError::from)
 }
 
-/// Parse YAML text into a generic JSON value (the shape sweep expansion works on).
+/// Parse YAML text into a generic JSON value (the shape sweep expansion works on). A key
+/// given twice in one mapping is an error (a JSON map would silently keep the last).
 pub fn to_json_value(text: &str) -> Result<serde_json::Value, YamlError> {
+    from_str::<serde_yaml::Value>(text)?;
     from_str(text)
 }
 
@@ -44,4 +46,18 @@ where
     S: serde::de::DeserializeSeed<'de>,
 {
     seed.deserialize(serde_yaml::Deserializer::from_str(text)).map_err(YamlError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn duplicate_keys_are_refused_with_a_location() {
+        let e = super::to_json_value("name: a\nmethod: grid\nmethod: random\n").unwrap_err();
+        assert!(e.message.contains("duplicate entry with key \"method\""), "{e}");
+        assert!(e.location.is_some());
+        let e = super::to_json_value("base:\n  steps: 5\n  steps: 7\n").unwrap_err();
+        assert!(e.message.contains("steps"), "{e}");
+        assert_eq!(e.location.map(|l| l.0), Some(2));
+        assert!(super::to_json_value("a: 1\nb: {a: 1}\n").is_ok());
+    }
 }
