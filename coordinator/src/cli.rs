@@ -324,13 +324,7 @@ pub fn main() -> std::process::ExitCode {
                 })
             }),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    msae_shared::signal::exit_code(result)
 }
 
 #[cfg(test)]

@@ -25,3 +25,15 @@ pub fn process_cpu_seconds() -> f64 {
         fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
     ticks / 100.0 // USER_HZ is 100 on every Linux we target.
 }
+
+/// A binary's exit: the error with its causes (`{:#}`, as anyhow prints them) on stderr and a
+/// failure status, or success.
+pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -190,13 +190,7 @@ pub fn main() -> std::process::ExitCode {
         Some(Command::Bench(args)) => crate::bench::run(args),
         None => worker_command(&cli.worker),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    msae_shared::signal::exit_code(result)
 }
 
 #[cfg(test)]
