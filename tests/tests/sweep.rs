@@ -105,6 +105,8 @@ fn small_sae_sweep_with_the_embedded_worker_ranks_real_results() {
         .arg(&db)
         .args(["--listen", "127.0.0.1:0", "--quiet", "--logdir"])
         .arg(dir.path().join("runs"))
+        .arg("--artifacts")
+        .arg(dir.path().join("artifacts"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -122,6 +124,10 @@ fn small_sae_sweep_with_the_embedded_worker_ranks_real_results() {
             assert!(t.metrics["active_stripes"] <= 4.0 + 1e-9, "{:?}", t.metrics);
         }
     }
+    // --artifacts: the embedded worker kept every trial's weights and resolved config.
+    let kept = walk(&dir.path().join("artifacts"));
+    assert_eq!(kept.iter().filter(|p| p.ends_with("weights.safetensors")).count(), 4, "{kept:?}");
+    assert_eq!(kept.iter().filter(|p| p.ends_with("config.yaml")).count(), 4, "{kept:?}");
     // The final table is ranked by fvu, best first.
     let mut fvus: Vec<f64> = trials.iter().map(|t| t.metrics["fvu"]).collect();
     fvus.sort_by(f64::total_cmp);
@@ -185,4 +191,48 @@ fn standalone_train_writes_weights_config_and_json_metrics() {
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("without CUDA support"));
     }
+}
+
+#[test]
+fn orchestration_bench_runs_every_trial_through_a_real_coordinator() {
+    let out = std::process::Command::new(bin("e2e-coordinator"))
+        .args(["bench", "--workers", "1,4", "--trials", "60", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for (row, workers) in rows.iter().zip([1, 4]) {
+        assert_eq!(row["workers"], workers);
+        assert_eq!(row["trials"], 60, "every trial completed: {row}");
+        assert!(row["trials_per_s"].as_f64().unwrap() > 0.0);
+        assert!(row["coordinator_cpu_s"].as_f64().unwrap() > 0.0, "child CPU was read: {row}");
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn local_workers_on_a_gpu_need_a_cuda_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("g.yaml");
+    std::fs::write(&sweep, noop_sweep("g", 1, 0, 1)).unwrap();
+    let db = dir.path().join("g.redb");
+    let out = std::process::Command::new(bin("e2e-coordinator"))
+        .arg(&sweep)
+        .arg("--db")
+        .arg(&db)
+        .args(["--listen", "127.0.0.1:0", "--gpu", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("without CUDA support") && stderr.contains("--features cuda"),
+        "{stderr}"
+    );
+    assert!(!db.exists(), "refused before anything was stored");
 }
