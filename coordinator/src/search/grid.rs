@@ -4,7 +4,7 @@
 //! `i` is a pure function of `i` (a mixed-radix decode). Resume replays the same sequence, and
 //! `run_cap` truncates it. Results are ignored: the grid is fixed in advance.
 
-use super::{Point, Proposal, Strategy};
+use super::{Point, Proposal, Strategy, next_index};
 use crate::spec::{SweepSpec, normalize_value};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -78,12 +78,10 @@ impl GridSearch {
 
 impl Strategy for GridSearch {
     fn propose(&mut self) -> Proposal {
-        if self.next >= self.len {
-            return Proposal::Done;
+        match next_index(&mut self.next, self.len) {
+            Some(index) => Proposal::Point(Point { index, params: self.point_at(index) }),
+            None => Proposal::Done,
         }
-        let index = self.next;
-        self.next += 1;
-        Proposal::Point(Point { index, params: self.point_at(index) })
     }
 
     fn observe(&mut self, _index: u64, _value: Option<f64>) {}

@@ -32,6 +32,15 @@ pub trait Strategy: Send {
     fn observe(&mut self, index: u64, value: Option<f64>);
 }
 
+/// The next index of a search whose i-th point depends only on i (grid, random): 0..len in
+/// order, then None. Replaying such a search after a restart gives the same points.
+pub(crate) fn next_index(next: &mut u64, len: u64) -> Option<u64> {
+    (*next < len).then(|| {
+        *next += 1;
+        *next - 1
+    })
+}
+
 pub mod grid;
 pub mod random;
 

@@ -5,7 +5,7 @@
 //! between, and points do not depend on each other. Parameters are sampled in name order.
 //! Results are ignored.
 
-use super::{Point, Proposal, Strategy};
+use super::{Point, Proposal, Strategy, next_index};
 use crate::spec::{Distribution, ParamSpec, SweepSpec, q_multiple, sample_value};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -45,12 +45,10 @@ impl RandomSearch {
 
 impl Strategy for RandomSearch {
     fn propose(&mut self) -> Proposal {
-        if self.next >= self.len {
-            return Proposal::Done;
+        match next_index(&mut self.next, self.len) {
+            Some(index) => Proposal::Point(Point { index, params: self.point_at(index) }),
+            None => Proposal::Done,
         }
-        let index = self.next;
-        self.next += 1;
-        Proposal::Point(Point { index, params: self.point_at(index) })
     }
 
     fn observe(&mut self, _index: u64, _value: Option<f64>) {}
