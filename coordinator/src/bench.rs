@@ -4,8 +4,13 @@
 //! durable commits, listening on an ephemeral loopback port), then N workers in this process
 //! running no-op trials over real gRPC. Reports trials/s and the coordinator's CPU time per
 //! trial, read from the child's own accounting so worker CPU is not counted.
+//!
+//! `msae-coordinator bench report` times the `report` command instead ([`report`]).
+
+pub mod report;
 
 use anyhow::Context;
+use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -13,6 +18,9 @@ use std::time::{Duration, Instant};
 /// Options of `msae-coordinator bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
+    /// Another benchmark than the orchestration's.
+    #[command(subcommand)]
+    pub what: Option<BenchWhat>,
     /// Worker counts to measure, comma separated.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 64])]
     pub workers: Vec<usize>,
@@ -22,6 +30,14 @@ pub struct BenchArgs {
     /// Print one JSON object per run instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The other benchmarks of `msae-coordinator bench`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BenchWhat {
+    /// `report` on a large stored sweep: from the database file, and over gRPC from a
+    /// coordinator running on it.
+    Report(report::ReportBenchArgs),
 }
 
 /// One measured run.
@@ -54,20 +70,26 @@ pub fn bench_sweep_yaml(name: &str, trials: usize) -> String {
 
 /// Run every configured worker count; prints the results.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(BenchWhat::Report(args)) = &args.what {
+        return report::run(args);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let exe = std::env::current_exe().context("locating this binary")?;
+    let mut out = std::io::stdout().lock();
     if !args.json {
-        println!(
+        writeln!(
+            out,
             "{:>8} {:>8} {:>9} {:>10} {:>14} {:>13}",
             "workers", "trials", "wall_s", "trials/s", "coord_cpu_s", "cpu_ms/trial"
-        );
+        )?;
     }
     for &workers in &args.workers {
         let result = runtime.block_on(run_one(&exe, workers, args.trials))?;
         if args.json {
-            println!("{}", serde_json::to_string(&result)?);
+            writeln!(out, "{}", serde_json::to_string(&result)?)?;
         } else {
-            println!(
+            writeln!(
+                out,
                 "{:>8} {:>8} {:>9.2} {:>10.0} {:>14.2} {:>13.3}",
                 result.workers,
                 result.trials,
@@ -75,8 +97,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 result.trials_per_s,
                 result.coordinator_cpu_s,
                 result.cpu_ms_per_trial
-            );
+            )?;
         }
+        // Each result as soon as it is measured: a run takes a while.
+        out.flush()?;
     }
     Ok(())
 }

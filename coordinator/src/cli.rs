@@ -3,12 +3,12 @@
 //! Kept in the library so tests drive the same code the binary runs.
 
 use crate::model::{SweepRecord, TrialRecord};
-use crate::report::{Report, ReportFormat};
+use crate::report::{Report, ReportFormat, pick_sweep};
 use crate::run::{RunOptions, address_file, run_sweep};
-use crate::service::ReportJson;
 use crate::store::{Store, StoreError};
 use anyhow::Context;
 use msae_shared::proto;
+use msae_shared::signal::print_stdout;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -91,8 +91,8 @@ pub struct ReportArgs {
     /// Sweep to report (default: the most recently created).
     #[arg(long)]
     pub sweep: Option<String>,
-    /// Show only the N best trials.
-    #[arg(long, value_name = "N")]
+    /// Show only the N best trials (N >= 1).
+    #[arg(long, value_name = "N", value_parser = parse_top)]
     pub top: Option<usize>,
     /// Rank by this metric instead of the sweep's own (in its natural direction: higher is
     /// better for mmcs, stripe_cluster_match and samples_per_s, lower for the rest).
@@ -109,6 +109,15 @@ pub struct ReportArgs {
     /// Token of the running coordinator.
     #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+}
+
+/// `--top N`: a count of at least one (`--top 0` would show no trial at all).
+fn parse_top(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (leave --top out to show every trial)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{text}` is not a number of trials")),
+    }
 }
 
 /// Parses `90`, `90s`, `500ms`, `30m`, `2h`.
@@ -135,7 +144,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// `msae-coordinator SWEEP.yaml`.
-pub async fn run_command(args: &RunArgs) -> anyhow::Result<()> {
+pub async fn run_command(args: &RunArgs) -> anyhow::Result<SweepExit> {
     let Some(sweep) = &args.sweep else {
         anyhow::bail!(
             "no sweep file given: try `msae-coordinator sweeps/stripes.yaml` (see --help)"
@@ -170,98 +179,124 @@ pub async fn run_command(args: &RunArgs) -> anyhow::Result<()> {
             "wall_s": started.elapsed().as_secs_f64(),
             "cpu_s": msae_shared::signal::process_cpu_seconds(),
         });
-        println!("{stats}");
+        print_stdout(&stats.to_string())?;
     }
     if !summary.finished {
         eprintln!(
             "sweep {} stopped with {} of {} trials done; run the same command again to resume",
             summary.sweep,
             summary.counts.completed + summary.counts.failed,
-            summary.counts.proposed
+            summary.counts.total
+        );
+    } else if summary.counts.failed > 0 {
+        eprintln!(
+            "sweep {}: {} of {} trials failed (their reasons are in the report)",
+            summary.sweep, summary.counts.failed, summary.counts.total
         );
     }
-    Ok(())
+    Ok(SweepExit::of(&summary))
 }
 
-/// `msae-coordinator report`: the rendered report.
-pub async fn report_command(args: &ReportArgs) -> anyhow::Result<String> {
-    let (sweeps, trials) = match &args.coordinator {
-        Some(url) => ask_coordinator(url, args).await?,
-        None => {
-            let db = args.db.clone();
-            let sweep = args.sweep.clone();
-            let opened =
-                tokio::task::spawn_blocking(move || read_store(&db, sweep.as_deref())).await?;
-            match opened {
-                Ok(found) => found,
-                Err(StoreError::InUse { path }) => {
-                    let addr_file = address_file(&path);
-                    let addr = std::fs::read_to_string(&addr_file).with_context(|| {
-                        format!(
-                            "{} is locked by a running coordinator, and {} (where it writes its \
-                             address) cannot be read; pass --coordinator http://HOST:PORT",
-                            path.display(),
-                            addr_file.display()
-                        )
-                    })?;
-                    tracing::debug!("database in use: asking the coordinator at {}", addr.trim());
-                    ask_coordinator(&format!("http://{}", addr.trim()), args).await?
-                }
-                Err(e) => return Err(e.into()),
-            }
+/// How a sweep run ended, as the process exit status says it (documented in the README).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepExit {
+    /// 0: finished, every trial completed.
+    Completed,
+    /// 3: finished, some trials failed and some completed.
+    SomeFailed,
+    /// 4: finished, no trial completed.
+    AllFailed,
+    /// 5: stopped before the end (Ctrl-C, SIGTERM); run again to resume.
+    Stopped,
+}
+
+impl SweepExit {
+    /// The exit of a run that ended with `summary`.
+    pub fn of(summary: &crate::run::RunSummary) -> SweepExit {
+        let c = &summary.counts;
+        if !summary.finished {
+            SweepExit::Stopped
+        } else if c.failed == 0 {
+            SweepExit::Completed
+        } else if c.completed == 0 {
+            SweepExit::AllFailed
+        } else {
+            SweepExit::SomeFailed
         }
+    }
+
+    /// The process exit status.
+    pub fn code(self) -> u8 {
+        match self {
+            SweepExit::Completed => 0,
+            SweepExit::SomeFailed => 3,
+            SweepExit::AllFailed => 4,
+            SweepExit::Stopped => 5,
+        }
+    }
+}
+
+/// `msae-coordinator report`: the rendered report, from the database file, or from the
+/// coordinator that holds it (which renders it).
+pub async fn report_command(args: &ReportArgs) -> anyhow::Result<String> {
+    if let Some(url) = &args.coordinator {
+        return ask_coordinator(url, args).await;
+    }
+    if !args.db.exists() {
+        anyhow::bail!("no such database {} (run a sweep first, or pass --db)", args.db.display());
+    }
+    let db = args.db.clone();
+    let sweep = args.sweep.clone();
+    let opened = tokio::task::spawn_blocking(move || read_store(&db, sweep.as_deref())).await?;
+    let (sweep, trials) = match opened {
+        Ok(found) => found,
+        Err(ReadError::Store(StoreError::InUse { path })) => {
+            let addr_file = address_file(&path);
+            let addr = std::fs::read_to_string(&addr_file).with_context(|| {
+                format!(
+                    "{} is locked by a running coordinator, and {} (where it writes its \
+                     address) cannot be read; pass --coordinator http://HOST:PORT",
+                    path.display(),
+                    addr_file.display()
+                )
+            })?;
+            tracing::debug!("database in use: asking the coordinator at {}", addr.trim());
+            return ask_coordinator(&format!("http://{}", addr.trim()), args).await;
+        }
+        Err(ReadError::Store(e)) => return Err(e.into()),
+        Err(ReadError::NoSweep(why)) => anyhow::bail!("{why} in {}", args.db.display()),
     };
-    let sweep = pick_sweep(&sweeps, args.sweep.as_deref(), &args.db)?;
-    let trials: Vec<TrialRecord> = trials.into_iter().filter(|t| t.sweep == sweep.name).collect();
-    let report = Report::for_sweep(sweep, &trials, args.top, args.metric.as_deref(), args.goal);
+    let report = Report::for_sweep(&sweep, &trials, args.top, args.metric.as_deref(), args.goal)
+        .map_err(anyhow::Error::msg)?;
     Ok(report.render(args.format))
 }
 
+/// Why the database file gave no report.
+enum ReadError {
+    Store(StoreError),
+    NoSweep(String),
+}
+
+impl From<StoreError> for ReadError {
+    fn from(e: StoreError) -> Self {
+        ReadError::Store(e)
+    }
+}
+
+/// The sweep to report (named, or the latest) and its trials, read from the file.
 fn read_store(
     db: &std::path::Path,
     sweep: Option<&str>,
-) -> Result<(Vec<SweepRecord>, Vec<TrialRecord>), StoreError> {
-    if !db.exists() {
-        return Err(StoreError::Io {
-            path: db.to_path_buf(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no such database (run a sweep first, or pass --db)",
-            ),
-        });
-    }
+) -> Result<(SweepRecord, Vec<TrialRecord>), ReadError> {
     let store = Store::open_read_only(db)?;
     let sweeps = store.sweeps()?;
-    let mut trials = Vec::new();
-    for s in &sweeps {
-        if sweep.is_none_or(|name| name == s.name) {
-            trials.extend(store.trials(&s.name)?);
-        }
-    }
-    Ok((sweeps, trials))
+    let sweep = pick_sweep(&sweeps, sweep).map_err(ReadError::NoSweep)?.clone();
+    let trials = store.trials_without_configs(&sweep.name)?;
+    Ok((sweep, trials))
 }
 
-fn pick_sweep<'a>(
-    sweeps: &'a [SweepRecord],
-    name: Option<&str>,
-    db: &std::path::Path,
-) -> anyhow::Result<&'a SweepRecord> {
-    match name {
-        Some(name) => sweeps.iter().find(|s| s.name == name).with_context(|| {
-            let names: Vec<&str> = sweeps.iter().map(|s| s.name.as_str()).collect();
-            format!("no sweep named {name:?} in {} (sweeps: {})", db.display(), names.join(", "))
-        }),
-        None => sweeps
-            .iter()
-            .max_by_key(|s| s.created_ms)
-            .with_context(|| format!("{} holds no sweeps yet", db.display())),
-    }
-}
-
-async fn ask_coordinator(
-    url: &str,
-    args: &ReportArgs,
-) -> anyhow::Result<(Vec<SweepRecord>, Vec<TrialRecord>)> {
+/// The report, ranked and rendered by the coordinator at `url`, streamed in pieces.
+async fn ask_coordinator(url: &str, args: &ReportArgs) -> anyhow::Result<String> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("invalid coordinator URL {url:?}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -269,19 +304,35 @@ async fn ask_coordinator(
         .connect()
         .await
         .with_context(|| format!("cannot reach the coordinator at {url}"))?;
-    let mut client = proto::coordinator_client::CoordinatorClient::new(channel);
-    let mut request =
-        tonic::Request::new(proto::ReportRequest { sweep: args.sweep.clone().unwrap_or_default() });
+    let mut client = proto::coordinator_client::CoordinatorClient::new(channel)
+        .max_decoding_message_size(crate::service::report::CLIENT_MAX_MESSAGE);
+    let mut request = tonic::Request::new(proto::ReportRequest {
+        sweep: args.sweep.clone().unwrap_or_default(),
+        metric: args.metric.clone().unwrap_or_default(),
+        goal: match args.goal {
+            None => String::new(),
+            Some(crate::model::Goal::Minimize) => "minimize".into(),
+            Some(crate::model::Goal::Maximize) => "maximize".into(),
+        },
+        top: args.top.map(|n| n as u64),
+        records: false,
+        format: match args.format {
+            ReportFormat::Table => "table",
+            ReportFormat::Csv => "csv",
+            ReportFormat::Json => "json",
+        }
+        .into(),
+    });
     if let Some(token) = &args.token {
         let value = format!("Bearer {token}").parse().context("token is not valid ASCII")?;
         request.metadata_mut().insert("authorization", value);
     }
-    let reply = client.report(request).await.map_err(|s| {
+    let stream = client.report(request).await.map_err(|s| {
         anyhow::anyhow!("the coordinator at {url} refused the report: {}", s.message())
     })?;
-    let doc: ReportJson = serde_json::from_str(&reply.into_inner().json)
-        .context("the coordinator sent a report this version cannot read")?;
-    Ok((doc.sweeps, doc.trials))
+    crate::service::collect_text(stream.into_inner())
+        .await
+        .with_context(|| format!("reading the report of the coordinator at {url}"))
 }
 
 /// The whole `msae-coordinator` program (the binary and the end-to-end tests call this).
@@ -306,7 +357,7 @@ pub fn main() -> std::process::ExitCode {
         msae_shared::logging::init();
     }
     let result = match &cli.command {
-        Some(Command::Bench(args)) => crate::bench::run(args),
+        Some(Command::Bench(args)) => crate::bench::run(args).map(|()| SweepExit::Completed),
         other => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -316,13 +367,20 @@ pub fn main() -> std::process::ExitCode {
                     match other {
                         Some(Command::Report(args)) => {
                             let text = crate::cli::report_command(args).await?;
-                            println!("{}", text.trim_end());
-                            Ok(())
+                            // Not println!: `report | head -1` closes the pipe early.
+                            print_stdout(text.trim_end())?;
+                            Ok(SweepExit::Completed)
                         }
                         _ => crate::cli::run_command(&cli.run).await,
                     }
                 })
             }),
+    };
+    let result = match result {
+        Ok(exit) if exit != SweepExit::Completed => {
+            return std::process::ExitCode::from(exit.code());
+        }
+        other => other.map(|_| ()),
     };
     msae_shared::signal::exit_code(result)
 }
@@ -362,5 +420,42 @@ mod tests {
             cli.command,
             Some(Command::Report(ReportArgs { format: ReportFormat::Csv, .. }))
         ));
+    }
+
+    /// Item 12a: `--top 0` is a usage error, not an empty report.
+    #[test]
+    fn top_zero_is_refused() {
+        use clap::Parser;
+        let err = Cli::try_parse_from(["msae-coordinator", "report", "--top", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--top") && err.contains("at least 1"), "{err}");
+        let cli = Cli::try_parse_from(["msae-coordinator", "report", "--top", "3"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Report(ReportArgs { top: Some(3), .. }))));
+    }
+
+    fn report_args(db: &std::path::Path) -> ReportArgs {
+        ReportArgs {
+            db: db.to_path_buf(),
+            sweep: None,
+            top: None,
+            metric: None,
+            goal: None,
+            format: ReportFormat::Table,
+            coordinator: None,
+            token: None,
+        }
+    }
+
+    /// Item 12b: an error prints each cause once, as the binary prints it.
+    #[tokio::test]
+    async fn report_errors_name_their_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let chain = |e: anyhow::Error| msae_shared::signal::error_chain(&*e);
+        let missing = report_command(&report_args(&dir.path().join("no.redb"))).await;
+        let missing = chain(missing.unwrap_err());
+        assert_eq!(missing.matches("no such database").count(), 1, "{missing}");
+        let is_dir = chain(report_command(&report_args(dir.path())).await.unwrap_err());
+        assert_eq!(is_dir.matches("Is a directory").count(), 1, "{is_dir}");
     }
 }

@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod cli;
 pub mod model;
+pub mod preflight;
 pub mod progress;
 pub mod report;
 pub mod run;

@@ -47,9 +47,14 @@ pub struct TrialRecord {
     /// Attempts started so far (1 after the first lease).
     pub attempt: u32,
     pub lease: Option<LeaseInfo>,
-    /// Latest progress step and scalars, then the final metrics.
+    /// Latest progress step of the current attempt, then the step the trial ended at.
     pub step: u64,
+    /// Final metrics, exactly as the completing attempt reported them (empty until then).
     pub metrics: BTreeMap<String, f64>,
+    /// Latest progress scalars of the current attempt (samples and evaluations), kept apart
+    /// from `metrics` so a progress value can never pass for a result.
+    #[serde(default)]
+    pub progress: BTreeMap<String, f64>,
     /// Why the trial failed, or why earlier attempts did.
     pub errors: Vec<String>,
     pub worker: Option<String>,

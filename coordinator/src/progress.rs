@@ -10,20 +10,10 @@ use tokio::sync::watch;
 
 /// One status line for `counts`, e.g.
 /// `[stripes] 12/36 done, 1 running, 23 queued, 0 failed; best fvu 0.0123 (trial 7)`.
-pub fn status_line(
-    counts: &Counts,
-    metric: &str,
-    planned: Option<u64>,
-    elapsed: Duration,
-) -> String {
-    // Trials are proposed as workers ask; the planned size (grid, run_cap) is the real total.
-    let total = planned
-        .unwrap_or(0)
-        .max(counts.proposed)
-        .max(counts.completed + counts.failed + counts.running + counts.queued);
+pub fn status_line(counts: &Counts, metric: &str, elapsed: Duration) -> String {
     let mut line = format!(
         "[{}] {}/{} done, {} running, {} queued, {} failed",
-        counts.sweep, counts.completed, total, counts.running, counts.queued, counts.failed
+        counts.sweep, counts.completed, counts.total, counts.running, counts.queued, counts.failed
     );
     if let Some(best) = counts.best {
         line.push_str(&format!("; best {metric} {:.6} (trial {})", best.value, best.index));
@@ -40,7 +30,6 @@ impl ProgressDisplay {
     pub fn spawn(
         mut counts: watch::Receiver<Counts>,
         metric: String,
-        planned: Option<u64>,
         mut stop: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
@@ -57,7 +46,7 @@ impl ProgressDisplay {
                     _ = tick.tick() => {}
                 }
                 let c = counts.borrow().clone();
-                let line = status_line(&c, &metric, planned, started.elapsed());
+                let line = status_line(&c, &metric, started.elapsed());
                 // Compare without the clock so an idle sweep does not print every tick.
                 let key = line.rsplit_once(';').map(|(a, _)| a.to_string()).unwrap_or_default();
                 if tty {
@@ -73,7 +62,7 @@ impl ProgressDisplay {
                 }
             }
             let c = counts.borrow().clone();
-            let line = status_line(&c, &metric, planned, started.elapsed());
+            let line = status_line(&c, &metric, started.elapsed());
             if tty {
                 eprintln!("\r\x1b[2K{line}");
             } else {
@@ -92,6 +81,7 @@ mod tests {
     fn status_line_shows_counts_and_best() {
         let counts = Counts {
             sweep: "stripes".into(),
+            total: 36,
             proposed: 36,
             queued: 23,
             running: 1,
@@ -101,19 +91,10 @@ mod tests {
             best: Some(Best { index: 7, value: 0.0123 }),
             ..Default::default()
         };
-        let line = status_line(&counts, "fvu", None, Duration::from_secs(42));
+        let line = status_line(&counts, "fvu", Duration::from_secs(42));
         assert_eq!(
             line,
             "[stripes] 12/36 done, 1 running, 23 queued, 0 failed; best fvu 0.012300 (trial 7); 2 workers; 42s"
         );
-        // Early in a sweep few trials are proposed yet: the planned size is the total.
-        let early = Counts {
-            sweep: "s".into(),
-            proposed: 2,
-            completed: 1,
-            running: 1,
-            ..Default::default()
-        };
-        assert!(status_line(&early, "fvu", Some(12), Duration::ZERO).starts_with("[s] 1/12 done"));
     }
 }

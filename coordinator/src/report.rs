@@ -28,11 +28,21 @@ pub const KEY_METRICS: &[&str] = &[
 /// How many trials are in each state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
+    /// The sweep's planned size while it runs (the trials stored once it is finished).
     pub total: usize,
     pub completed: usize,
     pub failed: usize,
     pub running: usize,
+    /// Not started yet, whether the search has proposed them or not.
     pub queued: usize,
+}
+
+impl Counts {
+    /// Counts of an unfinished sweep of `planned` trials: those not proposed yet are queued.
+    pub fn plan(&mut self, planned: u64) {
+        self.total = self.total.max(planned as usize);
+        self.queued = self.total - self.completed - self.failed - self.running;
+    }
 }
 
 /// One completed trial, ranked.
@@ -86,6 +96,25 @@ pub enum ReportFormat {
     Json,
 }
 
+/// The sweep a report is about: the one named, or else the most recently created. The error
+/// says which sweeps there are.
+pub fn pick_sweep<'a>(
+    sweeps: &'a [SweepRecord],
+    name: Option<&str>,
+) -> Result<&'a SweepRecord, String> {
+    match name {
+        Some(name) => sweeps.iter().find(|s| s.name == name).ok_or_else(|| {
+            let names: Vec<&str> = sweeps.iter().map(|s| s.name.as_str()).collect();
+            if names.is_empty() {
+                format!("no sweep named {name:?} (there are no sweeps yet)")
+            } else {
+                format!("no sweep named {name:?} (sweeps: {})", names.join(", "))
+            }
+        }),
+        None => sweeps.iter().max_by_key(|s| s.created_ms).ok_or_else(|| "no sweeps yet".into()),
+    }
+}
+
 /// The direction in which a standard metric is better: higher for feature recovery and
 /// throughput, lower for everything else (losses, error, sparsity counts, dead fractions).
 pub fn natural_goal(metric: &str) -> Goal {
@@ -130,7 +159,12 @@ impl Report {
             }
         }
         let value = |t: &TrialRecord| t.metrics.get(metric).copied().filter(|v| v.is_finite());
-        completed.sort_by(|a, b| compare(value(a), value(b), goal).then(a.index.cmp(&b.index)));
+        // Each trial's value looked up once, not at every comparison: on 100,000 trials the
+        // map lookups were most of the sort's time.
+        let mut keyed: Vec<(Option<f64>, &TrialRecord)> =
+            completed.into_iter().map(|t| (value(t), t)).collect();
+        keyed.sort_by(|(x, a), (y, b)| compare(*x, *y, goal).then(a.index.cmp(&b.index)));
+        let mut completed: Vec<&TrialRecord> = keyed.into_iter().map(|(_, t)| t).collect();
         if let Some(n) = top {
             completed.truncate(n);
         }
@@ -165,21 +199,25 @@ impl Report {
     /// [`Report::build`] with the metric and goal of the sweep's own YAML. `metric_override`
     /// ranks by another metric, in that metric's natural direction ([`natural_goal`]) unless
     /// `goal_override` says otherwise. A stored YAML that no longer validates (the trial
-    /// config changed since) still yields its `metric:` block when it can be read at all.
+    /// config changed since) still yields its `metric:` block when it can be read at all. An
+    /// override that is no known metric is refused ([`check_rank_metric`]).
     pub fn for_sweep(
         sweep: &SweepRecord,
         trials: &[TrialRecord],
         top: Option<usize>,
         metric_override: Option<&str>,
         goal_override: Option<Goal>,
-    ) -> Report {
-        let spec_metric = match SweepSpec::parse(&sweep.yaml, &sweep.name) {
-            Ok(spec) => spec.metric,
+    ) -> Result<Report, String> {
+        let (spec_metric, spec_planned) = match SweepSpec::parse(&sweep.yaml, &sweep.name) {
+            Ok(spec) => (spec.metric.clone(), spec.planned_trials()),
             Err(e) => {
                 tracing::warn!(sweep = %sweep.name, "stored sweep YAML does not validate any more ({e}); reading its metric block only");
-                metric_block(&sweep.yaml).unwrap_or_default()
+                (metric_block(&sweep.yaml).unwrap_or_default(), None)
             }
         };
+        if let Some(m) = metric_override {
+            check_rank_metric(m, &spec_metric.name, trials)?;
+        }
         let metric = metric_override.unwrap_or(&spec_metric.name);
         // Another metric than the sweep's ranks in its own natural direction.
         let goal = goal_override.unwrap_or(if metric == spec_metric.name {
@@ -187,7 +225,13 @@ impl Report {
         } else {
             natural_goal(metric)
         });
-        Report::build(sweep, metric, goal, trials, top)
+        let mut report = Report::build(sweep, metric, goal, trials, top);
+        if !sweep.finished
+            && let Some(planned) = spec_planned
+        {
+            report.counts.plan(planned);
+        }
+        Ok(report)
     }
 
     /// The report as text in `format`.
@@ -236,6 +280,7 @@ impl Report {
         let metric_cols = self.metric_columns();
         let param_cols = self.param_columns();
         if self.rows.is_empty() {
+            // Rows can only be missing for want of completed trials: `top` is at least 1.
             out.push_str("no completed trials yet\n");
         } else {
             let mut header: Vec<String> = vec!["rank".into(), "trial".into()];
@@ -250,35 +295,56 @@ impl Report {
                 }),
             );
             right.extend([false, true, true]);
-            let body: Vec<Vec<String>> = self
+            let mut body = Cells::new(header.len(), self.rows.len());
+            for r in &self.rows {
+                body.push(r.rank);
+                body.push(r.trial);
+                for m in &metric_cols {
+                    match r.metrics.get(m) {
+                        Some(Some(v)) => body.push(fmt_num(*v)),
+                        Some(None) => body.push("nan"),
+                        None => body.push("-"),
+                    }
+                }
+                for p in &param_cols {
+                    match r.params.get(p) {
+                        Some(v) => body.push(show_value(v)),
+                        None => body.push("-"),
+                    }
+                }
+                body.push(status_name(r.status));
+                body.push(r.attempts);
+                match r.duration_s {
+                    Some(d) => body.push(fmt_duration(d)),
+                    None => body.push("-"),
+                }
+            }
+            write_aligned(&mut out, &header, &body, &right);
+            let lacking: Vec<String> = self
                 .rows
                 .iter()
-                .map(|r| {
-                    let mut cells = vec![r.rank.to_string(), r.trial.to_string()];
-                    cells.extend(metric_cols.iter().map(|m| match r.metrics.get(m) {
-                        Some(Some(v)) => fmt_num(*v),
-                        Some(None) => "nan".into(),
-                        None => "-".into(),
-                    }));
-                    cells.extend(
-                        param_cols.iter().map(|p| r.params.get(p).map_or("-".into(), show_value)),
-                    );
-                    cells.push(status_name(r.status).into());
-                    cells.push(r.attempts.to_string());
-                    cells.push(r.duration_s.map_or("-".into(), fmt_duration));
-                    cells
-                })
+                .filter(|r| !matches!(r.metrics.get(&self.metric), Some(Some(_))))
+                .map(|r| r.trial.to_string())
                 .collect();
-            write_aligned(&mut out, &header, &body, &right);
+            if !lacking.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "note: trial{} {} reported no finite {}; ranked after every trial that did",
+                    if lacking.len() == 1 { "" } else { "s" },
+                    lacking.join(", "),
+                    self.metric
+                );
+            }
         }
         if !self.failed.is_empty() {
             let _ = writeln!(out, "\nfailed trials ({}):", self.failed.len());
             let header: Vec<String> = ["trial", "attempts", "reason"].map(String::from).to_vec();
-            let body: Vec<Vec<String>> = self
-                .failed
-                .iter()
-                .map(|f| vec![f.trial.to_string(), f.attempts.to_string(), reason_line(&f.reasons)])
-                .collect();
+            let mut body = Cells::new(header.len(), self.failed.len());
+            for f in &self.failed {
+                body.push(f.trial);
+                body.push(f.attempts);
+                body.push(reason_line(&f.reasons));
+            }
             write_aligned(&mut out, &header, &body, &[true, true, false]);
         }
         out
@@ -333,6 +399,35 @@ impl Report {
 }
 
 /// Order two metric values so the better comes first; missing (or non-finite) values last.
+/// Checks a metric to rank by (`report --metric`): a standard metric, the sweep's own, or one
+/// that some completed trial reported. Otherwise an error that suggests the closest name, so a
+/// typo cannot produce a report whose every value is `-`.
+pub fn check_rank_metric(
+    metric: &str,
+    sweep_metric: &str,
+    trials: &[TrialRecord],
+) -> Result<(), String> {
+    if metric == sweep_metric || metrics::is_standard(metric) {
+        return Ok(());
+    }
+    let reported: BTreeSet<&str> = trials
+        .iter()
+        .filter(|t| t.status == TrialStatus::Completed)
+        .flat_map(|t| t.metrics.keys().map(String::as_str))
+        .collect();
+    if reported.contains(metric) {
+        return Ok(());
+    }
+    let known: BTreeSet<&str> = metrics::STANDARD.iter().copied().chain(reported).collect();
+    let close = msae_shared::suggest::closest(metric, known.iter().copied())
+        .map(|c| format!("; did you mean `{c}`?"))
+        .unwrap_or_default();
+    Err(format!(
+        "unknown metric `{metric}`{close} (no trial reported it); metrics: {}",
+        known.into_iter().collect::<Vec<_>>().join(", ")
+    ))
+}
+
 fn compare(a: Option<f64>, b: Option<f64>, goal: Goal) -> Ordering {
     match (a, b) {
         (Some(x), Some(y)) => match goal {
@@ -425,35 +520,71 @@ fn fmt_duration(s: f64) -> String {
     }
 }
 
+/// The cells of a table body, row after row, in one buffer: a 100,000-row report has 1.6
+/// million cells, and a `String` each made up most of rendering's time and memory.
+struct Cells {
+    text: String,
+    /// End offset of each cell in `text`.
+    ends: Vec<usize>,
+    columns: usize,
+}
+
+impl Cells {
+    fn new(columns: usize, rows: usize) -> Cells {
+        Cells {
+            text: String::with_capacity(rows * columns * 6),
+            ends: Vec::with_capacity(rows * columns),
+            columns,
+        }
+    }
+
+    fn push(&mut self, cell: impl std::fmt::Display) {
+        let _ = write!(self.text, "{cell}");
+        self.ends.push(self.text.len());
+    }
+
+    fn rows(&self) -> impl Iterator<Item = impl Iterator<Item = &str>> {
+        (0..self.ends.len() / self.columns.max(1)).map(move |row| {
+            (row * self.columns..(row + 1) * self.columns).map(move |i| {
+                let start = if i == 0 { 0 } else { self.ends[i - 1] };
+                &self.text[start..self.ends[i]]
+            })
+        })
+    }
+}
+
 /// Columns separated by two spaces, padded to the widest cell (in characters).
-fn write_aligned(out: &mut String, header: &[String], body: &[Vec<String>], right: &[bool]) {
+fn write_aligned(out: &mut String, header: &[String], body: &Cells, right: &[bool]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in body {
+    for row in body.rows() {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let mut line = |cells: &[String]| {
-        let mut s = String::new();
-        for (i, cell) in cells.iter().enumerate() {
+    out.reserve(body.text.len() + body.ends.len() * 2);
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let start = out.len();
+        for (i, cell) in cells.enumerate() {
             if i > 0 {
-                s.push_str("  ");
+                out.push_str("  ");
             }
             let pad = widths[i].saturating_sub(cell.chars().count());
             if right.get(i).copied().unwrap_or(false) {
-                s.extend(std::iter::repeat_n(' ', pad));
-                s.push_str(cell);
+                out.extend(std::iter::repeat_n(' ', pad));
+                out.push_str(cell);
             } else {
-                s.push_str(cell);
-                s.extend(std::iter::repeat_n(' ', pad));
+                out.push_str(cell);
+                out.extend(std::iter::repeat_n(' ', pad));
             }
         }
-        out.push_str(s.trim_end());
+        // No trailing blanks (a left-aligned last column pads).
+        let end = start + out[start..].trim_end().len();
+        out.truncate(end);
         out.push('\n');
     };
-    line(header);
-    for row in body {
-        line(row);
+    line(&mut header.iter().map(String::as_str));
+    for mut row in body.rows() {
+        line(&mut row);
     }
 }
 
@@ -506,6 +637,7 @@ mod tests {
             lease: None,
             step: 0,
             metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            progress: BTreeMap::new(),
             errors: Vec::new(),
             worker: Some("w1".into()),
             artifact: None,
@@ -537,6 +669,18 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_rank_metric_is_refused_with_a_suggestion() {
+        let trials = sample();
+        let e = check_rank_metric("fuv", "fvu", &trials).unwrap_err();
+        assert!(e.contains("unknown metric `fuv`; did you mean `fvu`?"), "{e}");
+        check_rank_metric("foo", "foo", &trials).unwrap(); // the sweep's own (custom) metric
+        check_rank_metric("mmcs", "fvu", &trials).unwrap();
+        let mut custom = trials.clone();
+        custom[0].metrics.insert("my_score".into(), 1.0);
+        check_rank_metric("my_score", "fvu", &custom).unwrap();
+    }
+
+    #[test]
     fn ranks_minimize_with_missing_and_nan_last() {
         let r = Report::build(&sweep(""), "fvu", Goal::Minimize, &sample(), None);
         assert_eq!(order(&r), vec![1, 3, 0, 2, 7]);
@@ -546,6 +690,26 @@ mod tests {
         assert_eq!(r.rows[4].metrics["fvu"], None, "NaN kept as a non-finite value");
         assert!(!r.rows[3].metrics.contains_key("fvu"), "missing stays missing");
         assert_eq!(r.counts, Counts { total: 8, completed: 5, failed: 1, running: 1, queued: 1 });
+        let table = r.render(ReportFormat::Table);
+        assert!(
+            table.contains(
+                "note: trials 2, 7 reported no finite fvu; ranked after every trial that did"
+            ),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn counts_of_an_unfinished_sweep_cover_its_planned_size() {
+        // Regression: an interrupted 12-trial grid reported "8 trials ... 1 queued".
+        let yaml =
+            "name: s\nmethod: grid\nparameters:\n  seed: {values: [0,1,2,3,4,5,6,7,8,9,10,11]}\n";
+        let r = Report::for_sweep(&sweep(yaml), &sample(), None, None, None).unwrap();
+        assert_eq!(r.counts, Counts { total: 12, completed: 5, failed: 1, running: 1, queued: 5 });
+        let mut done = sweep(yaml);
+        done.finished = true;
+        let r = Report::for_sweep(&done, &sample(), None, None, None).unwrap();
+        assert_eq!(r.counts.total, 8, "a finished sweep is what it ran");
     }
 
     #[test]
@@ -632,19 +796,20 @@ mod tests {
     #[test]
     fn for_sweep_uses_the_spec_metric_and_goal() {
         let yaml = "name: s\nmethod: grid\nmetric: {name: l0, goal: maximize}\n";
-        let r = Report::for_sweep(&sweep(yaml), &sample(), None, None, None);
+        let r = Report::for_sweep(&sweep(yaml), &sample(), None, None, None).unwrap();
         assert_eq!((r.metric.as_str(), r.goal), ("l0", Goal::Maximize));
         assert_eq!(order(&r)[0], 0);
         // Another metric ranks in its natural direction, unless a goal is given.
-        let r = Report::for_sweep(&sweep(yaml), &sample(), None, Some("fvu"), None);
+        let r = Report::for_sweep(&sweep(yaml), &sample(), None, Some("fvu"), None).unwrap();
         assert_eq!((r.metric.as_str(), r.goal), ("fvu", Goal::Minimize));
-        let r = Report::for_sweep(&sweep(yaml), &sample(), None, Some("mmcs"), None);
+        let r = Report::for_sweep(&sweep(yaml), &sample(), None, Some("mmcs"), None).unwrap();
         assert_eq!((r.metric.as_str(), r.goal), ("mmcs", Goal::Maximize));
-        let r = Report::for_sweep(&sweep(yaml), &sample(), None, Some("fvu"), Some(Goal::Maximize));
+        let r = Report::for_sweep(&sweep(yaml), &sample(), None, Some("fvu"), Some(Goal::Maximize))
+            .unwrap();
         assert_eq!((r.metric.as_str(), r.goal), ("fvu", Goal::Maximize));
         // A stored YAML that no longer validates still gives its metric block.
         let stale = "name: s\nmethod: grid\nmetric: {name: mse, goal: maximize}\nparameters:\n  old_field: {values: [1]}\n";
-        let r = Report::for_sweep(&sweep(stale), &sample(), None, None, None);
+        let r = Report::for_sweep(&sweep(stale), &sample(), None, None, None).unwrap();
         assert_eq!((r.metric.as_str(), r.goal), ("mse", Goal::Maximize));
     }
 

@@ -104,6 +104,7 @@ pub async fn run_sweep(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<RunSummary> {
     let (spec, yaml) = load_spec(&opts.sweep)?;
+    crate::preflight::check_data(&spec, opts.local_workers)?;
     // Bind before touching the database: a busy port must fail before anything starts.
     let listener = tokio::net::TcpListener::bind(opts.listen).await.with_context(|| {
         format!("cannot listen on {} (another coordinator? use --listen)", opts.listen)
@@ -117,6 +118,7 @@ pub async fn run_sweep(
         timeout: spec.timeout,
         max_concurrent: spec.max_concurrent,
         run_cap: spec.run_cap,
+        planned: spec.planned_trials(),
         metric: spec.metric.name.clone(),
         goal: spec.metric.goal,
         runner: match spec.task.kind {
@@ -157,12 +159,7 @@ pub async fn run_sweep(
         spawn_tensorboard(&scheduler, root, &sweep, &params, &spec.metric.name)
     });
     let display = opts.progress.then(|| {
-        ProgressDisplay::spawn(
-            scheduler.counts(),
-            spec.metric.name.clone(),
-            spec.planned_trials(),
-            stop_rx.clone(),
-        )
+        ProgressDisplay::spawn(scheduler.counts(), spec.metric.name.clone(), stop_rx.clone())
     });
     // Local workers stop first, while the server still answers their Release calls.
     let (workers_stop_tx, workers_stop_rx) = watch::channel(false);
@@ -196,11 +193,12 @@ pub async fn run_sweep(
             Ok(Ok(Ok(_))) => {}
         }
     }
-    let records = scheduler.records(&sweep).await.unwrap_or_default();
-    let sweeps = scheduler.sweeps().await.unwrap_or_default();
     // Remote workers learn of the shutdown from their next progress report (replied "stop and
     // hand the lease back") while the server still runs; then everything is flushed.
     scheduler.shutdown(REMOTE_RELEASE_GRACE).await.ok();
+    // Read after the shutdown, so the final report shows the trials as they were left (handed
+    // back, not running), as the counts do.
+    let (sweeps, records) = scheduler.stored(&sweep).await.unwrap_or_default();
     let counts = scheduler.counts().borrow().clone();
     let _ = stop_tx.send(true);
     if let Some(handle) = display {
@@ -226,8 +224,11 @@ pub async fn run_sweep(
     if opts.report
         && let Some(record) = sweeps.iter().find(|s| s.name == sweep)
     {
-        let report = Report::for_sweep(record, &records, Some(20), None, None);
-        println!("{}", report.render(ReportFormat::Table).trim_end());
+        // No metric override: nothing to refuse.
+        if let Ok(report) = Report::for_sweep(record, &records, Some(20), None, None) {
+            let text = report.render(ReportFormat::Table);
+            msae_shared::signal::print_stdout(text.trim_end())?;
+        }
     }
     Ok(RunSummary { sweep, addr, counts, finished })
 }
@@ -271,8 +272,8 @@ fn spawn_local_workers(
     Vec::new()
 }
 
-/// Writes TensorBoard events from the scheduler's event stream. The store stays the source of
-/// truth: a lagging receiver only loses curve points, and I/O errors are logged, not fatal.
+/// Writes TensorBoard events from the scheduler's lossless event stream: every evaluation at its
+/// own step, final metrics at the final step. I/O errors are logged, not fatal.
 fn spawn_tensorboard(
     scheduler: &SchedulerHandle,
     root: PathBuf,
@@ -290,23 +291,15 @@ fn spawn_tensorboard(
     if let Err(e) = logger.sweep_experiment(sweep, params, &metrics) {
         tracing::warn!("TensorBoard: {e}");
     }
-    let mut events = scheduler.events();
+    let mut events = scheduler.events_lossless();
     let sweep = sweep.to_string();
     tokio::spawn(async move {
-        loop {
-            let event = match events.recv().await {
-                Ok(event) => event,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::debug!("TensorBoard writer lagged by {n} events");
-                    continue;
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-            };
+        while let Some(event) = events.recv().await {
             let logger = logger.clone();
             let sweep = sweep.clone();
             let result = tokio::task::spawn_blocking(move || match event {
                 SchedulerEvent::TrialStarted { record, .. } => logger.trial_started(&record),
-                SchedulerEvent::TrialProgress { index, step, scalars } => {
+                SchedulerEvent::TrialProgress { index, step, scalars, .. } => {
                     logger.progress(&sweep, index, step, &scalars)
                 }
                 SchedulerEvent::TrialFinished { record } => logger.trial_finished(&record),

@@ -54,6 +54,8 @@ pub struct SchedulerPolicy {
     pub max_concurrent: Option<usize>,
     /// At most this many trials proposed.
     pub run_cap: Option<u64>,
+    /// The sweep's planned size (grid size or run_cap), when known: the total of every count.
+    pub planned: Option<u64>,
     /// Name of the metric the sweep optimises.
     pub metric: String,
     pub goal: Goal,
@@ -71,6 +73,7 @@ impl Default for SchedulerPolicy {
             timeout: None,
             max_concurrent: None,
             run_cap: None,
+            planned: None,
             metric: "loss".into(),
             goal: Goal::Minimize,
             runner: "sae".into(),
@@ -127,10 +130,31 @@ pub struct ProgressAck {
     pub release: bool,
 }
 
+/// Scalars of one evaluation during training, at its own step.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Evaluation {
+    pub step: u64,
+    pub scalars: BTreeMap<String, f64>,
+}
+
+/// One progress report of a running attempt (validated at the edge).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ProgressReport {
+    /// The latest step and its sampled scalars.
+    pub step: u64,
+    pub scalars: BTreeMap<String, f64>,
+    /// Every evaluation since the previous report, in step order.
+    pub evaluations: Vec<Evaluation>,
+}
+
 /// The final outcome of an attempt, as reported by a worker (validated at the edge).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TrialOutcome {
     pub success: bool,
+    /// A failure that a retry cannot change (bad config or data, divergence): no requeue.
+    pub permanent: bool,
+    /// The step the trial ended at, when the worker said (0 = not said).
+    pub final_step: u64,
     /// Finite values only.
     pub metrics: BTreeMap<String, f64>,
     pub error: String,
@@ -179,7 +203,11 @@ pub struct Best {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Counts {
     pub sweep: String,
+    /// The sweep's size: the planned size while the search runs, what it proposed once it is
+    /// done. Always `completed + failed + running + queued`.
+    pub total: u64,
     pub proposed: u64,
+    /// Trials not started yet, proposed or not.
     pub queued: u64,
     pub running: u64,
     pub completed: u64,
@@ -200,21 +228,11 @@ pub struct Counts {
 pub enum SchedulerEvent {
     /// A trial was leased (committed); `record` is its state as leased (params, config,
     /// attempt, lease).
-    TrialStarted {
-        index: u64,
-        attempt: u32,
-        worker: String,
-        record: Box<TrialRecord>,
-    },
-    TrialProgress {
-        index: u64,
-        step: u64,
-        scalars: BTreeMap<String, f64>,
-    },
+    TrialStarted { index: u64, attempt: u32, worker: String, record: Box<TrialRecord> },
+    /// Sampled scalars (`evaluation: false`) or one evaluation's scalars, at `step`.
+    TrialProgress { index: u64, step: u64, scalars: BTreeMap<String, f64>, evaluation: bool },
     /// A trial reached Completed or Failed (committed).
-    TrialFinished {
-        record: Box<TrialRecord>,
-    },
+    TrialFinished { record: Box<TrialRecord> },
 }
 
 /// Errors of the scheduler. `UnknownWorker` is the only one a client should handle by
@@ -223,10 +241,14 @@ pub enum SchedulerEvent {
 pub enum SchedulerError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// `changes` lists the differing keys (empty when they differ only once normalised);
+    /// `next` is the sweep `--new-sweep` would run and whether it exists already (resumed).
     #[error(
-        "sweep {name} exists in DB with a different definition; use --new-sweep (starts {name}-2…) or another name"
+        "sweep {name} exists in DB with a different definition ({}); use --new-sweep ({}) or another name",
+        describe_changes(.changes),
+        describe_next(.next, .resumes)
     )]
-    FingerprintMismatch { name: String },
+    FingerprintMismatch { name: String, changes: Vec<String>, next: String, resumes: bool },
     #[error("cannot resume sweep {sweep}: at trial {index}, {detail}")]
     ReplayMismatch { sweep: String, index: u64, detail: String },
     #[error("unknown worker id {0:?} (the coordinator may have restarted): register again")]
@@ -261,8 +283,7 @@ enum Command {
     },
     Progress {
         lease_id: String,
-        step: u64,
-        scalars: BTreeMap<String, f64>,
+        report: ProgressReport,
         reply: Reply<ProgressAck>,
     },
     Complete {
@@ -325,6 +346,7 @@ impl Scheduler {
         let (tx, rx) = mpsc::channel(4096);
         let (counts_tx, counts_rx) = watch::channel(core.counts());
         let (events_tx, _) = broadcast::channel(4096);
+        let lossless = LosslessSinks::default();
         let commits = Arc::new(AtomicU64::new(0));
         let actor = actor::Actor::new(
             core,
@@ -332,6 +354,7 @@ impl Scheduler {
             rx,
             counts_tx,
             events_tx.clone(),
+            lossless.clone(),
             commits.clone(),
         );
         tokio::spawn(actor.run());
@@ -339,6 +362,7 @@ impl Scheduler {
             tx,
             counts: counts_rx,
             events: events_tx,
+            lossless,
             store,
             sweep: name,
             commits,
@@ -355,7 +379,17 @@ fn load_or_create(
     let name = match existing {
         Some(rec) if !input.new_sweep => {
             if rec.fingerprint != input.fingerprint {
-                return Err(SchedulerError::FingerprintMismatch { name: rec.name });
+                let changes = crate::spec::diff::changes(&rec.yaml, &input.yaml);
+                let (next, resumes) = match new_sweep_name(store, input)? {
+                    NewSweep::Free(name) => (name, false),
+                    NewSweep::Existing(rec) => (rec.name, true),
+                };
+                return Err(SchedulerError::FingerprintMismatch {
+                    name: rec.name,
+                    changes,
+                    next,
+                    resumes,
+                });
             }
             let trials = store.trials(&rec.name)?;
             return Ok((rec, trials, false));
@@ -365,21 +399,13 @@ fn load_or_create(
             let trials = store.trials(&rec.name)?;
             return Ok((rec, trials, false));
         }
-        Some(_) => {
-            let mut k = 2u64;
-            loop {
-                let candidate = format!("{}-{k}", input.name);
-                match store.sweep(&candidate)? {
-                    None => break candidate,
-                    // A NAME-k started earlier from this same definition: resume it.
-                    Some(rec) if rec.fingerprint == input.fingerprint => {
-                        let trials = store.trials(&rec.name)?;
-                        return Ok((rec, trials, false));
-                    }
-                    Some(_) => k += 1,
-                }
+        Some(_) => match new_sweep_name(store, input)? {
+            NewSweep::Free(name) => name,
+            NewSweep::Existing(rec) => {
+                let trials = store.trials(&rec.name)?;
+                return Ok((rec, trials, false));
             }
-        }
+        },
         None => input.name.clone(),
     };
     let rec = SweepRecord {
@@ -397,16 +423,59 @@ fn load_or_create(
     Ok((rec, Vec::new(), true))
 }
 
+fn describe_changes(changes: &[String]) -> String {
+    if changes.is_empty() {
+        "they differ only once normalised".into()
+    } else {
+        format!("changed: {}", crate::spec::diff::summary(changes))
+    }
+}
+
+fn describe_next(next: &str, resumes: &bool) -> String {
+    if *resumes {
+        format!("resumes {next}, started earlier from this definition")
+    } else {
+        format!("starts {next}")
+    }
+}
+
+/// The sweep `--new-sweep` runs when NAME exists with another definition.
+enum NewSweep {
+    /// The first free `NAME-k`, k >= 2.
+    Free(String),
+    /// A `NAME-k` started earlier from this same definition: resumed.
+    Existing(SweepRecord),
+}
+
+fn new_sweep_name(store: &Store, input: &SweepInput) -> Result<NewSweep> {
+    let mut k = 2u64;
+    loop {
+        let candidate = format!("{}-{k}", input.name);
+        match store.sweep(&candidate)? {
+            None => return Ok(NewSweep::Free(candidate)),
+            Some(rec) if rec.fingerprint == input.fingerprint => {
+                return Ok(NewSweep::Existing(rec));
+            }
+            Some(_) => k += 1,
+        }
+    }
+}
+
 /// A cheap, cloneable handle to a running scheduler.
 #[derive(Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::Sender<Command>,
     counts: watch::Receiver<Counts>,
     events: broadcast::Sender<SchedulerEvent>,
+    lossless: LosslessSinks,
     store: Arc<Store>,
     sweep: String,
     commits: Arc<AtomicU64>,
 }
+
+/// Subscribers that must see every event (the TensorBoard writer: an evaluation is a point on
+/// a curve, not a sample). Unbounded: such a consumer only writes files and keeps up.
+pub(crate) type LosslessSinks = Arc<std::sync::Mutex<Vec<mpsc::UnboundedSender<SchedulerEvent>>>>;
 
 impl SchedulerHandle {
     /// Store write transactions the actor has committed so far (the durable-commit cost of the
@@ -449,14 +518,9 @@ impl SchedulerHandle {
     }
 
     /// Reports progress of a lease (renews it).
-    pub async fn progress(
-        &self,
-        lease_id: &str,
-        step: u64,
-        scalars: BTreeMap<String, f64>,
-    ) -> Result<ProgressAck> {
+    pub async fn progress(&self, lease_id: &str, report: ProgressReport) -> Result<ProgressAck> {
         let lease_id = lease_id.to_string();
-        self.ask(|reply| Command::Progress { lease_id, step, scalars, reply }).await
+        self.ask(|reply| Command::Progress { lease_id, report, reply }).await
     }
 
     /// Reports the final outcome of a lease.
@@ -500,6 +564,17 @@ impl SchedulerHandle {
         Ok(all)
     }
 
+    /// Every stored sweep and the stored trials of `sweep`, read from the store (after a
+    /// shutdown, when the actor no longer answers, this is the final state).
+    pub async fn stored(&self, sweep: &str) -> Result<(Vec<SweepRecord>, Vec<TrialRecord>)> {
+        let store = self.store.clone();
+        let sweep = sweep.to_string();
+        let read = move || -> Result<_> { Ok((store.sweeps()?, store.trials(&sweep)?)) };
+        tokio::task::spawn_blocking(read)
+            .await
+            .map_err(|e| SchedulerError::Commit(format!("read task failed: {e}")))?
+    }
+
     /// The trials of `sweep` in index order (this scheduler's sweep from memory, others from
     /// the store).
     pub async fn records(&self, sweep: &str) -> Result<Vec<TrialRecord>> {
@@ -519,9 +594,16 @@ impl SchedulerHandle {
         self.counts.clone()
     }
 
-    /// Subscribes to trial events from now on.
+    /// Subscribes to trial events from now on; a slow receiver may lag and miss some.
     pub fn events(&self) -> broadcast::Receiver<SchedulerEvent> {
         self.events.subscribe()
+    }
+
+    /// Subscribes to every trial event from now on, none dropped.
+    pub fn events_lossless(&self) -> mpsc::UnboundedReceiver<SchedulerEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.lossless.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
+        rx
     }
 
     /// Waits until the sweep is finished (Ok) or the scheduler stopped before (Err).

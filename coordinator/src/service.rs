@@ -11,13 +11,21 @@
 //! `wait_ms`, checked like a `Lease`): the scheduler applies both in one batch and one commit,
 //! so a worker pays one round trip per trial instead of two.
 //!
+//! Identifiers a client sends (names, device, ids, sweep and metric names) must not hold control
+//! characters: they are logged, and a newline or escape sequence in one would forge or garble
+//! log lines. The Report RPC streams its reply in pieces ([`report`]); requests tonic cannot
+//! decode are answered `invalid_argument` or `resource_exhausted` ([`edge`]).
+//!
 //! [`serve`] runs the service on a bound listener with an optional shared bearer token
 //! ([`auth_interceptor`]) until a shutdown future resolves. Call
 //! [`SchedulerHandle::shutdown`](crate::scheduler::SchedulerHandle::shutdown) before (or as
 //! part of) that future so long-polling lease requests are answered at once.
 
 use crate::model::{SweepRecord, TrialRecord};
-use crate::scheduler::{LeaseGrant, NextLease, SchedulerError, SchedulerHandle, TrialOutcome};
+use crate::scheduler::{
+    Evaluation, LeaseGrant, NextLease, ProgressReport, SchedulerError, SchedulerHandle,
+    TrialOutcome,
+};
 use msae_shared::proto;
 use msae_shared::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use std::collections::{BTreeMap, HashMap};
@@ -26,6 +34,11 @@ use std::time::Duration;
 use tokio_stream::StreamExt;
 use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
+
+pub mod edge;
+pub mod report;
+
+pub use report::{FetchError, ReportQuery, collect_records, collect_report, collect_text};
 
 /// Longest accepted id or name.
 pub const MAX_ID_LEN: usize = 256;
@@ -62,7 +75,20 @@ fn check_id(field: &str, v: &str) -> Result<(), Status> {
     if v.is_empty() {
         return Err(Status::invalid_argument(format!("{field} is empty")));
     }
-    check_len(field, v, MAX_ID_LEN)
+    check_name(field, v)
+}
+
+/// An identifier that may be empty: bounded, and without control characters (they would end
+/// up raw in the coordinator's log).
+fn check_name(field: &str, v: &str) -> Result<(), Status> {
+    check_len(field, v, MAX_ID_LEN)?;
+    if let Some(c) = v.chars().find(|c| c.is_control()) {
+        return Err(Status::invalid_argument(format!(
+            "{field} holds the control character {:?}; names and ids must be printable",
+            c
+        )));
+    }
+    Ok(())
 }
 
 fn check_len(field: &str, v: &str, max: usize) -> Result<(), Status> {
@@ -92,7 +118,7 @@ fn check_metrics(
         if k.is_empty() {
             return Err(Status::invalid_argument(format!("{field} has an empty name")));
         }
-        check_len(&format!("{field} name"), &k, MAX_ID_LEN)?;
+        check_name(&format!("{field} name"), &k)?;
         if v.is_finite() {
             kept.insert(k, v);
         } else {
@@ -114,30 +140,48 @@ pub struct Registration {
 impl TryFrom<proto::RegisterRequest> for Registration {
     type Error = Status;
     fn try_from(r: proto::RegisterRequest) -> Result<Self, Status> {
-        check_len("name", &r.name, MAX_ID_LEN)?;
-        check_len("device", &r.device, MAX_ID_LEN)?;
+        check_name("name", &r.name)?;
+        check_name("device", &r.device)?;
         Ok(Registration { protocol_version: r.protocol_version, name: r.name, device: r.device })
     }
 }
+
+/// Most evaluations one progress report may carry.
+pub const MAX_EVALUATIONS: usize = 10_000;
 
 /// A validated progress report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProgressUpdate {
     pub lease_id: String,
-    pub step: u64,
     /// Finite values only (non-finite ones are dropped: the next report will carry new ones).
-    pub scalars: BTreeMap<String, f64>,
+    pub report: ProgressReport,
 }
 
 impl TryFrom<proto::ProgressRequest> for ProgressUpdate {
     type Error = Status;
     fn try_from(r: proto::ProgressRequest) -> Result<Self, Status> {
         check_id("lease_id", &r.lease_id)?;
-        let (scalars, dropped) = check_metrics("scalars", r.scalars)?;
+        let (scalars, mut dropped) = check_metrics("scalars", r.scalars)?;
+        if r.evaluations.len() > MAX_EVALUATIONS {
+            return Err(Status::invalid_argument(format!(
+                "evaluations has {} entries; at most {MAX_EVALUATIONS} are accepted",
+                r.evaluations.len()
+            )));
+        }
+        let mut evaluations = Vec::with_capacity(r.evaluations.len());
+        for e in r.evaluations {
+            let (scalars, d) = check_metrics("evaluations.scalars", e.scalars)?;
+            dropped.extend(d);
+            evaluations.push(Evaluation { step: e.step, scalars });
+        }
+        evaluations.sort_by_key(|e| e.step);
         if !dropped.is_empty() {
             tracing::debug!(lease = %r.lease_id, ?dropped, "dropped non-finite progress scalars");
         }
-        Ok(ProgressUpdate { lease_id: r.lease_id, step: r.step, scalars })
+        Ok(ProgressUpdate {
+            lease_id: r.lease_id,
+            report: ProgressReport { step: r.step, scalars, evaluations },
+        })
     }
 }
 
@@ -176,6 +220,8 @@ impl TryFrom<proto::CompleteRequest> for Completion {
             next,
             outcome: TrialOutcome {
                 success: r.success,
+                permanent: !r.success && r.permanent,
+                final_step: r.final_step,
                 metrics,
                 error: r.error,
                 artifact: (!r.artifact.is_empty()).then_some(r.artifact),
@@ -206,7 +252,7 @@ fn lease_proto(g: LeaseGrant) -> proto::Lease {
     }
 }
 
-/// The Report RPC's JSON document.
+/// The raw records of a Report request with `records` set.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct ReportJson {
     pub sweeps: Vec<SweepRecord>,
@@ -250,8 +296,7 @@ impl Coordinator for CoordinatorService {
         request: Request<proto::ProgressRequest>,
     ) -> Result<Response<proto::ProgressReply>, Status> {
         let p = ProgressUpdate::try_from(request.into_inner())?;
-        let ack =
-            self.scheduler.progress(&p.lease_id, p.step, p.scalars).await.map_err(status_of)?;
+        let ack = self.scheduler.progress(&p.lease_id, p.report).await.map_err(status_of)?;
         Ok(Response::new(proto::ProgressReply {
             stop: ack.stop,
             reason: ack.reason,
@@ -288,26 +333,14 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(proto::ReleaseReply { accepted }))
     }
 
+    type ReportStream = report::ReportStream;
+
     async fn report(
         &self,
         request: Request<proto::ReportRequest>,
-    ) -> Result<Response<proto::ReportReply>, Status> {
-        let r = request.into_inner();
-        check_len("sweep", &r.sweep, MAX_ID_LEN)?;
-        let mut sweeps = self.scheduler.sweeps().await.map_err(status_of)?;
-        if !r.sweep.is_empty() {
-            sweeps.retain(|s| s.name == r.sweep);
-            if sweeps.is_empty() {
-                return Err(Status::not_found(format!("no sweep named {:?}", r.sweep)));
-            }
-        }
-        let mut trials = Vec::new();
-        for s in &sweeps {
-            trials.extend(self.scheduler.records(&s.name).await.map_err(status_of)?);
-        }
-        let json = serde_json::to_string(&ReportJson { sweeps, trials })
-            .map_err(|e| Status::internal(format!("encoding the report: {e}")))?;
-        Ok(Response::new(proto::ReportReply { json }))
+    ) -> Result<Response<Self::ReportStream>, Status> {
+        let query = ReportQuery::try_from(request.into_inner())?;
+        Ok(Response::new(report::answer(&self.scheduler, query).await?))
     }
 }
 
@@ -346,10 +379,11 @@ pub async fn serve(
     token: Option<String>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let service = CoordinatorServer::with_interceptor(
-        CoordinatorService::new(scheduler),
+    let service = edge::StatusEdge(tonic::service::interceptor::InterceptedService::new(
+        CoordinatorServer::new(CoordinatorService::new(scheduler))
+            .max_decoding_message_size(edge::MAX_REQUEST_BYTES),
         auth_interceptor(token),
-    );
+    ));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);

@@ -47,6 +47,7 @@
 //!   value of a categorical); if there are more than [`MAX_CHECKED_POINTS`] such combinations,
 //!   each parameter's edge values are checked on their own against `base`.
 
+pub mod diff;
 mod locate;
 mod parse;
 mod points;
@@ -97,11 +98,19 @@ pub struct MetricSpec {
     /// A metric name reported by trials (see `msae_shared::metrics`); default `fvu`.
     pub name: String,
     pub goal: Goal,
+    /// `custom: true` declares a metric that is not a standard one (a runner of one's own
+    /// reports it); otherwise an unknown name is refused.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub custom: bool,
 }
 
 impl Default for MetricSpec {
     fn default() -> Self {
-        MetricSpec { name: msae_shared::metrics::FVU.to_string(), goal: Goal::Minimize }
+        MetricSpec {
+            name: msae_shared::metrics::FVU.to_string(),
+            goal: Goal::Minimize,
+            custom: false,
+        }
     }
 }
 

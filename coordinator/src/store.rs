@@ -21,6 +21,8 @@ use redb::{
 };
 use std::path::{Path, PathBuf};
 
+mod skip;
+
 /// Version of the table layout and record encoding; bumped on incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -28,6 +30,10 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const SWEEPS: TableDefinition<&str, &[u8]> = TableDefinition::new("sweeps");
 const TRIALS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("trials");
 const SCHEMA_KEY: &str = "schema_version";
+/// Trials from which [`Store::trials_without_configs`] decodes on two threads.
+const PARALLEL_DECODE_FROM: u64 = 20_000;
+/// Page cache of a read-only open (see [`Store::open_read_only`]).
+const READ_ONLY_CACHE_BYTES: usize = 16 << 20;
 
 /// Errors of the store. None of them is retryable by simply calling again, except `InUse` once
 /// the other process has exited.
@@ -48,18 +54,21 @@ pub enum StoreError {
         "{path} was not shut down cleanly and needs recovery, which a read-only open cannot do; start the coordinator on it once (it recovers the file) or ask a running coordinator"
     )]
     NeedsRecovery { path: PathBuf },
+    // The causes below are part of the message and deliberately not named `source`: thiserror
+    // would also return them as the error's source, and a printed chain (`{:#}`) would show
+    // each twice ("...: Is a directory (os error 21): Is a directory (os error 21)").
     /// The process may not read or write the file.
-    #[error("permission denied opening {path}: {source}")]
-    Permission { path: PathBuf, source: std::io::Error },
+    #[error("permission denied opening {path}: {error}")]
+    Permission { path: PathBuf, error: std::io::Error },
     /// Any other I/O failure.
-    #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("I/O error on {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     /// The database was written by an incompatible version of msae.
     #[error("{path} has schema version {found}, this msae understands {expected}")]
     Schema { path: PathBuf, found: String, expected: u32 },
     /// A record could not be decoded.
-    #[error("{path}: record {key} cannot be decoded: {source}")]
-    Decode { path: PathBuf, key: String, source: serde_json::Error },
+    #[error("{path}: record {key} cannot be decoded: {error}")]
+    Decode { path: PathBuf, key: String, error: serde_json::Error },
     /// A write was attempted on a store opened read-only.
     #[error("{path} is open read-only")]
     ReadOnly { path: PathBuf },
@@ -135,7 +144,13 @@ impl Store {
     /// [`StoreError::InUse`] while a coordinator holds the file.
     pub fn open_read_only(path: impl AsRef<Path>) -> Result<Store> {
         let path = path.as_ref().to_path_buf();
-        let db = ReadOnlyDatabase::open(&path).map_err(|e| open_error(&path, e))?;
+        // A small cache: a report reads every page once, and pages that leave the cache are
+        // reused by the next reads, where a large one would take fresh (kernel-zeroed) memory
+        // for each: reading a 100,000-trial file went from 0.6 to 0.3 s of CPU.
+        let db = redb::Builder::new()
+            .set_cache_size(READ_ONLY_CACHE_BYTES)
+            .open_read_only(&path)
+            .map_err(|e| open_error(&path, e))?;
         let store = Store { db: Db::ReadOnly(db), path };
         store.check_schema()?;
         Ok(store)
@@ -283,11 +298,66 @@ impl Store {
         Ok(out)
     }
 
+    /// [`Store::trials`] without their trial configs (`config` is null): what a report reads.
+    /// The configs are the bulk of the records, and not building them makes reading a large
+    /// sweep several times faster; a large sweep is also decoded on two threads (one snapshot).
+    pub fn trials_without_configs(&self, sweep: &str) -> Result<Vec<TrialRecord>> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(TRIALS).map_err(|e| self.redb("opening table trials", e))?;
+        let last = table
+            .range((sweep, 0u64)..=(sweep, u64::MAX))
+            .map_err(|e| self.redb("listing trials", e))?
+            .next_back()
+            .transpose()
+            .map_err(|e| self.redb("listing trials", e))?
+            .map(|(k, _)| k.value().1);
+        let Some(last) = last else { return Ok(Vec::new()) };
+        if last < PARALLEL_DECODE_FROM {
+            return self.decode_lean(&table, sweep, 0, last);
+        }
+        let mid = last / 2;
+        let (first, second) = std::thread::scope(|scope| {
+            let second = scope.spawn(|| self.decode_lean(&table, sweep, mid + 1, last));
+            let first = self.decode_lean(&table, sweep, 0, mid);
+            (first, second.join())
+        });
+        let mut out = first?;
+        out.extend(
+            second.map_err(|_| self.redb("decoding trials", "a decoding thread panicked"))??,
+        );
+        Ok(out)
+    }
+
+    /// The trials `from..=to` of `sweep`, decoded without their configs.
+    fn decode_lean(
+        &self,
+        table: &redb::ReadOnlyTable<(&'static str, u64), &'static [u8]>,
+        sweep: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<TrialRecord>> {
+        let mut out = Vec::new();
+        let range =
+            table.range((sweep, from)..=(sweep, to)).map_err(|e| self.redb("listing trials", e))?;
+        for entry in range {
+            let (k, v) = entry.map_err(|e| self.redb("listing trials", e))?;
+            out.push(skip::from_slice_skipping(v.value(), "config").map_err(|error| {
+                let (s, i) = k.value();
+                StoreError::Decode {
+                    path: self.path.clone(),
+                    key: format!("trials/{s}/{i}"),
+                    error,
+                }
+            })?);
+        }
+        Ok(out)
+    }
+
     fn decode<T: serde::de::DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<T> {
-        serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+        serde_json::from_slice(bytes).map_err(|error| StoreError::Decode {
             path: self.path.clone(),
             key: key.to_string(),
-            source,
+            error,
         })
     }
 }
@@ -306,11 +376,11 @@ fn open_error(path: &Path, e: DatabaseError) -> StoreError {
             expected: SCHEMA_VERSION,
         },
         DatabaseError::Storage(StorageError::Io(io)) => match io.kind() {
-            std::io::ErrorKind::PermissionDenied => StoreError::Permission { path, source: io },
+            std::io::ErrorKind::PermissionDenied => StoreError::Permission { path, error: io },
             std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
                 StoreError::NotADatabase { path, detail: io.to_string() }
             }
-            _ => StoreError::Io { path, source: io },
+            _ => StoreError::Io { path, error: io },
         },
         DatabaseError::Storage(StorageError::Corrupted(detail)) => {
             StoreError::NotADatabase { path, detail }
@@ -347,6 +417,7 @@ mod tests {
             lease: None,
             step: 0,
             metrics: BTreeMap::from([("loss".into(), 0.5)]),
+            progress: BTreeMap::new(),
             errors: vec![],
             worker: None,
             artifact: None,

@@ -40,14 +40,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug, thiserror::Error)]
 pub enum TensorBoardError {
     /// A log directory could not be created.
-    #[error("tensorboard: cannot create directory {path}: {source}")]
-    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("tensorboard: cannot create directory {path}: {error}")]
+    CreateDir { path: PathBuf, error: std::io::Error },
     /// An event file could not be created, written or flushed.
-    #[error("tensorboard: cannot write event file {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error("tensorboard: cannot write event file {path}: {error}")]
+    Write { path: PathBuf, error: std::io::Error },
     /// An event file could not be read back.
-    #[error("tensorboard: cannot read event file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("tensorboard: cannot read event file {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     /// A record is truncated, has a bad CRC or does not decode as an `Event`.
     #[error("tensorboard: malformed record at byte {offset}: {reason}")]
     Corrupt { offset: usize, reason: String },
@@ -137,7 +137,7 @@ pub fn decode_records(bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
 /// itself).
 pub fn read_events(path: &Path) -> Result<Vec<Event>> {
     let bytes = std::fs::read(path)
-        .map_err(|source| TensorBoardError::Read { path: path.to_path_buf(), source })?;
+        .map_err(|error| TensorBoardError::Read { path: path.to_path_buf(), error })?;
     let mut events = Vec::new();
     for record in decode_records(&bytes)? {
         let event = <Event as prost::Message>::decode(record.as_slice()).map_err(|e| {
@@ -409,14 +409,14 @@ impl EventWriter {
     /// `brain.Event:2` file-version record.
     pub fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)
-            .map_err(|source| TensorBoardError::CreateDir { path: dir.to_path_buf(), source })?;
+            .map_err(|error| TensorBoardError::CreateDir { path: dir.to_path_buf(), error })?;
         let secs = unix_secs_f64() as u64;
         let counter = FILE_COUNTER.fetch_add(1, Ordering::Relaxed);
         let name =
             format!("events.out.tfevents.{secs}.{}.{}.{counter}", hostname(), std::process::id());
         let path = dir.join(name);
         let file = File::create(&path)
-            .map_err(|source| TensorBoardError::Write { path: path.clone(), source })?;
+            .map_err(|error| TensorBoardError::Write { path: path.clone(), error })?;
         let mut writer = EventWriter { path, out: BufWriter::new(file) };
         writer.write_event(&Event {
             wall_time: unix_secs_f64(),
@@ -437,7 +437,7 @@ impl EventWriter {
         let record = encode_record(&prost::Message::encode_to_vec(event));
         self.out
             .write_all(&record)
-            .map_err(|source| TensorBoardError::Write { path: self.path.clone(), source })
+            .map_err(|error| TensorBoardError::Write { path: self.path.clone(), error })
     }
 
     /// Appends a summary at `step`, stamped with the current time.
@@ -478,9 +478,7 @@ impl EventWriter {
 
     /// Writes buffered records to the file.
     pub fn flush(&mut self) -> Result<()> {
-        self.out
-            .flush()
-            .map_err(|source| TensorBoardError::Write { path: self.path.clone(), source })
+        self.out.flush().map_err(|error| TensorBoardError::Write { path: self.path.clone(), error })
     }
 }
 
@@ -698,7 +696,7 @@ impl TensorBoardLogger {
                 None => {
                     self.find_trial_dir(sweep, index).ok_or_else(|| TensorBoardError::Write {
                         path: self.sweep_dir(sweep).join(format!("*/*/trial-{index:05}")),
-                        source: std::io::Error::new(
+                        error: std::io::Error::new(
                             std::io::ErrorKind::NotFound,
                             "trial run not started in this log root",
                         ),
@@ -851,6 +849,7 @@ mod tests {
             }),
             step: 0,
             metrics: BTreeMap::new(),
+            progress: BTreeMap::new(),
             errors: Vec::new(),
             worker: Some("w1".into()),
             artifact: None,

@@ -174,7 +174,10 @@ impl SyntheticConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
-    pub source: DataSource,
+    /// Where the data comes from. Absent: inferred from the extension of `path` when one is
+    /// given (see [`DataConfig::resolved_source`]), else synthetic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<DataSource>,
     /// Data file (npy, safetensors, mnist images).
     pub path: Option<PathBuf>,
     /// Tensor name inside a safetensors file (default: the only tensor).
@@ -192,7 +195,7 @@ pub struct DataConfig {
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
-            source: DataSource::Synthetic,
+            source: None,
             path: None,
             tensor: None,
             labels: None,
@@ -350,6 +353,60 @@ impl Default for TrialConfig {
     }
 }
 
+impl DataSource {
+    /// The name used in configs (`npy`, `mnist`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            DataSource::Synthetic => "synthetic",
+            DataSource::Npy => "npy",
+            DataSource::Safetensors => "safetensors",
+            DataSource::Mnist => "mnist",
+        }
+    }
+
+    /// The file source a path's name implies: `.npy`, `.safetensors`, or MNIST IDX (`.gz`, or a
+    /// name with `idx`/`ubyte` in it, as the MNIST files are named).
+    pub fn infer_from_path(path: &std::path::Path) -> Option<DataSource> {
+        let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
+        if name.ends_with(".npy") {
+            Some(DataSource::Npy)
+        } else if name.ends_with(".safetensors") {
+            Some(DataSource::Safetensors)
+        } else if name.ends_with(".gz") || name.contains("idx") || name.contains("ubyte") {
+            Some(DataSource::Mnist)
+        } else {
+            None
+        }
+    }
+}
+
+impl DataConfig {
+    /// The source that is used: `source` when given; otherwise the one `path`'s extension
+    /// implies (an error naming `data.source` when it implies none); synthetic without a path.
+    pub fn resolved_source(&self) -> Result<DataSource, ConfigError> {
+        match (self.source, &self.path) {
+            (Some(s), _) => Ok(s),
+            (None, None) => Ok(DataSource::Synthetic),
+            (None, Some(p)) => DataSource::infer_from_path(p).ok_or_else(|| {
+                ConfigError::new(
+                    "data.source",
+                    format!(
+                        "not given, and the name of data.path ({}) does not say the format \
+                         (.npy, .safetensors, MNIST IDX or .gz); set data.source to npy, \
+                         safetensors or mnist",
+                        p.display()
+                    ),
+                )
+            }),
+        }
+    }
+
+    /// True when the source was inferred from `path` rather than given.
+    pub fn source_inferred(&self) -> bool {
+        self.source.is_none() && self.path.is_some()
+    }
+}
+
 impl TrialConfig {
     /// Number of code neurons N = num_stripes * stripe_dim.
     pub fn code_dim(&self) -> usize {
@@ -358,8 +415,8 @@ impl TrialConfig {
 
     /// Input dimension when it is known without reading files (synthetic data).
     pub fn known_input_dim(&self) -> Option<usize> {
-        match self.data.source {
-            DataSource::Synthetic => Some(self.data.synthetic.input_dim),
+        match self.data.resolved_source() {
+            Ok(DataSource::Synthetic) => Some(self.data.synthetic.input_dim),
             _ => None,
         }
     }
@@ -414,12 +471,8 @@ impl TrialConfig {
 
     /// The known field path closest to `name`, if any is close enough to be a likely typo.
     pub fn suggest_path(name: &str) -> Option<String> {
-        Self::field_paths()
-            .into_iter()
-            .map(|p| (strsim::jaro_winkler(name, &p), p))
-            .filter(|(score, _)| *score > 0.8)
-            .max_by(|a, b| a.0.total_cmp(&b.0))
-            .map(|(_, p)| p)
+        let paths = Self::field_paths();
+        crate::suggest::closest(name, paths.iter().map(String::as_str)).map(str::to_string)
     }
 
     /// The layer k in effect at `step` (the linear curriculum decays from `k_curriculum_start`).
@@ -581,8 +634,35 @@ impl TrialConfig {
                 format!("{} must be in (0, 1)", d.validation_fraction),
             ));
         }
-        match d.source {
+        let source = d.resolved_source()?;
+        // A field the chosen source does not read would be silently ignored: refuse it.
+        let unused = |field: &str, used_by: &str| {
+            Err(ConfigError::new(
+                field,
+                format!(
+                    "not used when data.source is {}; it is read only {used_by}",
+                    source.name()
+                ),
+            ))
+        };
+        if source != DataSource::Synthetic && d.synthetic != SyntheticConfig::default() {
+            return unused("data.synthetic", "with synthetic data");
+        }
+        if source != DataSource::Safetensors && d.tensor.is_some() {
+            return unused("data.tensor", "from a safetensors file");
+        }
+        match source {
             DataSource::Synthetic => {
+                if d.path.is_some() {
+                    return Err(ConfigError::new(
+                        "data.path",
+                        "not used when data.source is synthetic; set data.source to npy, \
+                         safetensors or mnist (or leave it out to infer it from the file name)",
+                    ));
+                }
+                if d.labels.is_some() {
+                    return unused("data.labels", "with a data file (npy, safetensors, mnist)");
+                }
                 let s = &d.synthetic;
                 for (name, v) in [
                     ("data.synthetic.num_clusters", s.num_clusters),
@@ -634,7 +714,7 @@ impl TrialConfig {
                 if d.path.is_none() {
                     return Err(ConfigError::new(
                         "data.path",
-                        format!("required when data.source is {:?}", d.source).to_lowercase(),
+                        format!("required when data.source is {}", source.name()),
                     ));
                 }
             }
@@ -730,8 +810,55 @@ mod tests {
     #[test]
     fn file_sources_need_a_path() {
         let mut cfg = TrialConfig::default();
-        cfg.data.source = DataSource::Npy;
+        cfg.data.source = Some(DataSource::Npy);
         assert_eq!(cfg.validate().unwrap_err().field, "data.path");
+    }
+
+    fn data_yaml(data: &str) -> Result<TrialConfig, ConfigError> {
+        TrialConfig::from_yaml(&format!("data: {data}\n"))
+    }
+
+    #[test]
+    fn source_is_inferred_from_the_file_name() {
+        for (path, source) in [
+            ("acts.npy", DataSource::Npy),
+            ("dir/Acts.NPY", DataSource::Npy),
+            ("m.safetensors", DataSource::Safetensors),
+            ("train-images-idx3-ubyte", DataSource::Mnist),
+            ("train-images-idx3-ubyte.gz", DataSource::Mnist),
+        ] {
+            let cfg = data_yaml(&format!("{{path: {path}}}")).unwrap();
+            assert_eq!(cfg.data.resolved_source().unwrap(), source, "{path}");
+            assert!(cfg.data.source_inferred());
+            assert_eq!(cfg.known_input_dim(), None, "{path} is not synthetic");
+        }
+        let cfg = data_yaml("{source: npy, path: x.bin}").unwrap();
+        assert_eq!(cfg.data.resolved_source().unwrap(), DataSource::Npy);
+        assert!(!cfg.data.source_inferred());
+        let e = data_yaml("{path: x.bin}").unwrap_err();
+        assert_eq!(e.field, "data.source");
+        assert!(e.message.contains("x.bin"), "{e}");
+        // Without a path the default stays synthetic, and an absent source is not serialised.
+        let cfg = TrialConfig::default();
+        assert_eq!(cfg.data.resolved_source().unwrap(), DataSource::Synthetic);
+        assert!(!serde_json::to_string(&cfg).unwrap().contains("source"));
+    }
+
+    #[test]
+    fn fields_the_source_does_not_read_are_refused() {
+        for (data, field) in [
+            ("{source: synthetic, path: x.npy}", "data.path"),
+            ("{source: synthetic, labels: y.npy}", "data.labels"),
+            ("{tensor: acts}", "data.tensor"),
+            ("{path: x.npy, tensor: acts}", "data.tensor"),
+            ("{path: x.npy, synthetic: {noise_std: 0.1}}", "data.synthetic"),
+        ] {
+            let e = data_yaml(data).unwrap_err();
+            assert_eq!(e.field, field, "{data}: {e}");
+            assert!(e.message.contains("not used"), "{data}: {e}");
+        }
+        data_yaml("{path: m.safetensors, tensor: acts, labels: y.npy}").unwrap();
+        data_yaml("{synthetic: {noise_std: 0.1}}").unwrap();
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod signal;
+pub mod suggest;
 pub mod yaml;
 
 /// Generated protocol code. Core logic converts to domain types at the edge.

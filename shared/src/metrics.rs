@@ -34,3 +34,28 @@ pub const CLASS_STRIPE_USAGE_PREFIX: &str = "stripe_usage";
 pub fn class_stripe_usage(class: usize, stripe: usize) -> String {
     format!("{CLASS_STRIPE_USAGE_PREFIX}/class_{class}/stripe_{stripe}")
 }
+
+/// Every standard metric name a trial may report (besides the per-class usage family).
+pub const STANDARD: &[&str] = &[
+    MSE,
+    FVU,
+    L0,
+    ACTIVE_STRIPES,
+    DEAD_NEURONS,
+    DEAD_STRIPES,
+    STRIPE_ENTROPY,
+    MMCS,
+    STRIPE_CLUSTER_MATCH,
+    VAL_LOSS,
+    TRAIN_LOSS,
+    STEPS,
+    SAMPLES_PER_SECOND,
+];
+
+/// Whether `name` is a metric msae's trials report: a standard name or a per-class usage name.
+pub fn is_standard(name: &str) -> bool {
+    STANDARD.contains(&name)
+        || name
+            .strip_prefix(CLASS_STRIPE_USAGE_PREFIX)
+            .is_some_and(|rest| rest.starts_with("/class_"))
+}

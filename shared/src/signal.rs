@@ -1,4 +1,7 @@
-//! Process-level helpers shared by the binaries: shutdown signals and CPU accounting.
+//! Process-level helpers shared by the binaries: shutdown signals, CPU accounting, and how a
+//! binary ends (its error printed once per cause; a closed stdout is a normal end).
+
+use std::io::Write;
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
@@ -26,14 +29,105 @@ pub fn process_cpu_seconds() -> f64 {
     ticks / 100.0 // USER_HZ is 100 on every Linux we target.
 }
 
-/// A binary's exit: the error with its causes (`{:#}`, as anyhow prints them) on stderr and a
-/// failure status, or success.
-pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::ExitCode {
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+/// A binary's exit: the error with its causes ([`error_chain`]) on stderr and a failure status,
+/// or success. An error caused by a closed stdout (EPIPE: `msae-coordinator report | head`) is
+/// a normal end: the reader has all it wanted, so the exit is silent and successful.
+pub fn exit_code<E>(result: Result<(), E>) -> std::process::ExitCode
+where
+    // `AsRef`, not `Into<Box<dyn Error>>`: anyhow's conversion into a box hides the error's
+    // type behind its own wrapper, and the EPIPE `io::Error` could no longer be recognised.
+    E: AsRef<dyn std::error::Error + Send + Sync + 'static>,
+{
+    let Err(e) = result else { return std::process::ExitCode::SUCCESS };
+    let e: &(dyn std::error::Error + 'static) = e.as_ref();
+    if is_broken_pipe(e) {
+        return std::process::ExitCode::SUCCESS;
+    }
+    // stderr may be closed too; nothing is left to tell then.
+    let _ = writeln!(std::io::stderr(), "error: {}", error_chain(e));
+    std::process::ExitCode::FAILURE
+}
+
+/// Writes `text` and a newline to stdout and flushes. Unlike `println!`, a closed stdout is an
+/// error to return (and [`exit_code`] ends quietly on it), not a panic.
+pub fn print_stdout(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.write_all(b"\n")?;
+    out.flush()
+}
+
+/// True when `e` or one of its causes is an EPIPE write error.
+pub fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        {
+            return true;
         }
+        next = e.source();
+    }
+    false
+}
+
+/// `error: cause: cause` on one line, each cause once. An error whose message already ends
+/// with its cause's (`cannot read {path}: {source}` that also returns `source`) does not get it
+/// appended a second time.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut last = text.clone();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let message = cause.to_string();
+        if !message.is_empty() && !last.ends_with(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        last = message;
+        next = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that, like many, puts its cause in its message and also returns it.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: cannot read: {source}")]
+    struct Doubled {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("loading data")]
+    struct Outer(#[source] Doubled);
+
+    /// Item 12b: each cause once, however the errors spell it.
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::from_raw_os_error(21);
+        let e = Outer(Doubled { path: "x.npy".into(), source: io });
+        let text = error_chain(&e);
+        assert_eq!(text, format!("loading data: x.npy: cannot read: {}", e.0.source));
+        assert_eq!(text.matches("os error 21").count(), 1, "{text}");
+    }
+
+    /// Item 10: a closed stdout, however deep in the chain, ends the program successfully.
+    #[test]
+    fn broken_pipe_is_a_normal_end() {
+        let pipe = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(is_broken_pipe(&pipe));
+        let wrapped = Outer(Doubled { path: "stdout".into(), source: pipe });
+        assert!(is_broken_pipe(&wrapped));
+        assert!(!is_broken_pipe(&std::io::Error::from(std::io::ErrorKind::NotFound)));
+        let code = |c: std::process::ExitCode| format!("{c:?}");
+        let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(wrapped);
+        assert_eq!(code(exit_code(Err::<(), _>(boxed))), code(std::process::ExitCode::SUCCESS));
+        let boom: Box<dyn std::error::Error + Send + Sync> = "boom".into();
+        assert_eq!(code(exit_code(Err::<(), _>(boom))), code(std::process::ExitCode::FAILURE));
     }
 }

@@ -90,11 +90,9 @@ pub fn report_rpc(port: u16) -> Option<ReportJson> {
                 msae_shared::proto::coordinator_client::CoordinatorClient::connect(url)
                     .await
                     .ok()?;
-            let reply = client
-                .report(msae_shared::proto::ReportRequest { sweep: String::new() })
-                .await
-                .ok()?;
-            serde_json::from_str(&reply.into_inner().json).ok()
+            let request = msae_shared::proto::ReportRequest { records: true, ..Default::default() };
+            let reply = client.report(request).await.ok()?;
+            msae_coordinator::service::collect_records(reply.into_inner()).await.ok()
         };
         tokio::time::timeout(Duration::from_secs(5), fut).await.ok().flatten()
     })

@@ -136,8 +136,11 @@ fn report_beside_a_running_coordinator_asks_it() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["sweep"], "live");
-    // Trials are proposed as workers ask for them; none has run yet.
+    // Trials are proposed as workers ask for them; none has run yet, and the counts still
+    // describe the whole planned sweep (regression: they covered proposed trials only).
     assert_eq!(report["counts"]["completed"].as_u64(), Some(0));
+    assert_eq!(report["counts"]["total"].as_u64(), Some(3), "{}", report["counts"]);
+    assert_eq!(report["counts"]["queued"].as_u64(), Some(3), "{}", report["counts"]);
     assert!(report["rows"].as_array().unwrap().is_empty());
     let mut worker = spawn_worker(dir.path(), port, "w");
     assert!(wait_exit(&mut coordinator, Duration::from_secs(60), "coordinator").success());
@@ -237,7 +240,8 @@ fn sigterm_on_the_coordinator_stops_cleanly_and_the_sweep_resumes() {
     });
     sigterm(&coordinator);
     let status = wait_exit(&mut coordinator, Duration::from_secs(30), "coordinator after SIGTERM");
-    assert!(status.success(), "a stopped sweep is not an error: {status}");
+    // Not an error, not a finished sweep either: 5 says "stopped, run again to resume".
+    assert_eq!(status.code(), Some(5), "a stopped sweep exits 5: {status}");
     let stopped = stored_trials(&db);
     let done = stopped.iter().filter(|t| t.status == TrialStatus::Completed).count();
     assert!((2..12).contains(&done), "{done} completed at the stop");
@@ -380,7 +384,8 @@ fn stopping_the_coordinator_hands_local_trials_back_without_spending_attempts() 
         (count(&r, TrialStatus::Running) >= 1).then_some(())
     });
     sigterm(&coordinator);
-    assert!(wait_exit(&mut coordinator, Duration::from_secs(30), "coordinator").success());
+    let status = wait_exit(&mut coordinator, Duration::from_secs(30), "coordinator");
+    assert_eq!(status.code(), Some(5), "stopped: {status}");
     let stopped = stored_trials(&db);
     assert!(!stopped.is_empty());
     for t in &stopped {
@@ -396,4 +401,63 @@ fn stopping_the_coordinator_hands_local_trials_back_without_spending_attempts() 
         trials.iter().all(|t| t.status == TrialStatus::Completed && t.attempt == 1),
         "{trials:#?}"
     );
+}
+
+#[test]
+fn deterministic_failures_fail_at_once_and_the_exit_status_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    // Finite values whose squares overflow f32: every trial's loss is infinite at once.
+    let data = dir.path().join("huge.npy");
+    let huge = vec![1e30f32; 64 * 8];
+    let npy = msae_worker::data::npy::encode(
+        "<f4",
+        false,
+        &[64, 8],
+        &msae_worker::data::npy::f32_bytes(&huge),
+        1,
+    );
+    std::fs::write(&data, npy).unwrap();
+    let run = |name: &str, path: &std::path::Path| {
+        let sweep = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &sweep,
+            format!(
+                "name: {name}\nmethod: grid\nmax_attempts: 3\n\
+                 base: {{steps: 20, eval_every: 0, data: {{path: {}}}}}\n\
+                 parameters:\n  lr: {{values: [0.001, 0.01]}}\n",
+                path.display()
+            ),
+        )
+        .unwrap();
+        let db = dir.path().join(format!("{name}.redb"));
+        let out = std::process::Command::new(bin("e2e-coordinator"))
+            .arg(&sweep)
+            .arg("--db")
+            .arg(&db)
+            .args(["--listen", "127.0.0.1:0", "--quiet", "--logdir", "none"])
+            .output()
+            .unwrap();
+        (out, db)
+    };
+    // A diverging configuration: every trial fails on its first attempt, and the exit status
+    // is 4 (regression: three attempts each, then exit 0).
+    let (out, db) = run("div", &data);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    let trials = stored_trials(&db);
+    assert_eq!(trials.len(), 2);
+    for t in &trials {
+        assert_eq!((t.status, t.attempt), (TrialStatus::Failed, 1), "{t:#?}");
+        assert!(
+            t.errors[0].contains("not retryable") && t.errors[0].contains("diverged"),
+            "{t:#?}"
+        );
+    }
+    // A missing data file is found before anything starts: exit 1, the file named, no
+    // database created.
+    let (out, db) = run("gone", &dir.path().join("missing.npy"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("missing.npy: data file not found"), "{stderr}");
+    assert!(!db.exists());
 }

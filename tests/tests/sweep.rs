@@ -124,6 +124,34 @@ fn small_sae_sweep_with_the_embedded_worker_ranks_real_results() {
             assert!(t.metrics["active_stripes"] <= 4.0 + 1e-9, "{:?}", t.metrics);
         }
     }
+    // TensorBoard: every evaluation at its own step (50, 100), the final metrics at the final
+    // step (150). Regression: progress was sampled once a second, so evaluations between
+    // samples were lost and final metrics landed at the last sampled step.
+    let logger = msae_coordinator::tensorboard::TensorBoardLogger::new(dir.path().join("runs"));
+    for t in &trials {
+        let run = logger.trial_dir(t);
+        let file = std::fs::read_dir(&run)
+            .unwrap_or_else(|e| panic!("{}: {e}", run.display()))
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out"))
+            .unwrap();
+        let events = msae_coordinator::tensorboard::read_events(&file).unwrap();
+        let steps_of = |tag: &str| -> Vec<i64> {
+            events
+                .iter()
+                .filter(|e| {
+                    e.summary.as_ref().is_some_and(|s| {
+                        s.value.iter().any(|v| v.tag == tag && v.simple_value.is_some())
+                    })
+                })
+                .map(|e| e.step)
+                .collect()
+        };
+        assert_eq!(steps_of("val_loss"), [50, 100, 150], "trial {}", t.index);
+        assert_eq!(steps_of("steps"), [150], "trial {}", t.index);
+        assert_eq!(steps_of("mmcs"), [150], "trial {}", t.index);
+        assert_eq!(t.step, 150);
+    }
     // --artifacts: the embedded worker kept every trial's weights and resolved config.
     let kept = walk(&dir.path().join("artifacts"));
     assert_eq!(kept.iter().filter(|p| p.ends_with("weights.safetensors")).count(), 4, "{kept:?}");

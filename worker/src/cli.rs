@@ -2,7 +2,7 @@
 //!
 //! Kept in the library so tests drive the same code the binary runs.
 
-use crate::runner::{Control, Progress, RunOptions, TrialRunner};
+use crate::runner::{Control, Progress, ProgressKind, RunOptions, TrialRunner};
 use crate::train::SaeRunner;
 use anyhow::Context;
 use msae_shared::TrialConfig;
@@ -89,29 +89,62 @@ pub fn read_config(path: &std::path::Path) -> anyhow::Result<TrialConfig> {
         .with_context(|| format!("invalid trial config {}", path.display()))
 }
 
+/// Which progress reports of `msae-worker train` get a line: every evaluation and the final
+/// report, samples at most once a second.
+#[derive(Debug, Default)]
+pub struct ProgressLines {
+    last_sample: Option<Duration>,
+}
+
+impl ProgressLines {
+    /// The line for `p` at `elapsed` since the start, if it gets one.
+    pub fn line(&mut self, p: &Progress, elapsed: Duration) -> Option<String> {
+        if p.kind == ProgressKind::Sample {
+            if self.last_sample.is_some_and(|t| elapsed < t + Duration::from_secs(1)) {
+                return None;
+            }
+            self.last_sample = Some(elapsed);
+        }
+        Some(progress_line(p, elapsed))
+    }
+}
+
+/// One progress line of `msae-worker train`: `step    200/600  eval  l0 4.00000  ...  [1.2s]`.
+pub fn progress_line(p: &Progress, elapsed: Duration) -> String {
+    let mut line = format!("step {:>6}/{}", p.step, p.total_steps);
+    match p.kind {
+        ProgressKind::Evaluation => line.push_str("  eval"),
+        ProgressKind::Final => line.push_str("  final"),
+        ProgressKind::Sample => {}
+    }
+    for (k, v) in &p.scalars {
+        line.push_str(&format!("  {k} {v:.5}"));
+    }
+    format!("{line}  [{:.1}s]", elapsed.as_secs_f64())
+}
+
 /// `msae-worker train`: one trial, progress on stderr, metrics on stdout.
 pub fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
     let config = read_config(&args.config)?;
     let options = RunOptions { gpu: args.device.gpu, out_dir: args.out.clone() };
     let started = Instant::now();
-    let mut last_print = Instant::now() - Duration::from_secs(10);
+    let mut lines = ProgressLines::default();
     let mut progress = |p: &Progress| {
-        // Throttled: one line per second at most, plus the final step.
-        if last_print.elapsed() >= Duration::from_secs(1) || p.step == p.total_steps {
-            last_print = Instant::now();
-            let mut line = format!("step {:>6}/{}", p.step, p.total_steps);
-            for (k, v) in &p.scalars {
-                line.push_str(&format!("  {k} {v:.5}"));
-            }
-            eprintln!("{line}  [{:.1}s]", started.elapsed().as_secs_f64());
+        if let Some(line) = lines.line(p, started.elapsed()) {
+            eprintln!("{line}");
         }
         Control::Continue
     };
     let outcome = SaeRunner.run(&config, &options, &mut progress)?;
-    if let Some(dir) = &args.out {
+    if let Some(dir) = &args.out
+        && outcome.stopped.is_none()
+    {
         let path = dir.join("metrics.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&outcome.metrics)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        crate::train::write_atomic(
+            &path,
+            serde_json::to_string_pretty(&outcome.metrics)?.as_bytes(),
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let mut stdout = std::io::stdout().lock();
     if args.json {
@@ -197,6 +230,34 @@ pub fn main() -> std::process::ExitCode {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn every_evaluation_gets_a_progress_line() {
+        // Regression: lines were throttled to one a second whatever they carried, so the
+        // evaluations of a fast trial never showed.
+        let mut lines = ProgressLines::default();
+        let at = |ms: u64| Duration::from_millis(ms);
+        let p = |step, kind| Progress {
+            step,
+            total_steps: 600,
+            scalars: [("val_loss".to_string(), 0.5)].into(),
+            kind,
+        };
+        let shown: Vec<u64> = [
+            (p(100, ProgressKind::Sample), at(0)),
+            (p(161, ProgressKind::Sample), at(300)),
+            (p(200, ProgressKind::Evaluation), at(350)),
+            (p(400, ProgressKind::Evaluation), at(700)),
+            (p(450, ProgressKind::Sample), at(1100)),
+            (p(600, ProgressKind::Final), at(1200)),
+        ]
+        .into_iter()
+        .filter_map(|(p, t)| lines.line(&p, t).map(|_| p.step))
+        .collect();
+        assert_eq!(shown, [100, 200, 400, 450, 600]);
+        let line = progress_line(&p(200, ProgressKind::Evaluation), at(1500));
+        assert_eq!(line, "step    200/600  eval  val_loss 0.50000  [1.5s]");
+    }
 
     #[test]
     fn parses_worker_and_subcommands() {

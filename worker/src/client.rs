@@ -26,7 +26,7 @@
 //!   reported as failed trials with the reason, never a panic.
 
 use crate::noop::NoopRunner;
-use crate::runner::{Control, Progress, RunOptions, TrialOutcome, TrialRunner};
+use crate::runner::{Control, Progress, ProgressKind, RunOptions, TrialOutcome, TrialRunner};
 use msae_shared::TrialConfig;
 use msae_shared::proto::coordinator_client::CoordinatorClient;
 use msae_shared::proto::{
@@ -268,6 +268,37 @@ impl std::fmt::Display for StopCause {
             StopCause::Shutdown => write!(f, "worker shutting down"),
             StopCause::Release(reason) => write!(f, "handed back: {reason}"),
         }
+    }
+}
+
+/// Evaluations the runner made that no accepted progress report has carried yet, in step
+/// order. A std mutex: never held across an await.
+#[derive(Clone, Default)]
+struct Evaluations(Arc<Mutex<Vec<msae_shared::proto::Evaluation>>>);
+
+impl Evaluations {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<msae_shared::proto::Evaluation>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, p: &Progress) {
+        let scalars = p.scalars.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        self.lock().push(msae_shared::proto::Evaluation { step: p.step, scalars });
+    }
+
+    fn take(&self) -> Vec<msae_shared::proto::Evaluation> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Puts back evaluations whose report failed, ahead of any made since.
+    fn restore(&self, mut earlier: Vec<msae_shared::proto::Evaluation>) {
+        let mut pending = self.lock();
+        earlier.append(&mut pending);
+        *pending = earlier;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
     }
 }
 
@@ -543,6 +574,10 @@ impl Worker {
     ) -> Finished {
         let stop = StopFlag::default();
         let (progress_tx, mut progress_rx) = watch::channel::<Option<Progress>>(None);
+        // Samples are superseded by the next one (a watch); evaluations are queued so that
+        // every one reaches the coordinator, at its own step.
+        let evaluations = Evaluations::default();
+        let callback_evaluations = evaluations.clone();
         let deadline =
             (lease.timeout_s > 0.0).then(|| started + Duration::from_secs_f64(lease.timeout_s));
         let timeout_s = lease.timeout_s;
@@ -551,7 +586,9 @@ impl Worker {
         let callback_stop = stop.clone();
         let mut handle = tokio::task::spawn_blocking(move || {
             let mut callback = |progress: &Progress| -> Control {
-                // Only the latest report matters; the async side picks it up.
+                if progress.kind == ProgressKind::Evaluation {
+                    callback_evaluations.push(progress);
+                }
                 progress_tx.send_replace(Some(progress.clone()));
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     callback_stop.set(StopCause::Timeout(timeout_s));
@@ -589,13 +626,13 @@ impl Worker {
                     }
                     if last_sent.is_none_or(|t| t.elapsed() >= self.opts.progress_min_interval) {
                         let latest = progress_rx.borrow_and_update().clone();
-                        self.send_progress(lease, latest, &stop).await;
+                        self.send_progress(lease, latest, &evaluations, &stop).await;
                         last_sent = Some(Instant::now());
                     }
                 }
                 _ = ticker.tick() => {
                     let latest = progress_rx.borrow_and_update().clone();
-                    self.send_progress(lease, latest, &stop).await;
+                    self.send_progress(lease, latest, &evaluations, &stop).await;
                     last_sent = Some(Instant::now());
                 }
                 () = sleep_until_opt(deadline), if stop.get().is_none() => {
@@ -626,12 +663,17 @@ impl Worker {
         {
             return Finished::Release(c.to_string());
         }
+        // Evaluations made since the last report go out before the result.
+        if !evaluations.is_empty() {
+            self.send_progress(lease, None, &evaluations, &stop).await;
+        }
         let mut request =
             CompleteRequest { lease_id: lease.lease_id.clone(), duration_s, ..Default::default() };
         match joined {
             Some(Ok(Ok(outcome))) => fill_outcome(&mut request, outcome, cause),
             Some(Ok(Err(error))) => {
                 request.success = false;
+                request.permanent = crate::train::is_permanent(&error);
                 request.error = format!("{error:#}");
             }
             Some(Err(join_error)) => {
@@ -645,14 +687,35 @@ impl Worker {
 
     /// Sends one progress report; a stop reply or a lost lease sets `stop`. Failures are
     /// logged only: the next heartbeat retries, and the result is delivered with retries.
-    async fn send_progress(&self, lease: &Lease, latest: Option<Progress>, stop: &StopFlag) {
+    async fn send_progress(
+        &self,
+        lease: &Lease,
+        latest: Option<Progress>,
+        evaluations: &Evaluations,
+        stop: &StopFlag,
+    ) {
+        let pending = evaluations.take();
         let (step, scalars) = match latest {
+            // An evaluation travels as one and final metrics as the result; sent again as a
+            // sample they would be duplicates.
+            Some(p) if p.kind != ProgressKind::Sample => (p.step, Default::default()),
             Some(p) => (p.step, p.scalars.into_iter().collect()),
-            None => (0, Default::default()),
+            None => (pending.last().map_or(0, |e| e.step), Default::default()),
         };
-        let request = ProgressRequest { lease_id: lease.lease_id.clone(), step, scalars };
+        let request = ProgressRequest {
+            lease_id: lease.lease_id.clone(),
+            step,
+            scalars,
+            evaluations: pending.clone(),
+        };
         let mut client = self.client.clone();
-        match timed(self.opts.rpc_timeout, client.progress(request)).await {
+        let reply = timed(self.opts.rpc_timeout, client.progress(request)).await;
+        if matches!(&reply, Err(s) if !matches!(s.code(), Code::NotFound | Code::FailedPrecondition))
+        {
+            // Not delivered: the next report carries them again.
+            evaluations.restore(pending);
+        }
+        match reply {
             Ok(reply) if reply.stop && reply.release => {
                 tracing::info!(trial = %lease.trial_id, reason = %reply.reason, "the coordinator asked for the lease back");
                 stop.set(StopCause::Release(reply.reason));
@@ -796,10 +859,13 @@ impl Worker {
 /// reached), any other stop (coordinator early stopping, lost lease) a success with the metrics
 /// so far; the coordinator decides what a stopped trial counts as.
 fn fill_outcome(request: &mut CompleteRequest, outcome: TrialOutcome, cause: Option<StopCause>) {
+    request.final_step =
+        outcome.metrics.get(msae_shared::metrics::STEPS).map_or(0, |s| s.max(0.0) as u64);
     request.metrics = outcome.metrics.into_iter().collect();
     request.artifact = outcome.artifact.map(|p| p.display().to_string()).unwrap_or_default();
     match cause {
-        Some(cause @ StopCause::Timeout(_)) => {
+        // A timeout that cut the run short; one that struck after the last step did not.
+        Some(cause @ StopCause::Timeout(_)) if outcome.stopped.is_some() => {
             request.success = false;
             request.error = cause.to_string();
         }
@@ -821,10 +887,10 @@ mod tests {
     use super::*;
     use msae_shared::proto::coordinator_server::{Coordinator, CoordinatorServer};
     use msae_shared::proto::{
-        CompleteReply, LeaseReply, ProgressReply, RegisterReply, ReleaseReply, ReportReply,
+        CompleteReply, LeaseReply, ProgressReply, RegisterReply, ReleaseReply, ReportChunk,
         ReportRequest,
     };
-    use std::collections::{HashSet, VecDeque};
+    use std::collections::{BTreeMap, HashSet, VecDeque};
     use std::net::SocketAddr;
     use tokio::sync::oneshot;
     use tonic::{Request, Response};
@@ -980,7 +1046,14 @@ mod tests {
             Ok(Response::new(ReleaseReply { accepted: true }))
         }
 
-        async fn report(&self, _: Request<ReportRequest>) -> Result<Response<ReportReply>, Status> {
+        type ReportStream = std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = Result<ReportChunk, Status>> + Send + 'static>,
+        >;
+
+        async fn report(
+            &self,
+            _: Request<ReportRequest>,
+        ) -> Result<Response<Self::ReportStream>, Status> {
             Err(Status::unimplemented("not in the fake"))
         }
     }
@@ -1062,8 +1135,12 @@ mod tests {
             let mut step = 0;
             while start.elapsed() < Duration::from_secs(20) {
                 step += 1;
-                let report =
-                    Progress { step, total_steps: 0, scalars: [("mse".to_string(), 1.0)].into() };
+                let report = Progress {
+                    step,
+                    total_steps: 0,
+                    scalars: [("mse".to_string(), 1.0)].into(),
+                    kind: crate::runner::ProgressKind::Sample,
+                };
                 if let Control::Stop(reason) = progress(&report) {
                     return Ok(TrialOutcome {
                         metrics: [("steps".to_string(), step as f64)].into(),
@@ -1089,6 +1166,78 @@ mod tests {
         ) -> anyhow::Result<TrialOutcome> {
             panic!("boom")
         }
+    }
+
+    /// Ten evaluations in a burst, then a slow final evaluation (no progress call for 300 ms),
+    /// then the final report; like training, a stop answered to the final report does not
+    /// make the finished result partial.
+    struct EvalsThenSlowEnd;
+
+    impl TrialRunner for EvalsThenSlowEnd {
+        fn run(
+            &self,
+            _: &TrialConfig,
+            _: &RunOptions,
+            progress: &mut dyn FnMut(&Progress) -> Control,
+        ) -> anyhow::Result<TrialOutcome> {
+            for step in 1..=10u64 {
+                let scalars = [("val_loss".to_string(), 1.0 / step as f64)].into();
+                let p = Progress { step, total_steps: 11, scalars, kind: ProgressKind::Evaluation };
+                if let Control::Stop(reason) = progress(&p) {
+                    anyhow::bail!("stopped during training: {reason}");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let metrics: BTreeMap<String, f64> = [("steps".to_string(), 11.0)].into();
+            let p = Progress {
+                step: 11,
+                total_steps: 11,
+                scalars: metrics.clone(),
+                kind: ProgressKind::Final,
+            };
+            let _ = progress(&p);
+            Ok(TrialOutcome { metrics, artifact: None, stopped: None })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_evaluation_arrives_and_a_finished_result_is_delivered_not_released() {
+        let fake = Fake::default();
+        {
+            let mut s = fake.state();
+            s.leases.push_back(lease("e", "sae", 0));
+            s.shutdown_when_empty = true;
+        }
+        let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let opts = options(server.addr);
+        let run = run_worker(opts, Arc::new(EvalsThenSlowEnd), std::future::pending());
+        let handle = tokio::spawn(run);
+        // While the final evaluation runs, the coordinator starts shutting down and asks for
+        // the lease back (a heartbeat hears it).
+        wait_for("the evaluations", || {
+            fake.state().progress.iter().map(|p| p.evaluations.len()).sum::<usize>() == 10
+        })
+        .await;
+        {
+            let mut s = fake.state();
+            s.stop.insert("e".into());
+            s.release_on_stop.insert("e".into());
+        }
+        let summary = tokio::time::timeout(LIMIT, handle).await.unwrap().unwrap().unwrap();
+        let s = fake.snapshot();
+        let steps: Vec<u64> =
+            s.progress.iter().flat_map(|p| p.evaluations.iter().map(|e| e.step)).collect();
+        assert_eq!(steps, (1..=10).collect::<Vec<_>>(), "each evaluation once, in order");
+        assert!(
+            s.progress.iter().all(|p| p.scalars.is_empty()),
+            "evaluations and final metrics are not repeated as samples"
+        );
+        assert!(s.releases.is_empty(), "a finished result must not be handed back");
+        assert_eq!(s.completes.len(), 1);
+        assert!(s.completes[0].success);
+        assert_eq!(s.completes[0].final_step, 11);
+        assert_eq!(summary.succeeded, 1);
+        server.shutdown().await;
     }
 
     const LIMIT: Duration = Duration::from_secs(20);

@@ -553,7 +553,9 @@ impl Trainer for CandleTrainer {
             }
         }
         let value = loss.to_scalar::<f32>()? as f64;
-        anyhow::ensure!(value.is_finite(), "training loss became {value} at step {step}");
+        if !value.is_finite() {
+            return Err(crate::trainer::Diverged { step, value }.into());
+        }
         let grads = loss.backward()?;
         self.optim.step(&grads)?;
         self.update_dead(&out.codes)?;

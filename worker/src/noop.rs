@@ -22,7 +22,7 @@
 //! `dead_neurons = dead_stripes = 0`. The function is a pure function of the config, so
 //! repeated runs agree bit for bit.
 
-use crate::runner::{Control, Progress, RunOptions, TrialOutcome, TrialRunner};
+use crate::runner::{Control, Progress, ProgressKind, RunOptions, TrialOutcome, TrialRunner};
 use msae_shared::config::StripeSparsityMode;
 use msae_shared::{TrialConfig, metrics};
 use std::collections::BTreeMap;
@@ -120,8 +120,13 @@ impl TrialRunner for NoopRunner {
                     metrics::TRAIN_LOSS.to_string(),
                     loss_at(final_loss, done),
                 )]),
+                kind: ProgressKind::Sample,
             };
-            if let Control::Stop(reason) = progress(&report) {
+            // A stop asked for at the last report comes after the work is done: the result
+            // stands (as in training).
+            if let Control::Stop(reason) = progress(&report)
+                && done < 1.0
+            {
                 tracing::debug!(step, %reason, "noop trial stopped on request");
                 let mut partial = final_metrics.clone();
                 let loss = loss_at(final_loss, done);

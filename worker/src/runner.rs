@@ -12,6 +12,20 @@ pub struct Progress {
     pub total_steps: u64,
     /// Scalars at this step (stable names from `msae_shared::metrics`).
     pub scalars: BTreeMap<String, f64>,
+    pub kind: ProgressKind,
+}
+
+/// What a progress report is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProgressKind {
+    /// Sampled scalars (`train_loss`): the next report supersedes it.
+    #[default]
+    Sample,
+    /// An evaluation (validation scalars): every one must reach the coordinator, at its step.
+    Evaluation,
+    /// The final metrics, at the final step; they travel as the trial's result, not as
+    /// progress.
+    Final,
 }
 
 /// The answer to a progress report.

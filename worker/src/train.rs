@@ -23,8 +23,8 @@ use crate::data::{self, DataError};
 use crate::eval::{self, EvalInputs};
 use crate::fast;
 use crate::model::CandleTrainer;
-use crate::runner::{Control, Progress, RunOptions, TrialOutcome, TrialRunner};
-use crate::trainer::Trainer;
+use crate::runner::{Control, Progress, ProgressKind, RunOptions, TrialOutcome, TrialRunner};
+use crate::trainer::{Diverged, Trainer};
 use anyhow::Context as _;
 use candle_core::Device;
 use msae_shared::config::ConfigError;
@@ -34,6 +34,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand_distr::{Distribution, Normal};
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Longest gap between two progress calls (they renew the trial's lease).
@@ -183,6 +184,9 @@ pub fn train_with(
         let t0 = Instant::now();
         train_loss = trainer.step(&batch, step).with_context(|| format!("training step {step}"))?;
         train_time += t0.elapsed();
+        if !train_loss.is_finite() {
+            return Err(Diverged { step, value: train_loss }.into());
+        }
         steps_done = step + 1;
 
         let is_eval = cfg.eval_every > 0
@@ -211,7 +215,12 @@ pub fn train_with(
         }
         if is_eval || last_progress.elapsed() >= PROGRESS_INTERVAL {
             last_progress = Instant::now();
-            let p = Progress { step: steps_done as u64, total_steps: total, scalars };
+            let p = Progress {
+                step: steps_done as u64,
+                total_steps: total,
+                scalars,
+                kind: if is_eval { ProgressKind::Evaluation } else { ProgressKind::Sample },
+            };
             if let Control::Stop(reason) = progress(&p) {
                 tracing::info!(step = steps_done, %reason, "stopped on request");
                 stopped = Some(reason);
@@ -245,23 +254,31 @@ pub fn train_with(
     let sps = if secs > 0.0 { (steps_done * b) as f64 / secs } else { 0.0 };
     out.insert(metrics::SAMPLES_PER_SECOND.to_string(), sps);
 
-    let final_progress =
-        Progress { step: steps_done as u64, total_steps: total, scalars: out.clone() };
+    // The final metrics at the final step (they travel as the result, not as an evaluation).
+    // The work is done: a stop asked for now (a shutdown, a release) does not make the result
+    // partial, so it is not recorded.
+    let final_progress = Progress {
+        step: steps_done as u64,
+        total_steps: total,
+        scalars: out.clone(),
+        kind: ProgressKind::Final,
+    };
     if stopped.is_none()
         && let Control::Stop(reason) = progress(&final_progress)
     {
-        stopped = Some(reason);
+        tracing::info!(%reason, "asked to stop after the last step: the finished result stands");
     }
 
-    let artifact = match &options.out_dir {
-        None => None,
-        Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating output directory {}", dir.display()))?;
-            trainer.save(&dir.join("weights.safetensors"))?;
-            let yaml = msae_shared::yaml::to_string(cfg).context("serialising the config")?;
-            let path = dir.join("config.yaml");
-            std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    let artifact = match (&options.out_dir, &stopped) {
+        (None, _) => None,
+        (Some(dir), Some(reason)) => {
+            // Weights of an interrupted run must not pass for a result.
+            remove_outputs(dir);
+            tracing::info!(dir = %dir.display(), %reason, "stopped before the end: no weights written");
+            None
+        }
+        (Some(dir), None) => {
+            write_outputs(dir, trainer.as_ref(), cfg)?;
             Some(dir.clone())
         }
     };
@@ -274,6 +291,62 @@ pub fn train_with(
         "training finished"
     );
     Ok(TrialOutcome { metrics: out, artifact, stopped })
+}
+
+/// The files a finished trial leaves in its output directory.
+pub const OUTPUT_FILES: &[&str] = &["weights.safetensors", "config.yaml"];
+
+/// Writes the weights and the resolved config under temporary names, then renames each into
+/// place: a reader never sees a half-written file, and an interrupted write leaves only a
+/// `.partial` file behind.
+fn write_outputs(dir: &Path, trainer: &dyn Trainer, cfg: &TrialConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating output directory {}", dir.display()))?;
+    let weights = dir.join("weights.safetensors");
+    let tmp = partial(&weights);
+    trainer.save(&tmp)?;
+    std::fs::rename(&tmp, &weights).with_context(|| format!("writing {}", weights.display()))?;
+    let yaml = msae_shared::yaml::to_string(cfg).context("serialising the config")?;
+    write_atomic(&dir.join("config.yaml"), yaml.as_bytes())
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = partial(path);
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+fn partial(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+/// Removes what an earlier, unfinished or superseded run left at the output names.
+fn remove_outputs(dir: &Path) {
+    for name in OUTPUT_FILES.iter().chain(&["metrics.json"]) {
+        for path in [dir.join(name), partial(&dir.join(name))] {
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), "cannot remove a stale output: {e}");
+            }
+        }
+    }
+}
+
+/// Whether a trial error cannot change on a retry of the same trial: an invalid config,
+/// unreadable or malformed data, a diverged loss. Anything else (a lost device, an I/O hiccup
+/// while saving, a panic) may succeed on another attempt or another worker.
+pub fn is_permanent(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.downcast_ref::<Diverged>().is_some()
+            || matches!(
+                cause.downcast_ref::<TrainError>(),
+                Some(TrainError::Config(_) | TrainError::Data(_))
+            )
+    })
 }
 
 #[cfg(test)]
@@ -370,6 +443,101 @@ mod tests {
         assert_eq!(out.stopped.as_deref(), Some("cancelled"));
         assert_eq!(out.metrics[metrics::STEPS], 1.0);
         assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn a_stop_asked_after_the_last_step_keeps_the_finished_result() {
+        // Regression: a release asked for while the final evaluation ran marked the finished
+        // trial as stopped, and the worker threw the result away.
+        let dir = tempfile::tempdir().unwrap();
+        let opts = RunOptions { gpu: None, out_dir: Some(dir.path().to_path_buf()) };
+        let out = train(&small_cfg(), &opts, &mut |p: &Progress| {
+            if p.kind == ProgressKind::Final {
+                Control::Stop("the coordinator is shutting down".into())
+            } else {
+                Control::Continue
+            }
+        })
+        .unwrap();
+        assert_eq!(out.stopped, None);
+        assert_eq!(out.metrics[metrics::STEPS], 60.0);
+        assert!(dir.path().join("weights.safetensors").is_file());
+    }
+
+    #[test]
+    fn an_interrupted_run_leaves_no_weights_that_look_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        // Outputs of an earlier run in the same place, and a partial write.
+        for name in ["weights.safetensors", "config.yaml", "weights.safetensors.partial"] {
+            std::fs::write(dir.path().join(name), b"old").unwrap();
+        }
+        let opts = RunOptions { gpu: None, out_dir: Some(dir.path().to_path_buf()) };
+        let out = train(&small_cfg(), &opts, &mut |p: &Progress| {
+            if p.step >= 30 { Control::Stop("SIGINT".into()) } else { Control::Continue }
+        })
+        .unwrap();
+        assert_eq!(out.stopped.as_deref(), Some("SIGINT"));
+        assert_eq!(out.artifact, None);
+        let left: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        // A finished run leaves exactly the final files, no temporary ones.
+        train(&small_cfg(), &opts, &mut quiet).unwrap();
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["config.yaml", "weights.safetensors"]);
+    }
+
+    #[test]
+    fn evaluations_are_marked_and_reported_at_their_steps() {
+        let cfg = TrialConfig { steps: 60, eval_every: 20, ..small_cfg() };
+        let mut evals = Vec::new();
+        train(&cfg, &RunOptions::default(), &mut |p: &Progress| {
+            if p.kind == ProgressKind::Evaluation {
+                assert!(p.scalars.contains_key(metrics::VAL_LOSS), "{p:?}");
+                evals.push(p.step);
+            }
+            Control::Continue
+        })
+        .unwrap();
+        // 20 and 40 during training; the end's metrics travel as the result.
+        assert_eq!(evals, [20, 40]);
+    }
+
+    #[test]
+    fn bad_data_and_divergence_are_permanent_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = small_cfg();
+        cfg.data = msae_shared::config::DataConfig {
+            path: Some(dir.path().join("missing.npy")),
+            ..Default::default()
+        };
+        let e = train(&cfg, &RunOptions::default(), &mut quiet).unwrap_err();
+        assert!(is_permanent(&e), "{e:#}");
+        // Finite values whose squares overflow f32: the loss is infinite at the first step.
+        let huge = vec![1e30f32; 64 * 8];
+        let path = dir.path().join("huge.npy");
+        std::fs::write(
+            &path,
+            crate::data::npy::encode(
+                "<f4",
+                false,
+                &[64, 8],
+                &crate::data::npy::f32_bytes(&huge),
+                1,
+            ),
+        )
+        .unwrap();
+        for backend in [Backend::Auto, Backend::Candle] {
+            cfg.data.path = Some(path.clone());
+            let e = train_with(&cfg, &RunOptions::default(), backend, &mut quiet).unwrap_err();
+            assert!(format!("{e:#}").contains("diverged"), "{backend:?}: {e:#}");
+            assert!(is_permanent(&e), "{backend:?}: {e:#}");
+        }
+        assert!(!is_permanent(&anyhow::anyhow!("CUDA out of memory")));
     }
 
     #[test]

@@ -18,6 +18,15 @@ pub struct Inference {
     pub loss: f64,
 }
 
+/// The training loss stopped being finite: the configuration diverges, and a retry of the same
+/// trial (same seed, same data) would diverge again.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("training diverged: the loss became {value} at step {step}")]
+pub struct Diverged {
+    pub step: usize,
+    pub value: f64,
+}
+
 /// A trainable SAE with its optimiser state.
 pub trait Trainer {
     /// One optimisation step on `batch` (row-major, (b, dim)) at training step `step` (0-based).

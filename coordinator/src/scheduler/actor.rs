@@ -107,6 +107,7 @@ pub(super) struct Actor {
     rx: mpsc::Receiver<Command>,
     counts_tx: watch::Sender<Counts>,
     events_tx: broadcast::Sender<SchedulerEvent>,
+    lossless: super::LosslessSinks,
     parked: VecDeque<Parked>,
     replies: Vec<Deferred>,
     last_flush: Instant,
@@ -138,6 +139,7 @@ impl Actor {
         rx: mpsc::Receiver<Command>,
         counts_tx: watch::Sender<Counts>,
         events_tx: broadcast::Sender<SchedulerEvent>,
+        lossless: super::LosslessSinks,
         commits: Arc<AtomicU64>,
     ) -> Actor {
         Actor {
@@ -146,6 +148,7 @@ impl Actor {
             rx,
             counts_tx,
             events_tx,
+            lossless,
             parked: VecDeque::new(),
             replies: Vec::new(),
             last_flush: Instant::now(),
@@ -208,7 +211,12 @@ impl Actor {
             for reply in std::mem::take(&mut self.replies) {
                 reply(error.as_deref());
             }
-            for event in self.core.take_events() {
+            let events = self.core.take_events();
+            if !events.is_empty() {
+                let mut sinks = self.lossless.lock().unwrap_or_else(|p| p.into_inner());
+                sinks.retain(|sink| events.iter().all(|e| sink.send(e.clone()).is_ok()));
+            }
+            for event in events {
                 // No receiver is fine: events are for optional observers.
                 let _ = self.events_tx.send(event);
             }
@@ -258,8 +266,8 @@ impl Actor {
             Command::Lease { worker_id, wait, reply } => {
                 self.lease(NextLease { worker_id, wait }, Waiter::Lease(reply), now);
             }
-            Command::Progress { lease_id, step, scalars, reply } => {
-                let ack = self.core.progress(&lease_id, step, scalars, now);
+            Command::Progress { lease_id, report, reply } => {
+                let ack = self.core.progress(&lease_id, report, now);
                 defer(&mut self.replies, reply, Ok(ack));
             }
             Command::Complete { lease_id, outcome, next, reply } => {

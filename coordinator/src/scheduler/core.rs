@@ -9,8 +9,8 @@
 //! - every mutated record is listed in `dirty` until [`Core::take_batch`] hands it to the store.
 
 use super::{
-    Best, CompleteAck, Counts, LeaseGrant, MakeConfig, Params, ProgressAck, SchedulerError,
-    SchedulerEvent, SchedulerPolicy, TrialOutcome,
+    Best, CompleteAck, Counts, LeaseGrant, MakeConfig, Params, ProgressAck, ProgressReport,
+    SchedulerError, SchedulerEvent, SchedulerPolicy, TrialOutcome,
 };
 use crate::model::{Goal, LeaseInfo, SweepRecord, TrialRecord, TrialStatus};
 use crate::search::{Proposal, Strategy};
@@ -215,11 +215,21 @@ impl Core {
     }
 
     pub(crate) fn counts(&self) -> Counts {
+        let proposed = self.trials.len() as u64;
+        let running = self.leases.len() as u64;
+        let total = if self.strategy_done || self.sweep.finished {
+            proposed
+        } else {
+            self.policy.planned.unwrap_or(0).max(proposed)
+        };
         Counts {
             sweep: self.sweep.name.clone(),
-            proposed: self.trials.len() as u64,
-            queued: self.queue.len() as u64,
-            running: self.leases.len() as u64,
+            total,
+            proposed,
+            // Not yet started: the proposed ones waiting in the queue and the ones the search
+            // has still to propose.
+            queued: total - self.completed - self.failed - running,
+            running,
             completed: self.completed,
             failed: self.failed,
             workers: self.workers.len() as u64,
@@ -335,6 +345,7 @@ impl Core {
             lease: None,
             step: 0,
             metrics: BTreeMap::new(),
+            progress: BTreeMap::new(),
             errors: Vec::new(),
             worker: None,
             artifact: None,
@@ -414,6 +425,7 @@ impl Core {
         });
         t.worker = Some(worker_name.clone());
         t.step = 0;
+        t.progress.clear();
         let grant = LeaseGrant {
             lease_id: lease_id.clone(),
             trial_id: t.trial_id(),
@@ -456,8 +468,7 @@ impl Core {
     pub(crate) fn progress(
         &mut self,
         lease_id: &str,
-        step: u64,
-        scalars: BTreeMap<String, f64>,
+        report: ProgressReport,
         now: u64,
     ) -> ProgressAck {
         let Some(&index) = self.leases.get(lease_id) else {
@@ -473,14 +484,33 @@ impl Core {
         let lease = t.lease.as_mut().expect("running trial has a lease");
         lease.deadline_ms = now + ttl;
         let started = lease.started_ms;
-        t.step = step;
-        for (k, v) in &scalars {
-            if v.is_finite() {
-                t.metrics.insert(k.clone(), *v);
-            }
+        let ProgressReport { step, scalars, evaluations } = report;
+        t.step = t.step.max(step);
+        // Evaluations first (they precede the sample in step order); each is an event of its
+        // own so none is lost to sampling.
+        for e in evaluations {
+            t.step = t.step.max(e.step);
+            t.progress.extend(
+                e.scalars.iter().filter(|(_, v)| v.is_finite()).map(|(k, v)| (k.clone(), *v)),
+            );
+            self.events.push(SchedulerEvent::TrialProgress {
+                index,
+                step: e.step,
+                scalars: e.scalars,
+                evaluation: true,
+            });
         }
+        t.progress
+            .extend(scalars.iter().filter(|(_, v)| v.is_finite()).map(|(k, v)| (k.clone(), *v)));
         self.progress_dirty.insert(index);
-        self.events.push(SchedulerEvent::TrialProgress { index, step, scalars });
+        if !scalars.is_empty() {
+            self.events.push(SchedulerEvent::TrialProgress {
+                index,
+                step,
+                scalars,
+                evaluation: false,
+            });
+        }
         if let Some(limit) = timeout
             && now.saturating_sub(started) > limit.as_millis() as u64
         {
@@ -518,7 +548,7 @@ impl Core {
             } else {
                 outcome.error.clone()
             };
-            self.fail_attempt(index, &reason, now);
+            self.end_attempt(index, &reason, outcome.permanent, now);
             return CompleteAck { accepted: true, reason: String::new() };
         }
         self.leases.remove(lease_id);
@@ -526,7 +556,14 @@ impl Core {
         let t = &mut self.trials[index as usize];
         t.status = TrialStatus::Completed;
         t.lease = None;
-        t.metrics.extend(outcome.metrics);
+        // Exactly what the completing attempt reported: nothing from progress or from an
+        // earlier attempt.
+        t.metrics = outcome.metrics;
+        if outcome.final_step > 0 {
+            t.step = outcome.final_step;
+        } else if let Some(steps) = t.metrics.get(msae_shared::metrics::STEPS) {
+            t.step = *steps as u64;
+        }
         t.artifact = outcome.artifact;
         t.duration_s = outcome.duration_s;
         t.finished_ms = Some(now);
@@ -535,7 +572,8 @@ impl Core {
         }
         if !t.metrics.contains_key(&metric) {
             t.errors.push(format!(
-                "attempt {}: completed without the sweep metric {metric}",
+                "attempt {}: completed without the sweep metric {metric} (absent or not \
+                 finite); ranked after every trial that has it",
                 t.attempt
             ));
         }
@@ -555,23 +593,33 @@ impl Core {
     /// Ends the current attempt of a running trial as a failure: requeue, or Failed after
     /// `max_attempts`.
     fn fail_attempt(&mut self, index: u64, reason: &str, now: u64) {
+        self.end_attempt(index, reason, false, now);
+    }
+
+    /// [`Self::fail_attempt`], or Failed at once when `permanent` (a retry cannot help).
+    fn end_attempt(&mut self, index: u64, reason: &str, permanent: bool, now: u64) {
         let max = self.policy.max_attempts;
         let t = &mut self.trials[index as usize];
         if let Some(lease) = t.lease.take() {
             self.leases.remove(&lease.lease_id);
         }
-        t.errors.push(format!("attempt {}/{max}: {reason}", t.attempt));
-        let final_failure = t.attempt >= max;
+        let kind = if permanent { " (not retryable)" } else { "" };
+        t.errors.push(format!("attempt {}/{max}{kind}: {reason}", t.attempt));
+        let final_failure = permanent || t.attempt >= max;
         if final_failure {
             t.status = TrialStatus::Failed;
             t.finished_ms = Some(now);
             self.failed += 1;
-            tracing::warn!(trial = %t.trial_id(), %reason, "trial failed after {max} attempts");
+            if permanent {
+                tracing::warn!(trial = %t.trial_id(), ?reason, "trial failed; not retried (a retry cannot change this)");
+            } else {
+                tracing::warn!(trial = %t.trial_id(), ?reason, "trial failed after {max} attempts");
+            }
             self.strategy.observe(index, None);
             self.finished_event(index);
         } else {
             t.status = TrialStatus::Queued;
-            tracing::info!(trial = %t.trial_id(), attempt = t.attempt, %reason, "attempt failed; requeued");
+            tracing::info!(trial = %t.trial_id(), attempt = t.attempt, ?reason, "attempt failed; requeued");
             self.queue.push_back(index);
         }
         self.progress_dirty.remove(&index);
@@ -587,7 +635,7 @@ impl Core {
         t.lease = None;
         t.status = TrialStatus::Queued;
         t.attempt = t.attempt.saturating_sub(1);
-        tracing::info!(trial = %t.trial_id(), %reason, "lease released; trial requeued");
+        tracing::info!(trial = %t.trial_id(), ?reason, "lease released; trial requeued");
         self.queue.push_front(index);
         self.progress_dirty.remove(&index);
         self.mark(index);

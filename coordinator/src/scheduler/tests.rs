@@ -103,6 +103,113 @@ fn failure(msg: &str) -> TrialOutcome {
     TrialOutcome { success: false, error: msg.into(), ..TrialOutcome::default() }
 }
 
+fn sample(step: u64, scalars: BTreeMap<String, f64>) -> ProgressReport {
+    ProgressReport { step, scalars, evaluations: Vec::new() }
+}
+
+#[test]
+fn progress_values_never_become_final_metrics() {
+    // Regression: progress scalars and final metrics shared one map, so a progress fvu of 1e-6
+    // outranked every real result when the completion lacked (or had a NaN) fvu.
+    let mut p = policy();
+    p.metric = "fvu".into();
+    let (mut c, observed) = core(3, p);
+    let w = c.register("a", "cpu", V).unwrap();
+    let g = grant(&mut c, &w, 0);
+    c.progress(&g.lease_id, sample(5, BTreeMap::from([("fvu".into(), 1e-6)])), 10);
+    let lacking = TrialOutcome {
+        success: true,
+        metrics: BTreeMap::from([("mse".to_string(), 0.2)]),
+        dropped: vec!["non-finite fvu = NaN".into()],
+        ..TrialOutcome::default()
+    };
+    assert!(c.complete(&g.lease_id, lacking, 20).accepted);
+    let t = &c.trials()[0];
+    assert_eq!(t.metrics, BTreeMap::from([("mse".to_string(), 0.2)]));
+    assert!(
+        t.errors.iter().any(|e| e.contains("without the sweep metric fvu (absent or not finite)"))
+    );
+    assert_eq!(c.counts().best, None, "a trial without the metric is never the best");
+    // Attempt 1 reports a tiny fvu and loses its lease; attempt 2 completes without fvu.
+    let g = grant(&mut c, &w, 100);
+    c.progress(&g.lease_id, sample(5, BTreeMap::from([("fvu".into(), 1e-9)])), 110);
+    c.expire(2000);
+    let g2 = grant(&mut c, &w, 2001);
+    assert_eq!((g2.index, g2.attempt), (1, 2));
+    assert!(c.trials()[1].progress.is_empty(), "a new attempt starts without progress");
+    let mse_only = TrialOutcome {
+        success: true,
+        metrics: BTreeMap::from([("mse".to_string(), 0.2)]),
+        ..TrialOutcome::default()
+    };
+    assert!(c.complete(&g2.lease_id, mse_only, 2010).accepted);
+    assert!(!c.trials()[1].metrics.contains_key("fvu"));
+    assert_eq!(c.counts().best, None);
+    // A real result is the best; the strategy saw no value for the two without one.
+    let g = grant(&mut c, &w, 3000);
+    let real = TrialOutcome {
+        success: true,
+        metrics: BTreeMap::from([("fvu".to_string(), 0.3)]),
+        ..TrialOutcome::default()
+    };
+    assert!(c.complete(&g.lease_id, real, 3010).accepted);
+    assert_eq!(c.counts().best, Some(Best { index: 2, value: 0.3 }));
+    assert_eq!(*observed.lock().unwrap(), vec![(0, None), (1, None), (2, Some(0.3))]);
+}
+
+#[test]
+fn evaluations_are_events_at_their_steps_and_final_metrics_at_the_final_step() {
+    let (mut c, _) = core(1, policy());
+    let w = c.register("a", "cpu", V).unwrap();
+    let g = grant(&mut c, &w, 0);
+    c.take_events();
+    let eval =
+        |step, v: f64| Evaluation { step, scalars: BTreeMap::from([("val_loss".into(), v)]) };
+    let report = ProgressReport {
+        step: 430,
+        scalars: BTreeMap::from([("train_loss".into(), 0.5)]),
+        evaluations: vec![eval(200, 0.9), eval(400, 0.7)],
+    };
+    c.progress(&g.lease_id, report, 10);
+    let steps: Vec<(u64, bool)> = c
+        .take_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            SchedulerEvent::TrialProgress { step, evaluation, .. } => Some((step, evaluation)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, vec![(200, true), (400, true), (430, false)]);
+    assert_eq!(c.trials()[0].progress["val_loss"], 0.7, "the latest evaluation");
+    let done = TrialOutcome { final_step: 600, ..success(0.1) };
+    assert!(c.complete(&g.lease_id, done, 20).accepted);
+    assert_eq!(c.trials()[0].step, 600);
+    let finished = c.take_events();
+    assert!(
+        matches!(&finished[..], [SchedulerEvent::TrialFinished { record }] if record.step == 600)
+    );
+}
+
+#[test]
+fn a_permanent_failure_is_not_retried() {
+    let mut p = policy();
+    p.max_attempts = 3;
+    let (mut c, observed) = core(2, p);
+    let w = c.register("a", "cpu", V).unwrap();
+    let g = grant(&mut c, &w, 0);
+    let missing =
+        TrialOutcome { permanent: true, ..failure("loading data: x.npy: file not found") };
+    assert!(c.complete(&g.lease_id, missing, 10).accepted);
+    let t = &c.trials()[0];
+    assert_eq!((t.status, t.attempt), (TrialStatus::Failed, 1));
+    assert_eq!(t.errors, vec!["attempt 1/3 (not retryable): loading data: x.npy: file not found"]);
+    assert_eq!(*observed.lock().unwrap(), vec![(0, None)]);
+    // A retryable failure still is.
+    let g = grant(&mut c, &w, 20);
+    assert!(c.complete(&g.lease_id, failure("CUDA out of memory"), 30).accepted);
+    assert_eq!(c.trials()[1].status, TrialStatus::Queued);
+}
+
 const V: u32 = msae_shared::PROTOCOL_VERSION;
 
 #[test]
@@ -145,7 +252,7 @@ fn expired_lease_is_refused_and_trial_re_leased_with_next_attempt() {
     assert_eq!((g2.index, g2.attempt), (0, 2));
     assert_ne!(g1.lease_id, g2.lease_id);
     assert!(!c.complete(&g1.lease_id, success(1.0), 1003).accepted);
-    let p = c.progress(&g1.lease_id, 5, BTreeMap::new(), 1003);
+    let p = c.progress(&g1.lease_id, sample(5, BTreeMap::new()), 1003);
     assert!(p.stop && p.reason.contains("not current"), "{p:?}");
     assert!(c.complete(&g2.lease_id, success(2.0), 1004).accepted);
     assert_eq!(c.trials()[0].metrics["loss"], 2.0);
@@ -157,15 +264,16 @@ fn progress_renews_the_lease_and_stores_scalars() {
     let (mut c, _) = core(1, policy());
     let w = c.register("a", "cpu", V).unwrap();
     let g = grant(&mut c, &w, 0);
-    let ack = c.progress(&g.lease_id, 10, BTreeMap::from([("mse".into(), 0.5)]), 900);
+    let ack = c.progress(&g.lease_id, sample(10, BTreeMap::from([("mse".into(), 0.5)])), 900);
     assert!(!ack.stop);
     c.expire(1500);
     assert_eq!(c.running(), 1, "renewed at 900, so alive until 1900");
     assert_eq!(c.trials()[0].step, 10);
-    assert_eq!(c.trials()[0].metrics["mse"], 0.5);
+    assert_eq!(c.trials()[0].progress["mse"], 0.5);
+    assert!(c.trials()[0].metrics.is_empty(), "progress is not a result");
     // Progress is committed lazily: not in an ordinary batch, but in a flush.
     c.take_batch(false);
-    c.progress(&g.lease_id, 11, BTreeMap::new(), 1000);
+    c.progress(&g.lease_id, sample(11, BTreeMap::new()), 1000);
     assert!(c.take_batch(false).is_empty());
     assert_eq!(c.take_batch(true).len(), 1);
     // Renewed again at 1000: alive until 2000.
@@ -218,7 +326,7 @@ fn timeout_stops_the_worker_and_counts_as_a_failure() {
     let (mut c, _) = core(2, p);
     let w = c.register("a", "cpu", V).unwrap();
     let g = grant(&mut c, &w, 0);
-    let ack = c.progress(&g.lease_id, 1, BTreeMap::new(), 301);
+    let ack = c.progress(&g.lease_id, sample(1, BTreeMap::new()), 301);
     assert!(ack.stop && ack.reason.contains("timed out"), "{ack:?}");
     assert_eq!(c.trials()[0].status, TrialStatus::Failed);
     // The tick enforces it too, without any progress.
@@ -507,7 +615,7 @@ async fn shutdown_stops_dispatching_but_accepts_results() {
     // Not finished: no lease, but no dismissal either (workers wait for a restart).
     let out = within(h.lease(&a, Duration::ZERO)).await.unwrap();
     assert!(!out.shutdown && out.lease.is_none(), "{out:?}");
-    let p = within(h.progress(&g.lease_id, 1, BTreeMap::new())).await.unwrap();
+    let p = within(h.progress(&g.lease_id, sample(1, BTreeMap::new()))).await.unwrap();
     assert!(p.stop && p.release && p.reason.contains("shutting down"), "{p:?}");
     assert!(within(h.complete(&g.lease_id, success(0.5))).await.unwrap().accepted);
     let counts = h.counts().borrow().clone();
@@ -701,4 +809,35 @@ async fn throughput_in_process() {
         );
         h.shutdown(Duration::ZERO).await.unwrap();
     }
+}
+
+/// Item 12d: the refusal of a changed definition lists what changed, and names the sweep
+/// `--new-sweep` would really run (the next free NAME-k, or the one started from this YAML).
+#[test]
+fn changed_definition_refusal_lists_the_changes_and_the_next_free_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("d.redb")).unwrap();
+    let sweep = |max: &str, fingerprint: &str, new_sweep: bool| SweepInput {
+        name: "s".into(),
+        yaml: format!(
+            "name: s\nmethod: random\nrun_cap: 4\nparameters:\n  lr: {{min: 0.001, max: {max}}}\n"
+        ),
+        fingerprint: fingerprint.into(),
+        new_sweep,
+    };
+    load_or_create(&store, &sweep("0.01", "a", false)).unwrap();
+    let (s2, _, created) = load_or_create(&store, &sweep("0.02", "b", true)).unwrap();
+    assert_eq!((s2.name.as_str(), created), ("s-2", true));
+
+    let msg = load_or_create(&store, &sweep("0.03", "c", false)).unwrap_err().to_string();
+    assert!(msg.contains("sweep s exists in DB with a different definition"), "{msg}");
+    assert!(msg.contains("changed: parameters.lr.max: 0.01 -> 0.03"), "{msg}");
+    assert!(msg.contains("--new-sweep (starts s-3)"), "s-2 is taken: {msg}");
+    assert!(!msg.contains("s-2"), "{msg}");
+
+    let msg = load_or_create(&store, &sweep("0.02", "b", false)).unwrap_err().to_string();
+    assert!(msg.contains("--new-sweep (resumes s-2"), "{msg}");
+    // With --new-sweep it does resume s-2.
+    let (again, _, created) = load_or_create(&store, &sweep("0.02", "b", true)).unwrap();
+    assert_eq!((again.name.as_str(), created), ("s-2", false));
 }

@@ -97,6 +97,10 @@ async fn fake_worker(mut c: CoordinatorClient<Channel>, name: String) -> Vec<Str
             lease_id: lease.lease_id.clone(),
             step: 1,
             scalars: HashMap::from([("mse".into(), 1.0), ("bad".into(), f64::NAN)]),
+            evaluations: vec![proto::Evaluation {
+                step: 1,
+                scalars: HashMap::from([("val_loss".into(), 0.5)]),
+            }],
         }))
         .await
         .unwrap()
@@ -151,18 +155,17 @@ async fn grid_with_concurrent_workers_completes_each_trial_exactly_once() {
 
     // The report over gRPC: every trial, completed, with the NaN progress scalar dropped.
     let mut c = s.client().await;
-    let json = within(c.report(proto::ReportRequest { sweep: "grid".into() }))
-        .await
-        .unwrap()
-        .into_inner()
-        .json;
-    let report: ReportJson = serde_json::from_str(&json).unwrap();
+    let request =
+        proto::ReportRequest { sweep: "grid".into(), records: true, ..Default::default() };
+    let stream = within(c.report(request)).await.unwrap().into_inner();
+    let report: ReportJson = within(collect_records(stream)).await.unwrap();
     assert_eq!(report.sweeps.len(), 1);
     assert!(report.sweeps[0].finished);
     assert_eq!(report.trials.len(), N);
     assert!(report.trials.iter().all(|t| t.status == TrialStatus::Completed && t.attempt == 1));
     assert!(report.trials.iter().all(|t| !t.metrics.contains_key("bad")));
-    let missing = within(c.report(proto::ReportRequest { sweep: "nope".into() })).await;
+    let missing =
+        within(c.report(proto::ReportRequest { sweep: "nope".into(), ..Default::default() })).await;
     assert_eq!(missing.unwrap_err().code(), tonic::Code::NotFound);
     s.stop().await;
 }
@@ -384,11 +387,12 @@ async fn token_is_required_when_configured() {
     wrong.metadata_mut().insert("authorization", "Bearer s3cre".parse().unwrap());
     let e = within(c.report(wrong)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
-    let mut right = tonic::Request::new(proto::ReportRequest::default());
+    let mut right =
+        tonic::Request::new(proto::ReportRequest { format: "json".into(), ..Default::default() });
     right.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
-    let json = within(c.report(right)).await.unwrap().into_inner().json;
-    let report: ReportJson = serde_json::from_str(&json).unwrap();
-    assert_eq!(report.sweeps[0].name, "grid");
+    let stream = within(c.report(right)).await.unwrap().into_inner();
+    let report = within(collect_report(stream)).await.unwrap();
+    assert_eq!(report.sweep, "grid");
     s.stop().await;
 }
 
@@ -426,4 +430,296 @@ async fn throughput_over_grpc() {
         );
         s.stop().await;
     }
+}
+
+/// Proposes `n` points, each with a long text parameter, so rows are large.
+struct WideStrategy {
+    n: u64,
+    next: u64,
+}
+
+impl crate::search::Strategy for WideStrategy {
+    fn propose(&mut self) -> crate::search::Proposal {
+        if self.next >= self.n {
+            return crate::search::Proposal::Done;
+        }
+        self.next += 1;
+        crate::search::Proposal::Point(crate::search::Point {
+            index: self.next - 1,
+            params: wide_params(self.next - 1),
+        })
+    }
+    fn observe(&mut self, _: u64, _: Option<f64>) {}
+}
+
+fn wide_params(i: u64) -> crate::scheduler::Params {
+    crate::scheduler::Params::from([
+        ("x".to_string(), serde_json::json!(i)),
+        ("note".to_string(), serde_json::json!(format!("{i:>6}{}", "n".repeat(400)))),
+    ])
+}
+
+/// A server whose store already holds `n` completed trials of sweep "grid" (resumed), written
+/// in one commit: far quicker than completing them over gRPC.
+async fn server_with_completed(n: u64) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.redb");
+    let yaml = "name: grid\nmetric: {name: loss, goal: minimize}\n";
+    {
+        let store = Store::open(&path).unwrap();
+        let mut batch = crate::store::WriteBatch::new();
+        batch.put_sweep(&SweepRecord {
+            name: "grid".into(),
+            yaml: yaml.into(),
+            fingerprint: "fp".into(),
+            created_ms: 1,
+            proposed: n,
+            finished: false,
+        });
+        for i in 0..n {
+            let params = wide_params(i);
+            batch.put_trial(&TrialRecord {
+                sweep: "grid".into(),
+                index: i,
+                config: serde_json::json!({ "params": params }),
+                params,
+                status: TrialStatus::Completed,
+                attempt: 1,
+                lease: None,
+                step: 10,
+                // Ranked in reverse index order, so order is checked, not assumed.
+                metrics: BTreeMap::from([("loss".to_string(), (n - i) as f64)]),
+                progress: BTreeMap::new(),
+                errors: Vec::new(),
+                worker: Some("w".into()),
+                artifact: None,
+                created_ms: 1,
+                finished_ms: Some(2),
+                duration_s: Some(0.5),
+            });
+        }
+        store.write(&batch).unwrap();
+    }
+    let input = SweepInput {
+        name: "grid".into(),
+        yaml: yaml.into(),
+        fingerprint: "fp".into(),
+        new_sweep: false,
+    };
+    let scheduler = Scheduler::start(
+        Store::open(&path).unwrap(),
+        input,
+        actor_policy(),
+        Box::new(WideStrategy { n, next: 0 }),
+        make_config(),
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, scheduler.clone(), None, async move {
+        let _ = rx.await;
+    }));
+    Server { addr, scheduler, stop: Some(tx), task, _dir: dir }
+}
+
+/// Item 9: a report far over tonic's 4 MB message limit reaches a client that keeps the
+/// default limit, ranked, in pieces; so do the raw records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_larger_than_a_message_streams_in_pieces() {
+    const N: u64 = 12_000;
+    let s = server_with_completed(N).await;
+    let mut c = s.client().await;
+    let json = proto::ReportRequest { format: "json".into(), ..Default::default() };
+    let stream = within(c.report(json.clone())).await.unwrap().into_inner();
+    let text = within(collect_text(stream)).await.unwrap();
+    assert!(text.len() > 4 << 20, "the test needs a report larger than one message");
+    let report: crate::report::Report = serde_json::from_str(&text).unwrap();
+    assert_eq!((report.sweep.as_str(), report.metric.as_str()), ("grid", "loss"));
+    assert_eq!(report.counts.completed, N as usize);
+    assert_eq!(report.rows.len(), N as usize);
+    assert!(report.rows.iter().enumerate().all(|(i, r)| r.rank == i + 1));
+    assert_eq!(report.rows[0].trial, N - 1, "best (lowest loss) first");
+    assert_eq!(report.rows[N as usize - 1].trial, 0);
+    assert_eq!(report.rows[5].params, wide_params(N - 6));
+
+    // Ranking options travel with the request and are applied by the coordinator.
+    let request = proto::ReportRequest { top: Some(3), goal: "maximize".into(), ..json };
+    let stream = within(c.report(request)).await.unwrap().into_inner();
+    let top = within(collect_report(stream)).await.unwrap();
+    assert_eq!(top.rows.iter().map(|r| r.trial).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(top.counts.completed, N as usize, "counts cover every trial");
+    // The default format is the table `report` prints: a title, a header and a line per row.
+    let stream = within(c.report(proto::ReportRequest::default())).await.unwrap().into_inner();
+    let table = within(collect_text(stream)).await.unwrap();
+    assert_eq!(table.lines().count(), N as usize + 2);
+    assert!(table.lines().nth(2).unwrap().contains(&format!("{}", N - 1)));
+
+    let request = proto::ReportRequest { records: true, ..Default::default() };
+    let stream = within(c.report(request)).await.unwrap().into_inner();
+    let records = within(collect_records(stream)).await.unwrap();
+    assert_eq!(records.trials.len(), N as usize);
+    assert!(serde_json::to_string(&records).unwrap().len() > 4 << 20);
+    s.stop().await;
+}
+
+/// Item 12a: a report of zero trials is refused, not answered with an empty table.
+#[tokio::test]
+async fn report_options_are_checked() {
+    let s = server(2, None).await;
+    let mut c = s.client().await;
+    for request in [
+        proto::ReportRequest { top: Some(0), ..Default::default() },
+        proto::ReportRequest { goal: "sideways".into(), ..Default::default() },
+        proto::ReportRequest { metric: "fvu\n".into(), ..Default::default() },
+        proto::ReportRequest { format: "yaml".into(), ..Default::default() },
+    ] {
+        let e = within(c.report(request.clone())).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{request:?}: {e}");
+    }
+    s.stop().await;
+}
+
+/// Item 11: an identifier with a control character (a newline and an escape sequence would
+/// forge a line of the coordinator's log) is refused in every request that carries one.
+#[tokio::test]
+async fn control_characters_in_identifiers_are_refused() {
+    let s = server(2, None).await;
+    let mut c = s.client().await;
+    let forged = "w1\n2030-01-01T00:00:00Z  INFO \u{1b}[31mtrial s/0 completed";
+    fn codes<T: std::fmt::Debug>(r: Result<tonic::Response<T>, Status>) -> Status {
+        r.unwrap_err()
+    }
+    let register = |name: &str, device: &str| proto::RegisterRequest {
+        protocol_version: msae_shared::PROTOCOL_VERSION,
+        name: name.into(),
+        device: device.into(),
+    };
+    let mut refused = vec![
+        codes(within(c.register(register(forged, "cpu"))).await),
+        codes(within(c.register(register("w", "cpu\u{1b}[2K"))).await),
+        codes(within(c.register(register("w\u{7f}", "cpu"))).await),
+        codes(within(c.lease(proto::LeaseRequest { worker_id: "w\r".into(), wait_ms: 0 })).await),
+        codes(
+            within(
+                c.progress(proto::ProgressRequest { lease_id: "l\n".into(), ..Default::default() }),
+            )
+            .await,
+        ),
+        codes(
+            within(
+                c.complete(proto::CompleteRequest { lease_id: "l\t".into(), ..Default::default() }),
+            )
+            .await,
+        ),
+        codes(
+            within(c.complete(proto::CompleteRequest {
+                lease_id: "l".into(),
+                metrics: HashMap::from([("fvu\n".into(), 1.0)]),
+                ..Default::default()
+            }))
+            .await,
+        ),
+        codes(
+            within(c.release(proto::ReleaseRequest {
+                lease_id: "l\u{85}".into(),
+                ..Default::default()
+            }))
+            .await,
+        ),
+    ];
+    let e = within(c.report(proto::ReportRequest { sweep: "grid\n".into(), ..Default::default() }))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    refused.push(e);
+    for e in &refused {
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("control character"), "{e}");
+    }
+    // Printable names, non-ASCII ones included, are still welcome.
+    let id = within(c.register(register("gpu-nœud-α 1", "cuda:0"))).await.unwrap();
+    assert!(!id.into_inner().worker_id.is_empty());
+    s.stop().await;
+}
+
+/// Raw request bytes, to send what no generated client would.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+struct RawEncoder;
+struct RawDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        use prost::bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+async fn raw_call(addr: std::net::SocketAddr, method: &'static str, body: Vec<u8>) -> Status {
+    let channel =
+        within(Channel::from_shared(format!("http://{addr}")).unwrap().connect()).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    within(grpc.ready()).await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+    within(grpc.unary(tonic::Request::new(body), path, RawCodec))
+        .await
+        .map(|_: tonic::Response<Vec<u8>>| ())
+        .unwrap_err()
+}
+
+/// Item 12c: bytes that do not decode are the client's fault (`invalid_argument`, not
+/// `internal`); a request over the size limit is `resource_exhausted`, not `out_of_range`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_and_oversized_requests_get_client_error_codes() {
+    let s = server(2, None).await;
+    // An unterminated varint; then field 2 (name, a string) holding invalid UTF-8.
+    for body in [vec![0xff, 0xff, 0xff], vec![0x12, 0x02, 0xc3, 0x28]] {
+        let e = raw_call(s.addr, "/msae.v1.Coordinator/Register", body.clone()).await;
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{body:?}: {e}");
+        assert!(e.message().contains("failed to decode"), "{e}");
+    }
+    let e = raw_call(s.addr, "/msae.v1.Coordinator/Report", vec![0xff]).await;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "a streaming method too: {e}");
+    let e =
+        raw_call(s.addr, "/msae.v1.Coordinator/Lease", vec![0; edge::MAX_REQUEST_BYTES + 1]).await;
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    // The handlers' own answers keep their codes.
+    let e = raw_call(s.addr, "/msae.v1.Coordinator/Lease", Vec::new()).await;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "empty worker_id: {e}");
+    let mut c = s.client().await;
+    let e = within(c.lease(proto::LeaseRequest { worker_id: "nobody".into(), wait_ms: 0 }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    s.stop().await;
 }

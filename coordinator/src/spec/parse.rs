@@ -9,12 +9,7 @@ use std::collections::HashMap;
 
 /// The closest of `candidates` to `name`, if close enough to be a likely typo.
 fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    candidates
-        .into_iter()
-        .map(|c| (strsim::jaro_winkler(name, c), c))
-        .filter(|(score, _)| *score > 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, c)| c)
+    msae_shared::suggest::closest(name, candidates)
 }
 
 fn did_you_mean(s: Option<&str>) -> String {
@@ -40,7 +35,7 @@ const TOP_KEYS: &[&str] = &[
     "timeout",
     "task",
 ];
-const METRIC_KEYS: &[&str] = &["name", "goal"];
+const METRIC_KEYS: &[&str] = &["name", "goal", "custom"];
 const TASK_KEYS: &[&str] = &["kind", "sleep_ms"];
 const PARAM_KEYS: &[&str] =
     &["value", "values", "distribution", "min", "max", "q", "probabilities"];
@@ -102,6 +97,17 @@ impl Parser<'_> {
                 Err(self
                     .err(&child(at, key), format!("`{key}` must be a string, not {}", show(other))))
             }
+        }
+    }
+
+    fn bool(&self, obj: &Obj, key: &str, at: &[Seg]) -> Result<Option<bool>, SpecError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(self.err(
+                &child(at, key),
+                format!("`{key}` must be true or false, not {}", show(other)),
+            )),
         }
     }
 
@@ -191,6 +197,23 @@ impl Parser<'_> {
                 _ => None,
             })?;
             metric.goal = goal.unwrap_or_default();
+            metric.custom = self.bool(m, "custom", &at)?.unwrap_or(false);
+            if !metric.custom && !msae_shared::metrics::is_standard(&metric.name) {
+                // A misspelt metric would run the whole sweep with nothing to rank by.
+                return Err(self.err(
+                    &segs!["metric", "name"],
+                    format!(
+                        "unknown metric `{}`{}; standard metrics: {}; a runner's own metric \
+                         needs `custom: true`",
+                        metric.name,
+                        did_you_mean(suggest(
+                            &metric.name,
+                            msae_shared::metrics::STANDARD.iter().copied()
+                        )),
+                        msae_shared::metrics::STANDARD.join(", ")
+                    ),
+                ));
+            }
         }
 
         let method = match top.get("method") {
@@ -249,29 +272,6 @@ impl Parser<'_> {
                 })?
                 .unwrap_or_default();
             task.sleep_ms = self.uint(t, "sleep_ms", &at)?.unwrap_or(0);
-        }
-
-        let known_metric = [
-            msae_shared::metrics::MSE,
-            msae_shared::metrics::FVU,
-            msae_shared::metrics::L0,
-            msae_shared::metrics::ACTIVE_STRIPES,
-            msae_shared::metrics::DEAD_NEURONS,
-            msae_shared::metrics::DEAD_STRIPES,
-            msae_shared::metrics::STRIPE_ENTROPY,
-            msae_shared::metrics::MMCS,
-            msae_shared::metrics::STRIPE_CLUSTER_MATCH,
-            msae_shared::metrics::VAL_LOSS,
-            msae_shared::metrics::TRAIN_LOSS,
-        ];
-        if !known_metric.contains(&metric.name.as_str()) {
-            // Runners may report metrics of their own, so this is a warning, not an error.
-            tracing::warn!(
-                source = self.source,
-                "metric `{}` is not a standard trial metric{}",
-                metric.name,
-                did_you_mean(suggest(&metric.name, known_metric))
-            );
         }
 
         let mut base_leaves: HashMap<String, Vec<Seg>> = HashMap::new();

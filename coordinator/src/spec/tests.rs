@@ -49,7 +49,7 @@ fn full_spec_parses() {
     let s = parse(FULL).unwrap();
     assert_eq!(s.name, "demo-1.x");
     assert_eq!(s.description.as_deref(), Some("all the keys"));
-    assert_eq!(s.metric, MetricSpec { name: "mse".into(), goal: Goal::Maximize });
+    assert_eq!(s.metric, MetricSpec { name: "mse".into(), goal: Goal::Maximize, custom: false });
     assert_eq!(s.method, Method::Random);
     assert_eq!((s.run_cap, s.max_concurrent, s.seed, s.max_attempts), (Some(20), Some(4), 9, 5));
     assert_eq!(s.timeout, Some(Duration::from_secs(5400)));
@@ -90,7 +90,7 @@ fn full_spec_parses() {
 #[test]
 fn defaults() {
     let s = parse("name: d\nmethod: grid\n").unwrap();
-    assert_eq!(s.metric, MetricSpec { name: "fvu".into(), goal: Goal::Minimize });
+    assert_eq!(s.metric, MetricSpec { name: "fvu".into(), goal: Goal::Minimize, custom: false });
     assert_eq!((s.max_attempts, s.seed, s.run_cap, s.timeout), (3, 0, None, None));
     assert_eq!(s.task, TaskSpec { kind: TaskKind::Sae, sleep_ms: 0 });
     assert!(s.parameters.is_empty() && s.base.is_empty());
@@ -154,6 +154,28 @@ fn unknown_choices_suggest() {
     assert_eq!(e.line, Some(5));
     let e = parse_err("name: x\nmethod: nelder_mead\n");
     assert!(e.message.contains("not available yet"), "{e}");
+}
+
+#[test]
+fn unknown_metric_is_refused_unless_declared_custom() {
+    // Regression: `metric: {name: fuv}` ran the whole sweep with nothing to rank by.
+    let e = parse_err("name: x\nmethod: grid\nmetric:\n  name: fuv\n");
+    assert!(e.message.contains("unknown metric `fuv`"), "{e}");
+    assert!(e.message.contains("did you mean `fvu`?"), "{e}");
+    assert_eq!(e.line, Some(4), "{e}");
+    let s =
+        parse("name: x\nmethod: grid\nmetric: {name: my_score, goal: maximize, custom: true}\n")
+            .unwrap();
+    assert!(s.metric.custom);
+    let e = parse_err("name: x\nmethod: grid\nmetric: {name: fvu, custom: yes please}\n");
+    assert!(e.message.contains("true or false"), "{e}");
+    for ok in ["samples_per_s", "steps", "stripe_usage/class_3/stripe_1", "mmcs"] {
+        parse(&format!("name: x\nmethod: grid\nmetric: {{name: {ok}}}\n")).unwrap();
+    }
+    // `custom: false` (the default) does not change the fingerprint of existing sweeps.
+    let a = parse("name: x\nmethod: grid\nmetric: {name: fvu}\n").unwrap();
+    let b = parse("name: x\nmethod: grid\nmetric: {name: fvu, custom: false}\n").unwrap();
+    assert_eq!(a.fingerprint(), b.fingerprint());
 }
 
 #[test]

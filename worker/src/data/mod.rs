@@ -66,12 +66,9 @@ pub enum DataError {
     #[error("{}: file not found", path.display())]
     NotFound { path: PathBuf },
     /// Any other I/O failure (permissions, a directory, a corrupt gzip stream).
-    #[error("{}: cannot read: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The cause is in the message, so it is not also the error's source (printed twice).
+    #[error("{}: cannot read: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
     /// The file does not start with the magic bytes of the expected format.
     #[error("{}: not {format}: bad magic {found} (expected {expected})", path.display())]
     BadMagic { path: PathBuf, format: &'static str, found: String, expected: String },
@@ -156,7 +153,17 @@ impl Matrix {
 /// 4. a seeded shuffle, then the last `ceil(validation_fraction * n)` samples are validation;
 /// 5. scaling fitted on the training split, applied to both splits.
 pub fn load(cfg: &DataConfig, seed: u64) -> Result<Dataset, DataError> {
-    let (mut matrix, truth, origin) = match cfg.source {
+    let source = cfg
+        .resolved_source()
+        .map_err(|e| DataError::InvalidConfig { field: e.field, reason: e.message })?;
+    if cfg.source_inferred() {
+        tracing::info!(
+            source = source.name(),
+            path = %cfg.path.as_deref().unwrap_or(Path::new("")).display(),
+            "data.source not given: inferred from the file name"
+        );
+    }
+    let (mut matrix, truth, origin) = match source {
         DataSource::Synthetic => {
             let s = &cfg.synthetic;
             // The generator is sequential, so the first `limit` samples are the same whether or
@@ -167,16 +174,16 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Dataset, DataError> {
             (m, Some(data.truth), "synthetic data".to_string())
         }
         DataSource::Npy => {
-            let path = require_path(cfg)?;
+            let path = require_path(cfg, source)?;
             (npy::load_matrix(path)?, None, path.display().to_string())
         }
         DataSource::Safetensors => {
-            let path = require_path(cfg)?;
+            let path = require_path(cfg, source)?;
             let m = safetensors_file::load_matrix(path, cfg.tensor.as_deref())?;
             (m, None, path.display().to_string())
         }
         DataSource::Mnist => {
-            let path = require_path(cfg)?;
+            let path = require_path(cfg, source)?;
             (idx::load_images(path)?, None, path.display().to_string())
         }
     };
@@ -185,7 +192,7 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Dataset, DataError> {
         let mut l = read_labels(lpath)?;
         // Synthetic data was possibly generated short (limit); compare against what the file
         // sources hold in full, which is every row for them.
-        let expected = match cfg.source {
+        let expected = match source {
             DataSource::Synthetic => cfg.synthetic.num_samples,
             _ => matrix.rows,
         };
@@ -224,22 +231,10 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Dataset, DataError> {
     Ok(ds)
 }
 
-fn require_path(cfg: &DataConfig) -> Result<&Path, DataError> {
+fn require_path(cfg: &DataConfig, source: DataSource) -> Result<&Path, DataError> {
     cfg.path.as_deref().ok_or_else(|| {
-        DataError::invalid(
-            "data.path",
-            format!("required when data.source is {}", source_name(cfg.source)),
-        )
+        DataError::invalid("data.path", format!("required when data.source is {}", source.name()))
     })
-}
-
-fn source_name(s: DataSource) -> &'static str {
-    match s {
-        DataSource::Synthetic => "synthetic",
-        DataSource::Npy => "npy",
-        DataSource::Safetensors => "safetensors",
-        DataSource::Mnist => "mnist",
-    }
 }
 
 /// Read a whole file, transparently decompressing gzip (detected by the magic bytes 1f 8b, not
@@ -247,13 +242,13 @@ fn source_name(s: DataSource) -> &'static str {
 pub fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => DataError::NotFound { path: path.to_path_buf() },
-        _ => DataError::Io { path: path.to_path_buf(), source: e },
+        _ => DataError::Io { path: path.to_path_buf(), error: e },
     })?;
     if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::with_capacity(bytes.len() * 4);
         flate2::read::MultiGzDecoder::new(&bytes[..])
             .read_to_end(&mut out)
-            .map_err(|e| DataError::Io { path: path.to_path_buf(), source: e })?;
+            .map_err(|e| DataError::Io { path: path.to_path_buf(), error: e })?;
         tracing::debug!(path = %path.display(), compressed = bytes.len(), size = out.len(), "gunzipped");
         return Ok(out);
     }
@@ -443,7 +438,22 @@ mod tests {
     }
 
     fn npy_cfg(path: PathBuf) -> DataConfig {
-        DataConfig { source: DataSource::Npy, path: Some(path), ..Default::default() }
+        DataConfig { source: Some(DataSource::Npy), path: Some(path), ..Default::default() }
+    }
+
+    #[test]
+    fn a_path_without_source_loads_that_file() {
+        // Regression: `data: {path: x.npy}` used to train on the synthetic default.
+        let dir = tempfile::tempdir().unwrap();
+        let p = npy_file(&dir, "acts.npy", 20, 3);
+        let cfg = DataConfig { path: Some(p.clone()), ..Default::default() };
+        let ds = load(&cfg, 1).unwrap();
+        assert_eq!((ds.dim, ds.n_train() + ds.n_val()), (3, 20));
+        assert!(ds.truth.is_none(), "not synthetic");
+        assert_eq!(ds, load(&npy_cfg(p), 1).unwrap());
+        let odd = DataConfig { path: Some(dir.path().join("acts.bin")), ..Default::default() };
+        let e = load(&odd, 1).unwrap_err().to_string();
+        assert!(e.starts_with("data.source:"), "{e}");
     }
 
     #[test]
@@ -583,7 +593,7 @@ mod tests {
         let lp = dir.path().join("lab");
         std::fs::write(&lp, idx::encode(&[3], &[1, 2, 3])).unwrap();
         let cfg = DataConfig {
-            source: DataSource::Mnist,
+            source: Some(DataSource::Mnist),
             path: Some(ip),
             labels: Some(lp.clone()),
             validation_fraction: 0.25,
@@ -606,11 +616,11 @@ mod tests {
 
     #[test]
     fn missing_path_and_missing_file() {
-        let cfg = DataConfig { source: DataSource::Safetensors, ..Default::default() };
+        let cfg = DataConfig { source: Some(DataSource::Safetensors), ..Default::default() };
         let e = load(&cfg, 0).unwrap_err().to_string();
         assert!(e.contains("data.path") && e.contains("safetensors"), "{e}");
         let cfg = DataConfig {
-            source: DataSource::Mnist,
+            source: Some(DataSource::Mnist),
             path: Some("/nonexistent/train-images.gz".into()),
             ..Default::default()
         };

@@ -1,0 +1,306 @@
+//! The Report RPC in pieces, both ends.
+//!
+//! A whole sweep's records in one message outgrow tonic's 4 MB receive limit at a few thousand
+//! trials, so the coordinator ranks and renders the report itself ([`Report::for_sweep`] and
+//! [`Report::render`], the code `report` runs on a database file) and streams the text in
+//! pieces of about [`CHUNK_BYTES`]. The client only concatenates and prints: sending the ranked
+//! rows to be rendered again would cost the client as much as reading the file, twice over
+//! for 100,000 trials. `--format json` gives the whole [`Report`] to tools.
+//!
+//! The `records` mode streams raw [`TrialRecord`]s as JSON arrays, for tools and tests that
+//! need every trial's state (running, queued, leases).
+//!
+//! The work runs on a blocking thread that feeds a bounded channel, so a large report does not
+//! hold a runtime thread, and records leave while later ones are still being encoded.
+
+use super::{MAX_ID_LEN, ReportJson, check_name, status_of};
+use crate::model::{Goal, SweepRecord, TrialRecord};
+use crate::report::{Report, ReportFormat, pick_sweep};
+use crate::scheduler::SchedulerHandle;
+use msae_shared::proto;
+use msae_shared::proto::report_chunk::Part;
+use serde::Serialize;
+use std::pin::Pin;
+use tokio_stream::Stream;
+use tonic::Status;
+
+/// JSON bytes per chunk: far below the 4 MB limit, yet a 100,000-trial report is only a few
+/// dozen messages.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// Largest message the report clients accept. Chunks stay near [`CHUNK_BYTES`], but a single
+/// row or record is not split: a failed trial keeps every attempt's error (up to 1 MiB each).
+pub const CLIENT_MAX_MESSAGE: usize = 64 << 20;
+
+/// The reply stream of the Report RPC.
+pub type ReportStream = Pin<Box<dyn Stream<Item = Result<proto::ReportChunk, Status>> + Send>>;
+
+/// A validated Report request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportQuery {
+    /// The sweep; `None`: the most recently created.
+    pub sweep: Option<String>,
+    pub metric: Option<String>,
+    pub goal: Option<Goal>,
+    pub top: Option<usize>,
+    /// Raw trial records instead of a ranked report.
+    pub records: bool,
+    pub format: ReportFormat,
+}
+
+impl TryFrom<proto::ReportRequest> for ReportQuery {
+    type Error = Status;
+    fn try_from(r: proto::ReportRequest) -> Result<Self, Status> {
+        check_name("sweep", &r.sweep)?;
+        check_name("metric", &r.metric)?;
+        let goal = match r.goal.as_str() {
+            "" => None,
+            "minimize" => Some(Goal::Minimize),
+            "maximize" => Some(Goal::Maximize),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "goal must be \"minimize\" or \"maximize\", got {:?}",
+                    truncated(other)
+                )));
+            }
+        };
+        let top = match r.top {
+            None => None,
+            Some(0) => {
+                return Err(Status::invalid_argument(
+                    "top must be at least 1 (leave it out for every trial)",
+                ));
+            }
+            Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        };
+        let format = match r.format.as_str() {
+            "" | "table" => ReportFormat::Table,
+            "csv" => ReportFormat::Csv,
+            "json" => ReportFormat::Json,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "format must be \"table\", \"csv\" or \"json\", got {:?}",
+                    truncated(other)
+                )));
+            }
+        };
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        Ok(ReportQuery {
+            sweep: some(r.sweep),
+            metric: some(r.metric),
+            goal,
+            top,
+            records: r.records,
+            format,
+        })
+    }
+}
+
+/// A refused value quoted back, cut so an oversized one does not fill the status message.
+fn truncated(s: &str) -> String {
+    s.chars().take(MAX_ID_LEN).collect()
+}
+
+/// Answers a Report request: reads what it needs through `scheduler` and streams the reply.
+pub async fn answer(scheduler: &SchedulerHandle, q: ReportQuery) -> Result<ReportStream, Status> {
+    if q.records {
+        let mut sweeps = scheduler.sweeps().await.map_err(status_of)?;
+        if let Some(name) = &q.sweep {
+            sweeps.retain(|s| &s.name == name);
+            if sweeps.is_empty() {
+                return Err(Status::not_found(format!("no sweep named {name:?}")));
+            }
+        }
+        let mut trials = Vec::new();
+        for s in &sweeps {
+            trials.extend(scheduler.records(&s.name).await.map_err(status_of)?);
+        }
+        return Ok(spawn_chunks(move |out| {
+            out.send(Part::SweepsJson(json(&sweeps)?))?;
+            send_arrays(out, &trials, Part::RecordsJson)
+        }));
+    }
+    // A ranked report reads the store's last commit (a redb snapshot, beside the scheduler's
+    // writes), not the scheduler's memory: copying a large sweep's records out of the actor
+    // would hold up every worker meanwhile. Every result and lease is committed before it is
+    // acknowledged, so the commit is what workers have been told.
+    let store = scheduler.store();
+    let wanted = q.sweep.clone();
+    let (sweep, trials) = tokio::task::spawn_blocking(move || {
+        let sweeps = store.sweeps().map_err(|e| Status::internal(e.to_string()))?;
+        let sweep = pick_sweep(&sweeps, wanted.as_deref()).map_err(Status::not_found)?.clone();
+        let trials = store
+            .trials_without_configs(&sweep.name)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok::<_, Status>((sweep, trials))
+    })
+    .await
+    .map_err(|e| Status::internal(format!("reading the report: {e}")))??;
+    Ok(spawn_chunks(move |out| {
+        let report = Report::for_sweep(&sweep, &trials, q.top, q.metric.as_deref(), q.goal)
+            .map_err(|e| Stop::Failed(Status::invalid_argument(e)))?;
+        drop(trials);
+        send_text(out, &report.render(q.format))
+    }))
+}
+
+/// Why producing chunks stopped early.
+enum Stop {
+    /// The client went away: nothing to report.
+    Gone,
+    Failed(Status),
+}
+
+impl From<Status> for Stop {
+    fn from(s: Status) -> Self {
+        Stop::Failed(s)
+    }
+}
+
+/// The sending end of the reply stream, used on a blocking thread.
+struct Out(tokio::sync::mpsc::Sender<Result<proto::ReportChunk, Status>>);
+
+impl Out {
+    fn send(&self, part: Part) -> Result<(), Stop> {
+        let chunk = proto::ReportChunk { part: Some(part) };
+        self.0.blocking_send(Ok(chunk)).map_err(|_| Stop::Gone)
+    }
+}
+
+/// Runs `produce` on a blocking thread, its chunks becoming the reply stream.
+fn spawn_chunks(produce: impl FnOnce(&Out) -> Result<(), Stop> + Send + 'static) -> ReportStream {
+    // A few chunks in flight: encoding overlaps sending without buffering the whole report.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let out = Out(tx);
+        if let Err(Stop::Failed(status)) = produce(&out) {
+            tracing::warn!(error = %status.message(), "report stream failed");
+            let _ = out.0.blocking_send(Err(status));
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+fn json<T: Serialize + ?Sized>(value: &T) -> Result<String, Status> {
+    serde_json::to_string(value).map_err(|e| Status::internal(format!("encoding the report: {e}")))
+}
+
+/// Sends `text` in pieces of about [`CHUNK_BYTES`], cut between characters.
+fn send_text(out: &Out, mut text: &str) -> Result<(), Stop> {
+    while !text.is_empty() {
+        let mut end = text.len().min(CHUNK_BYTES);
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        let (piece, rest) = text.split_at(end);
+        out.send(Part::Text(piece.to_string()))?;
+        text = rest;
+    }
+    Ok(())
+}
+
+/// Sends `items` as JSON arrays of about [`CHUNK_BYTES`] each (at least one item per array).
+fn send_arrays<T: Serialize>(
+    out: &Out,
+    items: &[T],
+    part: impl Fn(String) -> Part,
+) -> Result<(), Stop> {
+    let mut buf = String::from("[");
+    for item in items {
+        if buf.len() > 1 {
+            buf.push(',');
+        }
+        buf.push_str(&json(item)?);
+        if buf.len() >= CHUNK_BYTES {
+            buf.push(']');
+            out.send(part(std::mem::replace(&mut buf, String::from("["))))?;
+        }
+    }
+    if buf.len() > 1 {
+        buf.push(']');
+        out.send(part(buf))?;
+    }
+    Ok(())
+}
+
+/// Why a streamed report could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("the coordinator refused the report: {}", .0.message())]
+    Refused(tonic::Status),
+    #[error("the coordinator sent a report this version cannot read ({0})")]
+    Unreadable(String),
+}
+
+impl From<tonic::Status> for FetchError {
+    fn from(s: tonic::Status) -> Self {
+        FetchError::Refused(s)
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T, FetchError> {
+    serde_json::from_str(text).map_err(|e| FetchError::Unreadable(format!("{what}: {e}")))
+}
+
+/// The rendered report, reassembled from its pieces.
+pub async fn collect_text(
+    mut stream: tonic::Streaming<proto::ReportChunk>,
+) -> Result<String, FetchError> {
+    let mut text = String::new();
+    while let Some(chunk) = stream.message().await? {
+        match chunk.part {
+            Some(Part::Text(piece)) => text.push_str(&piece),
+            part => {
+                return Err(FetchError::Unreadable(format!(
+                    "unexpected piece {} of a report",
+                    part_name(part.as_ref())
+                )));
+            }
+        }
+    }
+    if text.is_empty() {
+        return Err(FetchError::Unreadable("the reply holds no report".into()));
+    }
+    Ok(text)
+}
+
+/// A report in JSON format ([`collect_text`] of a `format: "json"` request), parsed.
+pub async fn collect_report(
+    stream: tonic::Streaming<proto::ReportChunk>,
+) -> Result<Report, FetchError> {
+    parse("report", &collect_text(stream).await?)
+}
+
+/// Reassembles the raw records of a `records` request.
+pub async fn collect_records(
+    mut stream: tonic::Streaming<proto::ReportChunk>,
+) -> Result<ReportJson, FetchError> {
+    let mut sweeps: Option<Vec<SweepRecord>> = None;
+    let mut trials: Vec<TrialRecord> = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        match (chunk.part, &sweeps) {
+            (Some(Part::SweepsJson(text)), None) => sweeps = Some(parse("sweeps", &text)?),
+            (Some(Part::RecordsJson(text)), Some(_)) => {
+                trials.extend(parse::<Vec<_>>("records", &text)?);
+            }
+            (part, _) => {
+                return Err(FetchError::Unreadable(format!(
+                    "unexpected piece {} of the records",
+                    part_name(part.as_ref())
+                )));
+            }
+        }
+    }
+    let sweeps =
+        sweeps.ok_or_else(|| FetchError::Unreadable("the reply holds no sweeps".into()))?;
+    Ok(ReportJson { sweeps, trials })
+}
+
+fn part_name(part: Option<&Part>) -> &'static str {
+    match part {
+        None => "(empty)",
+        Some(Part::Text(_)) => "text",
+        Some(Part::SweepsJson(_)) => "sweeps_json",
+        Some(Part::RecordsJson(_)) => "records_json",
+    }
+}
