@@ -841,3 +841,26 @@ fn changed_definition_refusal_lists_the_changes_and_the_next_free_name() {
     let (again, _, created) = load_or_create(&store, &sweep("0.02", "b", true)).unwrap();
     assert_eq!((again.name.as_str(), created), ("s-2", false));
 }
+
+#[test]
+fn counts_describe_the_planned_sweep_not_only_the_proposed_trials() {
+    // Regression: an interrupted 12-trial sweep counted only what had been proposed, and the
+    // status line always showed one queued trial.
+    let mut p = policy();
+    p.planned = Some(5);
+    let (mut c, _) = core(5, p);
+    let w = c.register("a", "cpu", V).unwrap();
+    let g = grant(&mut c, &w, 0);
+    let k = c.counts();
+    assert_eq!((k.total, k.proposed, k.running, k.queued, k.completed), (5, 1, 1, 4, 0));
+    assert!(c.complete(&g.lease_id, success(0.5), 10).accepted);
+    let g = grant(&mut c, &w, 20);
+    assert!(c.release(&g.lease_id, "shutdown"));
+    let k = c.counts();
+    assert_eq!((k.total, k.running, k.queued, k.completed), (5, 0, 4, 1));
+    // Once the search is done, the total is what it proposed.
+    let (mut c, _) = core(2, SchedulerPolicy { planned: Some(5), ..policy() });
+    c.fill_queue(10, 0);
+    let k = c.counts();
+    assert_eq!((k.total, k.queued), (2, 2));
+}
