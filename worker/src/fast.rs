@@ -52,6 +52,7 @@ use rand::{SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
+use crate::linalg::{Mat, matmul};
 use crate::trainer::{Inference, Trainer};
 
 /// Guards the atom normalisation against zero-norm atoms (the candle model's value).
@@ -769,58 +770,6 @@ fn project_dec_grad(w: &[f32], inv_norm: f32, normalize: bool, gu: &mut [f32]) {
     if normalize {
         let c = kernels::dot(w, gu) * inv_norm * inv_norm;
         gu.iter_mut().zip(w).for_each(|(o, &wv)| *o = (*o - c * wv) * inv_norm);
-    }
-}
-
-/// A strided read-only matrix for [`matmul`]: element (i, j) is `data[i * rs + j * cs]`.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl Mat<'_> {
-    /// Whether every element of an r x c view lies inside `data`.
-    fn covers(&self, r: usize, c: usize) -> bool {
-        r == 0 || c == 0 || (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()
-    }
-}
-
-/// `dst[m, n] = a[m, k] b[k, n]`, dst row-major and contiguous, through the `gemm` crate
-/// (AVX-512 when the CPU has it, rayon threads). Transposed operands are just other strides:
-/// `gemm` packs its panels from any layout.
-fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], a: Mat<'_>, b: Mat<'_>) {
-    assert!(dst.len() >= m * n, "matmul: dst of {} < {m}x{n}", dst.len());
-    assert!(a.covers(m, k) && b.covers(k, n), "matmul: operand smaller than its view");
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: the asserts above show every element gemm reads (a: m x k, b: k x n) or writes
-    // (dst: m x n, row stride n) lies inside its slice; `dst` is borrowed mutably, so it
-    // cannot alias `a` or `b`. With read_dst false, dst's old contents are never read.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(0),
-        );
     }
 }
 

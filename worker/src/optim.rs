@@ -122,6 +122,33 @@ impl InplaceOp2 for FusedStep<'_> {
     }
 }
 
+fn step_scalars(c: &OptimConfig, t: usize) -> StepScalars {
+    StepScalars {
+        kind: c.kind,
+        lr: c.lr as f32,
+        beta1: c.beta1 as f32,
+        beta2: c.beta2 as f32,
+        eps: c.eps as f32,
+        wd: c.weight_decay as f32,
+        momentum: c.momentum as f32,
+        bc1: (1.0 - c.beta1.powi(t as i32)) as f32,
+        bc2: (1.0 - c.beta2.powi(t as i32)) as f32,
+    }
+}
+
+/// One update of a parameter kept as a plain vector, with its moment buffers (`v` unused by
+/// SGD), at step `t` counted from 1: the rule of [`Optim`] for hand-written trainers.
+pub fn host_update(
+    config: &OptimConfig,
+    t: usize,
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    fused_update(&step_scalars(config, t), p, g, m, v);
+}
+
 /// The update rule on slices (also the reference the tests check against).
 fn fused_update(s: &StepScalars, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
     match s.kind {
@@ -182,18 +209,7 @@ impl Optim {
     }
 
     fn scalars(&self, t: usize) -> StepScalars {
-        let c = &self.config;
-        StepScalars {
-            kind: c.kind,
-            lr: c.lr as f32,
-            beta1: c.beta1 as f32,
-            beta2: c.beta2 as f32,
-            eps: c.eps as f32,
-            wd: c.weight_decay as f32,
-            momentum: c.momentum as f32,
-            bc1: (1.0 - c.beta1.powi(t as i32)) as f32,
-            bc2: (1.0 - c.beta2.powi(t as i32)) as f32,
-        }
+        step_scalars(&self.config, t)
     }
 
     /// One update of every variable that has a gradient in `grads` (others are skipped).

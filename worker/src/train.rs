@@ -102,6 +102,26 @@ pub fn select_device(gpu: Option<usize>) -> Result<Device, TrainError> {
     }
 }
 
+/// The trainer [`train_with`] uses for `cfg` at input dimension `dim` on `device`, and its
+/// name (`"fast"`, `"candle"`, ...): the one place the implementation is chosen, shared with
+/// `msae-worker bench`. [`Backend::Candle`] always gets the candle model.
+pub fn make_trainer(
+    cfg: &TrialConfig,
+    dim: usize,
+    device: &Device,
+    backend: Backend,
+) -> anyhow::Result<(Box<dyn Trainer>, &'static str)> {
+    if backend == Backend::Auto && device.is_cpu() {
+        if fast::eligible(cfg) {
+            return Ok((Box::new(fast::FastTopK::new(cfg, dim)?), "fast"));
+        }
+        if crate::modular::eligible(cfg) {
+            return Ok((Box::new(crate::modular::ModularFast::new(cfg, dim)?), "modular"));
+        }
+    }
+    Ok((Box::new(CandleTrainer::new(cfg, dim, device)?), "candle"))
+}
+
 /// Trains one trial (see the module docs) and returns its final metrics.
 pub fn train(
     cfg: &TrialConfig,
@@ -122,12 +142,7 @@ pub fn train_with(
     let device = select_device(options.gpu)?;
     let data = data::load(&cfg.data, cfg.seed).map_err(TrainError::Data)?;
     let dim = data.dim;
-    let use_fast = backend == Backend::Auto && device.is_cpu() && fast::eligible(cfg);
-    let mut trainer: Box<dyn Trainer> = if use_fast {
-        Box::new(fast::FastTopK::new(cfg, dim)?)
-    } else {
-        Box::new(CandleTrainer::new(cfg, dim, &device)?)
-    };
+    let (mut trainer, trainer_name) = make_trainer(cfg, dim, &device, backend)?;
     tracing::info!(
         steps = cfg.steps,
         batch = cfg.batch_size,
@@ -135,7 +150,7 @@ pub fn train_with(
         latents = cfg.code_dim(),
         train_rows = data.n_train(),
         val_rows = data.n_val(),
-        trainer = if use_fast { "fast" } else { "candle" },
+        trainer = trainer_name,
         device = ?device,
         "training started"
     );

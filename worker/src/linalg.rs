@@ -1,0 +1,114 @@
+//! The one GEMM wrapper of the hand-written training paths ([`crate::fast`], [`crate::modular`]).
+
+/// A strided read-only matrix for [`matmul`]: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major matrix with `cols` columns.
+    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+        Mat { data, rs: cols, cs: 1 }
+    }
+
+    /// The transpose of a row-major matrix with `cols` columns.
+    pub fn t(data: &'a [f32], cols: usize) -> Self {
+        Mat { data, rs: 1, cs: cols }
+    }
+
+    /// Whether every element of an r x c view lies inside `data`.
+    fn covers(&self, r: usize, c: usize) -> bool {
+        r == 0 || c == 0 || (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()
+    }
+}
+
+/// Below this many multiply-adds a GEMM runs on the calling thread: rayon's fork/join costs
+/// more than it saves on the small products of small batches.
+const PARALLEL_MIN_FLOPS: usize = 1 << 18;
+
+/// `dst[m, n] = a[m, k] b[k, n]`, dst row-major and contiguous, through the `gemm` crate
+/// (AVX-512 when the CPU has it, rayon threads for large products). Transposed operands are
+/// just other strides: `gemm` packs its panels from any layout.
+pub(crate) fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], a: Mat<'_>, b: Mat<'_>) {
+    gemm_into(m, n, k, dst, a, b, false);
+}
+
+/// `dst[m, n] += a[m, k] b[k, n]` (see [`matmul`]).
+pub(crate) fn matmul_add(m: usize, n: usize, k: usize, dst: &mut [f32], a: Mat<'_>, b: Mat<'_>) {
+    gemm_into(m, n, k, dst, a, b, true);
+}
+
+fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    a: Mat<'_>,
+    b: Mat<'_>,
+    accumulate: bool,
+) {
+    assert!(dst.len() >= m * n, "matmul: dst of {} < {m}x{n}", dst.len());
+    assert!(a.covers(m, k) && b.covers(k, n), "matmul: operand smaller than its view");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let parallelism = if m * n * k >= PARALLEL_MIN_FLOPS {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above show every element gemm reads (a: m x k, b: k x n) or writes
+    // (dst: m x n, row stride n) lies inside its slice; `dst` is borrowed mutably, so it
+    // cannot alias `a` or `b`. Without `accumulate`, dst's old contents are never read.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn products_with_strides_and_accumulation() {
+        // a = [[1, 2], [3, 4]], b = [[5, 6], [7, 8]]
+        let a = [1.0, 2.0, 3.0, 4.0];
+        let b = [5.0, 6.0, 7.0, 8.0];
+        let mut c = [0.0; 4];
+        matmul(2, 2, 2, &mut c, Mat::rows(&a, 2), Mat::rows(&b, 2));
+        assert_eq!(c, [19.0, 22.0, 43.0, 50.0]);
+        matmul(2, 2, 2, &mut c, Mat::t(&a, 2), Mat::rows(&b, 2));
+        assert_eq!(c, [26.0, 30.0, 38.0, 44.0]);
+        matmul_add(2, 2, 2, &mut c, Mat::rows(&a, 2), Mat::t(&b, 2));
+        assert_eq!(c, [26.0 + 17.0, 30.0 + 23.0, 38.0 + 39.0, 44.0 + 53.0]);
+    }
+}
