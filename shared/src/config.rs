@@ -256,6 +256,14 @@ pub struct TrialConfig {
     pub routing_gate: RoutingGate,
     /// Fraction of the batch each stripe may be active for, in (0, 1]; 1 = off.
     pub active_stripes_per_batch: f64,
+    /// The original's mask distortion: in training, each bit of the stripe masks (ordinary,
+    /// routing and the `active_stripes_per_batch` mask) is flipped with this probability, so some
+    /// suppressed stripes pass and some kept ones are dropped; in [0, 1], 0 = off (the original
+    /// used 0.4). Never at evaluation. No effect without a stripe mask.
+    pub distort_prob: f64,
+    /// Subtracted from the distortion probability after every epoch (never below 0); the
+    /// original used 0.025.
+    pub distort_prob_decay: f64,
 
     // --- penalties ---
     /// Weight of the L1 penalty (mean |z|).
@@ -292,15 +300,29 @@ pub struct TrialConfig {
     pub beta2: f64,
     pub eps: f64,
     pub batch_size: usize,
-    /// Training steps (batches).
+    /// Training steps (batches). Ignored when `epochs` is set (then it must stay at its
+    /// default, [`DEFAULT_STEPS`]).
     pub steps: usize,
+    /// Train for this many epochs instead of `steps` (0 = use `steps`): the run takes
+    /// `epochs * ceil(train rows / batch_size)` steps ([`TrialConfig::total_steps`]).
+    pub epochs: usize,
     /// Evaluate on the validation set every this many steps (0 = only at the end).
     pub eval_every: usize,
     /// Stop after this many evaluations without improvement of the validation loss (0 = off).
     pub early_stopping_patience: usize,
     /// Minimum decrease of the validation loss that counts as an improvement.
     pub early_stopping_min_delta: f64,
+
+    /// Training steps per epoch, set by the training loop once the data are loaded
+    /// ([`TrialConfig::steps_per_epoch`]), so a trainer can follow per-epoch schedules
+    /// (`distort_prob_decay`). Not a hyperparameter: never read from or written to a config
+    /// (0 = unknown: per-epoch schedules stay at their start).
+    #[serde(skip)]
+    pub run_steps_per_epoch: usize,
 }
+
+/// The default of `steps`; `epochs` may be set only while `steps` keeps it.
+pub const DEFAULT_STEPS: usize = 2000;
 
 impl Default for TrialConfig {
     fn default() -> Self {
@@ -326,6 +348,8 @@ impl Default for TrialConfig {
             routing_l1_regularization: 0.0,
             routing_gate: RoutingGate::Scores,
             active_stripes_per_batch: 1.0,
+            distort_prob: 0.0,
+            distort_prob_decay: 0.0,
             l1_weight: 0.0,
             kl_weight: 0.0,
             kl_target: 0.05,
@@ -345,10 +369,12 @@ impl Default for TrialConfig {
             beta2: 0.999,
             eps: 1e-8,
             batch_size: 256,
-            steps: 2000,
+            steps: DEFAULT_STEPS,
+            epochs: 0,
             eval_every: 250,
             early_stopping_patience: 0,
             early_stopping_min_delta: 0.0,
+            run_steps_per_epoch: 0,
         }
     }
 }
@@ -486,6 +512,25 @@ impl TrialConfig {
         (start + (end - start) * t).round().max(1.0) as usize
     }
 
+    /// Training steps per epoch over `train_rows` rows: ceil(rows / batch), where a training
+    /// set smaller than one batch is used whole (one step per epoch).
+    pub fn steps_per_epoch(&self, train_rows: usize) -> usize {
+        let b = self.batch_size.min(train_rows).max(1);
+        train_rows.div_ceil(b).max(1)
+    }
+
+    /// The number of training steps of a run over `train_rows` rows: `epochs *
+    /// steps_per_epoch(train_rows)` when `epochs` is set, else `steps`.
+    pub fn total_steps(&self, train_rows: usize) -> usize {
+        if self.epochs > 0 { self.epochs * self.steps_per_epoch(train_rows) } else { self.steps }
+    }
+
+    /// The stripe-mask distortion probability in epoch `epoch` (0-based): `distort_prob`
+    /// lowered by `distort_prob_decay` per epoch, never below 0.
+    pub fn distort_prob_at_epoch(&self, epoch: usize) -> f64 {
+        decayed_prob(self.distort_prob, self.distort_prob_decay, epoch)
+    }
+
     /// Check every value; the error names the field and says why it is impossible.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |f: &str, m: String| Err(ConfigError::new(f, m));
@@ -553,6 +598,9 @@ impl TrialConfig {
         }
         unit_interval("lifetime_rate", self.lifetime_rate)?;
         unit_interval("active_stripes_per_batch", self.active_stripes_per_batch)?;
+        if !(0.0..=1.0).contains(&self.distort_prob) {
+            return err("distort_prob", format!("{} must be in [0, 1]", self.distort_prob));
+        }
         if !(self.boost_strength.is_finite() && self.boost_strength >= 0.0) {
             return err(
                 "boost_strength",
@@ -582,6 +630,7 @@ impl TrialConfig {
             ("input_noise_std", self.input_noise_std),
             ("weight_decay", self.weight_decay),
             ("early_stopping_min_delta", self.early_stopping_min_delta),
+            ("distort_prob_decay", self.distort_prob_decay),
             ("jumprelu_threshold", self.jumprelu_threshold),
             ("data.synthetic.noise_std", self.data.synthetic.noise_std),
         ] {
@@ -621,6 +670,16 @@ impl TrialConfig {
         }
         if self.steps == 0 {
             return err("steps", "must be at least 1".into());
+        }
+        if self.epochs > 0 && self.steps != DEFAULT_STEPS {
+            return err(
+                "epochs",
+                format!(
+                    "{} epochs and {} steps are both given; give one (epochs sets the number of \
+                     steps: epochs * ceil(training rows / batch_size))",
+                    self.epochs, self.steps
+                ),
+            );
         }
         self.validate_data()
     }
@@ -721,6 +780,11 @@ impl TrialConfig {
         }
         Ok(())
     }
+}
+
+/// `start` lowered by `decay` per epoch, never below 0: the schedule of `distort_prob`.
+pub fn decayed_prob(start: f64, decay: f64, epoch: usize) -> f64 {
+    (start - decay * epoch as f64).max(0.0)
 }
 
 fn unit_interval(field: &str, v: f64) -> Result<(), ConfigError> {
@@ -872,6 +936,69 @@ mod tests {
         let e = cfg.validate().unwrap_err();
         assert_eq!(e.field, "k_curriculum_start");
         assert!(e.message.contains("smaller than layer_k (8)"), "{e}");
+    }
+
+    #[test]
+    fn distortion_fields_are_checked_and_off_by_default() {
+        let d = TrialConfig::default();
+        assert_eq!((d.distort_prob, d.distort_prob_decay), (0.0, 0.0));
+        for bad in [-0.1, 1.1, f64::NAN] {
+            let cfg = TrialConfig { distort_prob: bad, ..Default::default() };
+            assert_eq!(cfg.validate().unwrap_err().field, "distort_prob", "{bad}");
+        }
+        for bad in [-0.025, f64::INFINITY] {
+            let cfg = TrialConfig { distort_prob_decay: bad, ..Default::default() };
+            assert_eq!(cfg.validate().unwrap_err().field, "distort_prob_decay", "{bad}");
+        }
+        let cfg = TrialConfig::from_yaml("distort_prob: 0.4\ndistort_prob_decay: 0.025\n").unwrap();
+        assert_eq!((cfg.distort_prob, cfg.distort_prob_decay), (0.4, 0.025));
+        TrialConfig { distort_prob: 1.0, ..Default::default() }.validate().unwrap();
+    }
+
+    #[test]
+    fn distortion_decays_per_epoch_down_to_zero() {
+        let cfg =
+            TrialConfig { distort_prob: 0.4, distort_prob_decay: 0.025, ..Default::default() };
+        assert_eq!(cfg.distort_prob_at_epoch(0), 0.4);
+        assert!((cfg.distort_prob_at_epoch(1) - 0.375).abs() < 1e-12);
+        assert!((cfg.distort_prob_at_epoch(10) - 0.15).abs() < 1e-12);
+        assert!(cfg.distort_prob_at_epoch(15) < 0.025 + 1e-12);
+        assert_eq!(cfg.distort_prob_at_epoch(16), 0.0);
+        assert_eq!(cfg.distort_prob_at_epoch(1000), 0.0);
+        // Without a decay the probability stays.
+        let cfg = TrialConfig { distort_prob: 0.4, ..Default::default() };
+        assert_eq!(cfg.distort_prob_at_epoch(50), 0.4);
+    }
+
+    #[test]
+    fn epochs_set_the_steps_and_exclude_steps() {
+        let cfg = TrialConfig { epochs: 3, batch_size: 8, ..Default::default() };
+        cfg.validate().unwrap();
+        // ceil(100 / 8) = 13 steps per epoch.
+        assert_eq!(cfg.steps_per_epoch(100), 13);
+        assert_eq!(cfg.total_steps(100), 39);
+        assert_eq!(cfg.steps_per_epoch(96), 12);
+        assert_eq!(cfg.total_steps(96), 36);
+        // A training set smaller than a batch is one step per epoch.
+        assert_eq!(cfg.steps_per_epoch(5), 1);
+        assert_eq!(cfg.total_steps(5), 3);
+        // Without epochs, steps count.
+        let cfg = TrialConfig { steps: 7, batch_size: 8, ..Default::default() };
+        assert_eq!(cfg.total_steps(100), 7);
+        assert_eq!(cfg.steps_per_epoch(100), 13);
+        // Both given: refused, naming epochs.
+        let e = TrialConfig::from_yaml("epochs: 20\nsteps: 500\n").unwrap_err();
+        assert_eq!(e.field, "epochs");
+        assert!(e.message.contains("both given"), "{e}");
+        let cfg = TrialConfig::from_yaml("epochs: 20\nbatch_size: 8\n").unwrap();
+        assert_eq!(cfg.epochs, 20);
+        // The runtime field is neither read nor written.
+        let e = TrialConfig::from_yaml("run_steps_per_epoch: 5\n").unwrap_err();
+        assert!(e.message.contains("unknown field"), "{e}");
+        let cfg = TrialConfig { run_steps_per_epoch: 9, ..Default::default() };
+        let text = crate::yaml::to_string(&cfg).unwrap();
+        assert!(!text.contains("run_steps_per_epoch"), "{text}");
+        assert!(!TrialConfig::has_path("run_steps_per_epoch"));
     }
 
     #[test]

@@ -28,7 +28,8 @@ pub struct Cli {
 pub enum Command {
     /// Run one trial locally from a trial-config YAML file (no coordinator).
     Train(TrainArgs),
-    /// Time training steps (samples/s, GFLOP/s) of the fast top-k path and the candle model.
+    /// Time training steps (samples/s, GFLOP/s) of the fast top-k path and the candle model, or
+    /// of any trial config (`--config FILE`, `--preset original`) on the trainer training picks.
     Bench(crate::bench::BenchArgs),
 }
 

@@ -318,32 +318,15 @@ pub fn feature_matches(features: &[f32], atoms: &[f32], dim: usize) -> Vec<Optio
     let mut sims = vec![0f32; block * na];
     for (b, fb) in unit_features.chunks(block * dim).enumerate() {
         let rows = fb.len() / dim;
-        // sims[rows, na] = fb[rows, dim] * unit^T, unit^T(k, j) = unit[j * dim + k].
-        // SAFETY: the pointers cover the extents gemm reads and writes (rows*dim, na*dim and
-        // rows*na elements, sims holding at least block*na), and dst aliases neither input.
-        unsafe {
-            gemm::gemm(
-                rows,
-                na,
-                dim,
-                sims.as_mut_ptr(),
-                1,
-                na as isize,
-                false,
-                fb.as_ptr(),
-                1,
-                dim as isize,
-                unit.as_ptr(),
-                dim as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(0),
-            );
-        }
+        // sims[rows, na] = fb[rows, dim] * unit^T.
+        crate::linalg::matmul(
+            rows,
+            na,
+            dim,
+            &mut sims,
+            crate::linalg::Mat::rows(fb, dim),
+            crate::linalg::Mat::t(&unit, dim),
+        );
         let f0 = b * block;
         let best: Vec<Option<(usize, f32)>> = sims[..rows * na]
             .par_chunks_exact(na)

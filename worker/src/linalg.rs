@@ -27,7 +27,7 @@ impl<'a> Mat<'a> {
 
 /// Below this many multiply-adds a GEMM runs on the calling thread: rayon's fork/join costs
 /// more than it saves on the small products of small batches.
-const PARALLEL_MIN_FLOPS: usize = 1 << 18;
+const PARALLEL_MIN_FLOPS: usize = 1 << 22;
 
 /// `dst[m, n] = a[m, k] b[k, n]`, dst row-major and contiguous, through the `gemm` crate
 /// (AVX-512 when the CPU has it, rayon threads for large products). Transposed operands are

@@ -28,13 +28,15 @@
 //! gradients are taken as 1 above 0 and 0 elsewhere (PyTorch's convention; candle also passes
 //! gradient at exactly 0, a difference on a set of measure zero).
 //!
-//! Not covered (the candle model trains these): JumpReLU, AuxK and dead-latent resampling.
+//! JumpReLU (`z = pre * 1{pre > theta}`) takes the candle model's straight-through gradient
+//! for its thresholds. Not covered (the candle model trains these): AuxK, dead-latent
+//! resampling and the stripe-mask distortion.
 //! [`ineligibility`] says why a configuration is refused.
 
 use std::path::Path;
 
 use msae_shared::TrialConfig;
-use msae_shared::config::{Activation, LayerSparsityMode, RoutingGate, StripeSparsityMode};
+use msae_shared::config::{LayerSparsityMode, RoutingGate, StripeSparsityMode};
 
 use crate::linalg::{Mat, matmul, matmul_add};
 use crate::optim::{OptimConfig, host_update};
@@ -47,14 +49,14 @@ const NORM_EPS: f32 = 1e-8;
 
 /// Why `cfg` cannot train on this path, or `None` when it can.
 pub fn ineligibility(cfg: &TrialConfig) -> Option<String> {
-    if cfg.activation != Activation::Relu {
-        return Some("JumpReLU needs the candle model".into());
-    }
     if cfg.aux_k > 0 {
         return Some("AuxK needs the candle model".into());
     }
     if cfg.resample_dead_every > 0 {
         return Some("dead-latent resampling needs the candle model".into());
+    }
+    if cfg.distort_prob > 0.0 {
+        return Some("stripe-mask distortion needs the candle model".into());
     }
     None
 }
@@ -87,6 +89,7 @@ struct Roles {
     out_b: Option<usize>,
     router_w: Option<usize>,
     router_b: Option<usize>,
+    log_threshold: Option<usize>,
 }
 
 /// Sizes of the model.
@@ -199,6 +202,7 @@ impl ModularFast {
             out_b: find("output.bias"),
             router_w: find("router.weight"),
             router_b: find("router.bias"),
+            log_threshold: find("encoder.log_threshold"),
         };
         Ok(ModularFast {
             optim: OptimConfig::from_config(cfg),
@@ -304,19 +308,28 @@ fn atoms(m: &ModularFast, u: &mut Vec<f32>, inv_norm: &mut Vec<f32>) {
     }
 }
 
-fn add_bias_relu(y: &mut [f32], b: &[f32], relu: bool) {
+fn add_bias_relu(y: &mut [f32], b: &[f32], relu_after: bool) {
     for row in y.chunks_mut(b.len()) {
-        for (v, &bv) in row.iter_mut().zip(b) {
-            *v += bv;
-            if relu && *v < 0.0 {
-                *v = 0.0;
-            }
+        if relu_after {
+            row.iter_mut().zip(b).for_each(|(v, &bv)| *v = relu(*v + bv));
+        } else {
+            row.iter_mut().zip(b).for_each(|(v, &bv)| *v += bv);
         }
     }
 }
 
+// Branch-free forms (the signs of activations are random: branches mispredict, and selects
+// vectorise).
+#[inline]
 fn relu(v: f32) -> f32 {
-    if v > 0.0 { v } else { 0.0 }
+    // +0.0 below zero, as candle's ReLU (top-k breaks ties among zeros by their sign).
+    v * step01(v) + 0.0
+}
+
+/// 1 above zero, else 0: the ReLU's derivative (0 at 0, as PyTorch).
+#[inline]
+fn step01(v: f32) -> f32 {
+    (v > 0.0) as u32 as f32
 }
 
 /// Per-row means of each stripe's D values: (rows, S*D) -> (rows, S).
@@ -361,7 +374,28 @@ fn forward(
     matmul(rows, n, inp, &mut ws.pre, Mat::rows(&ws.a0, inp), Mat::t(m.w(r.enc_w), inp));
     add_bias_relu(&mut ws.pre, m.w(r.enc_b), false);
     resize(&mut ws.z1, rows * n);
-    ws.z1.iter_mut().zip(&ws.pre).for_each(|(z, &p)| *z = relu(p));
+    match r.log_threshold {
+        None => ws.z1.iter_mut().zip(&ws.pre).for_each(|(z, &p)| *z = relu(p)),
+        Some(lt) => {
+            // JumpReLU: pre where it exceeds its neuron's threshold exp(log_threshold).
+            let theta: Vec<f32> = m.w(lt).iter().map(|v| v.exp()).collect();
+            let half = (cfg.jumprelu_bandwidth / 2.0) as f32;
+            for (zrow, prow) in ws.z1.chunks_mut(n).zip(ws.pre.chunks(n)) {
+                for ((z, &p), &t) in zrow.iter_mut().zip(prow).zip(&theta) {
+                    // The sign of a zero follows the candle model's `pre * gate + coef * 0`
+                    // (-0.0 only below zero inside the threshold's window), so that top-k ties
+                    // among zeros (total order: -0.0 < 0.0) break alike on both paths.
+                    *z = if p > t {
+                        p
+                    } else if p < 0.0 && (p - t).abs() < half {
+                        -0.0
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
 
     // Stage 1: layer sparsity.
     resize(&mut ws.m1, rows * n);
@@ -606,14 +640,20 @@ fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32]) {
     let Dims { dim, inter, inp, n, s, d } = m.dims;
     let r = m.roles;
     let rows = ws.rows;
-    for p in &mut m.params {
+    // Biases accumulate; every weight's gradient is written whole by its first product.
+    for p in m.params.iter_mut().filter(|p| p.shape.len() == 1) {
         p.g.fill(0.0);
     }
+    let tied = r.dec_w.is_none();
     // dL/dx_hat, through the output ReLU.
     resize(&mut ws.g, rows * dim);
     let scale = 2.0 / (rows * dim) as f32;
-    for (((g, &h), &xv), &o) in ws.g.iter_mut().zip(&ws.xhat).zip(x).zip(&ws.outp) {
-        *g = if cfg.output_relu && o <= 0.0 { 0.0 } else { scale * (h - xv) };
+    if cfg.output_relu {
+        for (((g, &h), &xv), &o) in ws.g.iter_mut().zip(&ws.xhat).zip(x).zip(&ws.outp) {
+            *g = scale * (h - xv) * step01(o);
+        }
+    } else {
+        ws.g.iter_mut().zip(&ws.xhat).zip(x).for_each(|((g, &h), &xv)| *g = scale * (h - xv));
     }
     let out = ws.u.len() / n;
     // dL/dy (rows, out): the decoder's linear part.
@@ -626,7 +666,7 @@ fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32]) {
         resize(&mut ws.g_hd, rows * inter);
         match r.out_w {
             Some(wo) => {
-                matmul_add(
+                matmul(
                     dim,
                     inter,
                     rows,
@@ -645,7 +685,7 @@ fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32]) {
             }
             None => {
                 let wi = r.inter_w.expect("intermediate weight");
-                matmul_add(
+                matmul(
                     inter,
                     dim,
                     rows,
@@ -663,11 +703,7 @@ fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32]) {
                 );
             }
         }
-        for (gh, &h) in ws.g_hd.iter_mut().zip(hd) {
-            if h <= 0.0 {
-                *gh = 0.0;
-            }
-        }
+        ws.g_hd.iter_mut().zip(hd).for_each(|(gh, &h)| *gh *= step01(h));
         add_col_sums(&ws.g_hd, inter, 1.0, &mut m.params[r.dec_b].g);
         std::mem::swap(&mut ws.g, &mut ws.g_hd); // ws.g is now dL/dy (rows, inter)
     }
@@ -689,13 +725,12 @@ fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32]) {
             let g = &mut m.params[dw].g;
             for j in 0..n {
                 for o in 0..out {
-                    g[o * n + j] += ws.g_u[j * out + o];
+                    g[o * n + j] = ws.g_u[j * out + o];
                 }
             }
         }
         None => {
-            let g = &mut m.params[r.enc_w].g;
-            g.iter_mut().zip(&ws.g_u).for_each(|(a, &b)| *a += b);
+            m.params[r.enc_w].g.copy_from_slice(&ws.g_u);
         }
     }
     // Sparsity stages: the router's scores, then dL/dz through the gates and the ReLU.
@@ -712,23 +747,47 @@ fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32]) {
             *gr = mk * m3 * dot;
         }
     }
-    for (((gc, &g), &m3), (pre, m1)) in
-        ws.g_c.chunks_mut(d).zip(&ws.gate).zip(&ws.m3).zip(ws.pre.chunks(d).zip(ws.m1.chunks(d)))
-    {
+    for ((gc, &g), &m3) in ws.g_c.chunks_mut(d).zip(&ws.gate).zip(&ws.m3) {
         let gate = g * m3;
-        for ((gv, &p), &mk) in gc.iter_mut().zip(pre).zip(m1) {
-            *gv = if p > 0.0 { *gv * gate * mk } else { 0.0 };
+        gc.iter_mut().for_each(|v| *v *= gate);
+    }
+    if cfg.layer_sparsity_mode != LayerSparsityMode::None {
+        ws.g_c.iter_mut().zip(&ws.m1).for_each(|(v, &mk)| *v *= mk);
+    }
+    // dL/dz is in g_c; through the activation to dL/dpre.
+    match r.log_threshold {
+        None => ws.g_c.iter_mut().zip(&ws.pre).for_each(|(v, &p)| *v *= step01(p)),
+        Some(lt) => {
+            // Straight-through threshold gradient (see the candle model): d z / d theta =
+            // -(theta / eps) 1{|pre - theta| < eps / 2}, and d theta / d log_threshold = theta.
+            let eps = cfg.jumprelu_bandwidth as f32;
+            let theta: Vec<f32> = m.params[lt].w.iter().map(|v| v.exp()).collect();
+            let g_lt = &mut m.params[lt].g;
+            g_lt.fill(0.0);
+            for (grow, prow) in ws.g_c.chunks_mut(n).zip(ws.pre.chunks(n)) {
+                for (((v, &p), &t), gl) in
+                    grow.iter_mut().zip(prow).zip(&theta).zip(g_lt.iter_mut())
+                {
+                    if (p - t).abs() < eps / 2.0 {
+                        *gl -= *v * t * t / eps;
+                    }
+                    if p <= t {
+                        *v = 0.0;
+                    }
+                }
+            }
         }
     }
     let g_pre = &ws.g_c;
     // Encoder (and the router, which reads the same input).
     add_col_sums(g_pre, n, 1.0, &mut m.params[r.enc_b].g);
-    matmul_add(n, inp, rows, &mut m.params[r.enc_w].g, Mat::t(g_pre, n), Mat::rows(&ws.a0, inp));
+    let enc = if tied { matmul_add } else { matmul };
+    enc(n, inp, rows, &mut m.params[r.enc_w].g, Mat::t(g_pre, n), Mat::rows(&ws.a0, inp));
     resize(&mut ws.g_a0, rows * inp);
     matmul(rows, inp, n, &mut ws.g_a0, Mat::rows(g_pre, n), Mat::rows(&m.params[r.enc_w].w, inp));
     if let (Some(rw), Some(rb)) = (r.router_w, r.router_b) {
         add_col_sums(&ws.g_r, s, 1.0, &mut m.params[rb].g);
-        matmul_add(s, inp, rows, &mut m.params[rw].g, Mat::t(&ws.g_r, s), Mat::rows(&ws.a0, inp));
+        matmul(s, inp, rows, &mut m.params[rw].g, Mat::t(&ws.g_r, s), Mat::rows(&ws.a0, inp));
         matmul_add(
             rows,
             inp,
@@ -748,25 +807,44 @@ fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32]) {
         add_col_sums(&ws.g_a0, dim, -1.0, &mut m.params[r.dec_b].g);
     } else {
         let (wi, bi) = (r.inter_w.expect("intermediate weight"), r.inter_b.expect("bias"));
-        for (g, &h) in ws.g_a0.iter_mut().zip(&ws.hpre) {
-            if h <= 0.0 {
-                *g = 0.0;
-            }
-        }
+        ws.g_a0.iter_mut().zip(&ws.hpre).for_each(|(g, &h)| *g *= step01(h));
         add_col_sums(&ws.g_a0, inter, 1.0, &mut m.params[bi].g);
-        matmul_add(
-            inter,
-            dim,
-            rows,
-            &mut m.params[wi].g,
-            Mat::t(&ws.g_a0, inter),
-            Mat::rows(x, dim),
-        );
+        // Tied: the output layer's part is already there.
+        let first = if tied { matmul_add } else { matmul };
+        first(inter, dim, rows, &mut m.params[wi].g, Mat::t(&ws.g_a0, inter), Mat::rows(x, dim));
+    }
+}
+
+/// Elements per parallel piece of an optimiser update; smaller parameters update serially.
+const UPDATE_CHUNK: usize = 1 << 30;
+
+/// One optimiser update of `p`, large parameters in parallel pieces (the update is a
+/// memory-bound pass, and two cores stream more than one).
+fn update(cfg: &OptimConfig, t: usize, p: &mut Param) {
+    use rayon::prelude::*;
+    if p.w.len() < 2 * UPDATE_CHUNK {
+        host_update(cfg, t, &mut p.w, &p.g, &mut p.m, &mut p.v);
+        return;
+    }
+    let pieces = p.w.par_chunks_mut(UPDATE_CHUNK).zip(p.g.par_chunks(UPDATE_CHUNK));
+    let pieces = pieces.zip(p.m.par_chunks_mut(UPDATE_CHUNK));
+    if p.v.is_empty() {
+        pieces.for_each(|((w, g), m)| host_update(cfg, t, w, g, m, &mut []));
+    } else {
+        pieces
+            .zip(p.v.par_chunks_mut(UPDATE_CHUNK))
+            .for_each(|(((w, g), m), v)| host_update(cfg, t, w, g, m, v));
     }
 }
 
 impl Trainer for ModularFast {
     fn step(&mut self, batch: &[f32], step: usize) -> anyhow::Result<f64> {
+        // The whole step runs on a rayon worker: each GEMM's parallel half then starts on a
+        // thread that is already awake, instead of this thread handing every product to the
+        // pool and sleeping until it is done (a dozen wake-ups per step).
+        if rayon::current_thread_index().is_none() {
+            return rayon::join(|| self.step(batch, step), || ()).0;
+        }
         let k = self.cfg.layer_k_at(step);
         self.current_k = k;
         let loss = self.gradients(batch, k)?;
@@ -776,7 +854,7 @@ impl Trainer for ModularFast {
         self.t += 1;
         let (cfg, t) = (self.optim, self.t);
         for p in &mut self.params {
-            host_update(&cfg, t, &mut p.w, &p.g, &mut p.m, &mut p.v);
+            update(&cfg, t, p);
         }
         Ok(loss)
     }
@@ -872,7 +950,7 @@ mod tests {
     use super::*;
     use crate::model::ModularSae;
     use candle_core::{Device, Tensor};
-    use msae_shared::config::Optimizer;
+    use msae_shared::config::{Activation, Optimizer};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
@@ -1002,6 +1080,20 @@ mod tests {
             TrialConfig { active_stripes_per_batch: 0.4, ..routing.clone() },
             TrialConfig { l1_weight: 0.3, kl_weight: 0.2, hoyer_weight: 0.4, ..routing.clone() },
             TrialConfig { tied_weights: true, ..routing.clone() },
+            TrialConfig {
+                activation: Activation::JumpRelu,
+                jumprelu_threshold: 0.2,
+                jumprelu_bandwidth: 0.5,
+                ..routing.clone()
+            },
+            TrialConfig {
+                activation: Activation::JumpRelu,
+                jumprelu_threshold: 0.2,
+                jumprelu_bandwidth: 0.5,
+                intermediate_dim: 4,
+                layer_sparsity_mode: LayerSparsityMode::Boosted,
+                ..routing.clone()
+            },
             TrialConfig { tied_weights: true, intermediate_dim: 4, ..routing.clone() },
             TrialConfig { normalize_decoder: false, intermediate_dim: 4, ..routing.clone() },
             TrialConfig { output_relu: true, intermediate_dim: 4, ..routing.clone() },
@@ -1076,8 +1168,9 @@ mod tests {
     #[test]
     fn eligibility() {
         assert!(eligible(&TrialConfig::default()));
-        assert!(!eligible(&TrialConfig { activation: Activation::JumpRelu, ..Default::default() }));
+        assert!(eligible(&TrialConfig { activation: Activation::JumpRelu, ..Default::default() }));
         assert!(!eligible(&TrialConfig { aux_k: 8, ..Default::default() }));
         assert!(!eligible(&TrialConfig { resample_dead_every: 10, ..Default::default() }));
+        assert!(!eligible(&TrialConfig { distort_prob: 0.4, ..Default::default() }));
     }
 }

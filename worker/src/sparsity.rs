@@ -13,11 +13,24 @@
 //! won" with weight 1/`duty_cycle_period`; they update only in training ([`Sparsity::forward_train`]).
 //! Batch-dependent modes (`lifetime`, `lifetime_batch_mean`, `active_stripes_per_batch`) use the
 //! batch they are given, in evaluation too.
+//!
+//! Mask distortion (the original's `distort_prob`): in training only, every bit of the stripe
+//! masks of stages 2 and 3 (ordinary, routing, lifetime-stripe) is flipped with probability p
+//! (`mask XOR (uniform < p)`) before it gates the code; for routing the flipped mask is the one
+//! multiplied by the scores. p is `distort_prob` lowered by `distort_prob_decay` per epoch of
+//! `run_steps_per_epoch` training steps, never below 0; the clock is the number of
+//! [`Sparsity::forward_train`] calls (one per training step). The draws come from a `StdRng`
+//! seeded by the config's seed, so training stays deterministic. Stage 1 is never distorted.
 
 use crate::topk::{self, Axis};
 use candle_core::{D, DType, Result, Tensor};
 use msae_shared::TrialConfig;
-use msae_shared::config::{LayerSparsityMode, RoutingGate, StripeSparsityMode};
+use msae_shared::config::{LayerSparsityMode, RoutingGate, StripeSparsityMode, decayed_prob};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Mixed into the seed for the mask distortion's draws.
+const DISTORT_SEED_SALT: u64 = 0xD157_0000_0000_0003;
 
 /// The sparsity hyperparameters, taken from a [`TrialConfig`].
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +45,14 @@ pub struct SparsityParams {
     pub active_stripes_per_batch: f64,
     pub num_stripes: usize,
     pub stripe_dim: usize,
+    /// Stripe-mask flip probability at the first epoch (0 = off).
+    pub distort_prob: f64,
+    /// Decrease of the flip probability per epoch.
+    pub distort_prob_decay: f64,
+    /// Training steps per epoch (0 = unknown: the probability does not decay).
+    pub steps_per_epoch: usize,
+    /// Seed of the distortion's draws.
+    pub seed: u64,
 }
 
 impl SparsityParams {
@@ -47,7 +68,17 @@ impl SparsityParams {
             active_stripes_per_batch: cfg.active_stripes_per_batch,
             num_stripes: cfg.num_stripes,
             stripe_dim: cfg.stripe_dim,
+            distort_prob: cfg.distort_prob,
+            distort_prob_decay: cfg.distort_prob_decay,
+            steps_per_epoch: cfg.run_steps_per_epoch,
+            seed: cfg.seed,
         }
+    }
+
+    /// The stripe-mask flip probability at training step `step` (0-based).
+    pub fn distort_prob_at(&self, step: usize) -> f64 {
+        let epoch = step.checked_div(self.steps_per_epoch).unwrap_or(0);
+        decayed_prob(self.distort_prob, self.distort_prob_decay, epoch)
     }
 
     /// Code width N = S * D.
@@ -56,18 +87,50 @@ impl SparsityParams {
     }
 }
 
-/// The sparsity stages with their state (duty cycles of `boosted` mode).
+/// The sparsity stages with their state (duty cycles of `boosted` mode, the distortion's clock
+/// and random stream).
 #[derive(Debug, Clone)]
 pub struct Sparsity {
     pub params: SparsityParams,
     /// Per-neuron duty cycle d_i in [0, 1]: EMA of the fraction of samples neuron i won.
     pub duty: Vec<f32>,
+    /// Training steps taken ([`Sparsity::forward_train`] calls): the distortion schedule's clock.
+    pub train_steps: usize,
+    distort_rng: StdRng,
+}
+
+/// Flips mask bits with probability `p` (training-time distortion).
+struct Distorter<'a> {
+    p: f64,
+    rng: &'a mut StdRng,
+}
+
+impl Distorter<'_> {
+    /// `mask XOR (uniform < p)`, drawn in row-major order.
+    fn flip(&mut self, mask: &Tensor) -> Result<Tensor> {
+        let mut bits = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        for b in &mut bits {
+            if self.rng.random::<f64>() < self.p {
+                *b = if *b != 0.0 { 0.0 } else { 1.0 };
+            }
+        }
+        Tensor::from_vec(bits, mask.shape(), mask.device())
+    }
+}
+
+/// Applies the distortion, if any, to a stripe mask.
+fn distorted(mask: Tensor, distort: Option<&mut Distorter<'_>>) -> Result<Tensor> {
+    match distort {
+        Some(d) => d.flip(&mask),
+        None => Ok(mask),
+    }
 }
 
 impl Sparsity {
     pub fn new(params: SparsityParams) -> Self {
         let n = params.code_dim();
-        Sparsity { params, duty: vec![0.0; n] }
+        let distort_rng = StdRng::seed_from_u64(params.seed ^ DISTORT_SEED_SALT);
+        Sparsity { params, duty: vec![0.0; n], train_steps: 0, distort_rng }
     }
 
     /// Boost factors b_i = exp(beta * (k/N - d_i)); the target density k/N is a float.
@@ -81,18 +144,29 @@ impl Sparsity {
     /// Evaluation-mode sparsity: duty cycles are read, never updated.
     /// `z`: (B, N) activations; `router_scores`: (B, S), required in `routing` mode; `k`: layer k.
     pub fn forward(&self, z: &Tensor, router_scores: Option<&Tensor>, k: usize) -> Result<Tensor> {
-        Ok(self.apply(z, router_scores, k)?.0)
+        Ok(self.apply(z, router_scores, k, None)?.0)
     }
 
-    /// Training-mode sparsity: as [`Sparsity::forward`], then duty cycles move towards the
-    /// fraction of the batch each neuron won (EMA weight 1/duty_cycle_period).
+    /// Training-mode sparsity: as [`Sparsity::forward`] with the stripe masks distorted (when
+    /// `distort_prob` > 0, see the module docs), then duty cycles move towards the fraction of
+    /// the batch each neuron won (EMA weight 1/duty_cycle_period).
     pub fn forward_train(
         &mut self,
         z: &Tensor,
         router_scores: Option<&Tensor>,
         k: usize,
     ) -> Result<Tensor> {
-        let (out, winners) = self.apply(z, router_scores, k)?;
+        let p = self.params.distort_prob_at(self.train_steps);
+        self.train_steps += 1;
+        let (out, winners) = if p > 0.0 {
+            let mut rng = self.distort_rng.clone();
+            let result =
+                self.apply(z, router_scores, k, Some(&mut Distorter { p, rng: &mut rng }))?;
+            self.distort_rng = rng;
+            result
+        } else {
+            self.apply(z, router_scores, k, None)?
+        };
         if let Some(win) = winners {
             let n = self.params.code_dim();
             let b = win.len() / n.max(1);
@@ -110,16 +184,18 @@ impl Sparsity {
         Ok(out)
     }
 
-    /// All three stages. Returns the output and, in `boosted` mode, the winners mask (B*N).
+    /// All three stages, the stripe masks distorted by `distort` when given. Returns the output
+    /// and, in `boosted` mode, the winners mask (B*N).
     fn apply(
         &self,
         z: &Tensor,
         router_scores: Option<&Tensor>,
         k: usize,
+        mut distort: Option<&mut Distorter<'_>>,
     ) -> Result<(Tensor, Option<Vec<f32>>)> {
         let (z, winners) = self.layer(z, k)?;
-        let z = self.stripe(&z, router_scores)?;
-        let z = self.lifetime_stripe(&z)?;
+        let z = self.stripe(&z, router_scores, distort.as_deref_mut())?;
+        let z = self.lifetime_stripe(&z, distort)?;
         Ok((z, winners))
     }
 
@@ -156,7 +232,12 @@ impl Sparsity {
     }
 
     /// Stage 2: stripe sparsity.
-    fn stripe(&self, z: &Tensor, router_scores: Option<&Tensor>) -> Result<Tensor> {
+    fn stripe(
+        &self,
+        z: &Tensor,
+        router_scores: Option<&Tensor>,
+        distort: Option<&mut Distorter<'_>>,
+    ) -> Result<Tensor> {
         let p = &self.params;
         let (b, n) = z.dims2()?;
         let (s, d) = (p.num_stripes, p.stripe_dim);
@@ -164,7 +245,7 @@ impl Sparsity {
             StripeSparsityMode::None => Ok(z.clone()),
             StripeSparsityMode::Ordinary => {
                 let scores = stripe_means(z, s, d)?;
-                let mask = topk::topk_mask(&scores, p.stripe_k, Axis::Row)?;
+                let mask = distorted(topk::topk_mask(&scores, p.stripe_k, Axis::Row)?, distort)?;
                 apply_stripe_gate(z, &mask, s, d)
             }
             StripeSparsityMode::Routing => {
@@ -178,7 +259,7 @@ impl Sparsity {
                         scores.dims()
                     );
                 }
-                let mask = topk::topk_mask(scores, p.stripe_k, Axis::Row)?;
+                let mask = distorted(topk::topk_mask(scores, p.stripe_k, Axis::Row)?, distort)?;
                 let gate = match p.gate {
                     RoutingGate::Scores => scores.mul(&mask)?,
                     RoutingGate::StraightThrough => {
@@ -195,7 +276,7 @@ impl Sparsity {
 
     /// Stage 3: each stripe active only for its ceil(p*B) highest-scoring samples of the batch
     /// (score = mean of its D activations, after the previous stages).
-    fn lifetime_stripe(&self, z: &Tensor) -> Result<Tensor> {
+    fn lifetime_stripe(&self, z: &Tensor, distort: Option<&mut Distorter<'_>>) -> Result<Tensor> {
         let p = &self.params;
         if p.active_stripes_per_batch >= 1.0 {
             return Ok(z.clone());
@@ -203,7 +284,7 @@ impl Sparsity {
         let b = z.dim(0)?;
         let scores = stripe_means(z, p.num_stripes, p.stripe_dim)?;
         let keep = topk::lifetime_k(p.active_stripes_per_batch, b);
-        let mask = topk::topk_mask(&scores, keep, Axis::Column)?;
+        let mask = distorted(topk::topk_mask(&scores, keep, Axis::Column)?, distort)?;
         apply_stripe_gate(z, &mask, p.num_stripes, p.stripe_dim)
     }
 }
@@ -225,6 +306,7 @@ pub fn apply_stripe_gate(z: &Tensor, gate: &Tensor, s: usize, d: usize) -> Resul
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use rand::rngs::StdRng;
 
     fn params(s: usize, d: usize) -> SparsityParams {
         SparsityParams {
@@ -238,6 +320,10 @@ mod tests {
             active_stripes_per_batch: 1.0,
             num_stripes: s,
             stripe_dim: d,
+            distort_prob: 0.0,
+            distort_prob_decay: 0.0,
+            steps_per_epoch: 0,
+            seed: 0,
         }
     }
 
@@ -389,6 +475,102 @@ mod tests {
         let z = t(&[5., 4., 1., 2., 3., 0., 0.5, 0.1], 4, 2);
         // after stage 2: [5,0],[0,2],[3,0],[0.5,0]; stripe0 best row 0, stripe1 best row 1
         assert_eq!(v(&sp.forward(&z, None, 1).unwrap()), vec![5., 0., 0., 2., 0., 0., 0., 0.]);
+    }
+
+    /// (B, S) positive values in [0.5, 1.5) from `seed`.
+    fn positive(b: usize, s: usize, seed: u64) -> Tensor {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let data: Vec<f32> = (0..b * s).map(|_| rng.random_range(0.5f32..1.5)).collect();
+        t(&data, b, s)
+    }
+
+    /// Which stripes (D = 1) pass, as booleans.
+    fn passed(out: &Tensor) -> Vec<bool> {
+        v(out).iter().map(|x| *x != 0.0).collect()
+    }
+
+    #[test]
+    fn distortion_flips_each_stripe_mask_bit_at_the_rate() {
+        let (b, s) = (200, 50);
+        let z = positive(b, s, 1);
+        let scores = positive(b, s, 2);
+        let setups: [(&str, StripeSparsityMode, f64); 3] = [
+            ("ordinary", StripeSparsityMode::Ordinary, 1.0),
+            ("routing", StripeSparsityMode::Routing, 1.0),
+            ("lifetime-stripe", StripeSparsityMode::None, 0.2),
+        ];
+        for (name, mode, asb) in setups {
+            for p in [0.25, 1.0] {
+                let mut params = params(s, 1);
+                params.stripe_mode = mode;
+                params.stripe_k = 10;
+                params.active_stripes_per_batch = asb;
+                params.distort_prob = p;
+                let mut sp = Sparsity::new(params);
+                let r = (mode == StripeSparsityMode::Routing).then_some(&scores);
+                let eval = passed(&sp.forward(&z, r, 1).unwrap());
+                let train = passed(&sp.forward_train(&z, r, 1).unwrap());
+                let kept = eval.iter().filter(|x| **x).count();
+                let (mut dropped, mut added) = (0, 0);
+                for (e, t) in eval.iter().zip(&train) {
+                    match (e, t) {
+                        (true, false) => dropped += 1,
+                        (false, true) => added += 1,
+                        _ => {}
+                    }
+                }
+                let rate = (dropped + added) as f64 / eval.len() as f64;
+                if p == 1.0 {
+                    assert_eq!((dropped, added), (kept, eval.len() - kept), "{name}: all flip");
+                    continue;
+                }
+                // 10,000 bits: the rate's std is about 0.004.
+                assert!((rate - p).abs() < 0.02, "{name}: flip rate {rate}, expected {p}");
+                // Both directions, each at about p.
+                let drop_rate = dropped as f64 / kept as f64;
+                let add_rate = added as f64 / (eval.len() - kept) as f64;
+                assert!((drop_rate - p).abs() < 0.05, "{name}: kept bits dropped at {drop_rate}");
+                assert!((add_rate - p).abs() < 0.03, "{name}: other bits passed at {add_rate}");
+                // Evaluation is never distorted.
+                assert_eq!(passed(&sp.forward(&z, r, 1).unwrap()), eval, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn distortion_decays_per_epoch_to_zero_and_is_deterministic() {
+        let mut params = params(4, 1);
+        params.stripe_mode = StripeSparsityMode::Ordinary;
+        params.stripe_k = 2;
+        params.distort_prob = 0.4;
+        params.distort_prob_decay = 0.1;
+        params.steps_per_epoch = 3;
+        let at: Vec<f64> = [0, 2, 3, 5, 6, 9, 11, 12, 100]
+            .iter()
+            .map(|&s| (params.distort_prob_at(s) * 1e9).round() / 1e9)
+            .collect();
+        assert_eq!(at, [0.4, 0.4, 0.3, 0.3, 0.2, 0.1, 0.1, 0.0, 0.0]);
+        // Unknown epoch length: no decay.
+        let steady = SparsityParams { steps_per_epoch: 0, ..params.clone() };
+        assert_eq!(steady.distort_prob_at(1000), 0.4);
+
+        let z = positive(64, 4, 3);
+        let run = |seed: u64| {
+            let mut sp = Sparsity::new(SparsityParams { seed, ..params.clone() });
+            let eval = v(&sp.forward(&z, None, 1).unwrap());
+            let outs: Vec<Vec<f32>> =
+                (0..14).map(|_| v(&sp.forward_train(&z, None, 1).unwrap())).collect();
+            assert_eq!(sp.train_steps, 14);
+            (eval, outs)
+        };
+        let (eval, outs) = run(7);
+        // Epochs 0-3 distort (p 0.4 .. 0.1); from step 12 (epoch 4) p is 0: no flips.
+        assert!(outs[..12].iter().all(|o| *o != eval), "a distorted step matched evaluation");
+        assert_eq!(outs[12], eval);
+        assert_eq!(outs[13], eval);
+        // Same seed, same flips; another seed, other flips.
+        assert_eq!(run(7).1, outs);
+        assert_ne!(run(8).1, outs);
     }
 
     #[test]

@@ -3,10 +3,16 @@
 //!
 //! [`train`] validates the config, loads the data, picks the device and the trainer (the
 //! hand-written [`crate::fast`] path for eligible top-k configs on the CPU, the candle
-//! [`crate::model`] otherwise), then runs `cfg.steps` steps on deterministic shuffled batches:
-//! - batches: a permutation of the training rows from a `StdRng` seeded by `cfg.seed`, consumed
-//!   in chunks of `batch_size` (the partial tail of an epoch is dropped so every batch has the
-//!   same size; a training set smaller than one batch is used whole), reshuffled every epoch;
+//! [`crate::model`] otherwise), then runs `cfg.steps` steps (or `epochs` epochs:
+//! [`TrialConfig::total_steps`]) on deterministic shuffled batches:
+//! - batches: an epoch is ceil(train rows / batch_size) steps
+//!   ([`TrialConfig::steps_per_epoch`]); each epoch draws a fresh permutation of the training rows
+//!   from a `StdRng` seeded by `cfg.seed` and consumes it in chunks of `batch_size`; every batch
+//!   has the same size, so the last batch of an epoch, when the rows do not divide evenly, is
+//!   completed with the first rows of the same permutation (a training set smaller than one
+//!   batch is used whole, one step per epoch). The trainer gets the epoch length in
+//!   `run_steps_per_epoch` of the config it is built from (per-epoch schedules:
+//!   `distort_prob_decay`);
 //! - Gaussian noise of std `input_noise_std` is added to every training batch (the trainer
 //!   reconstructs the noisy batch: the [`Trainer`] seam passes one batch);
 //! - every `eval_every` steps (and at the end) the validation split is evaluated (`val_loss`);
@@ -142,9 +148,16 @@ pub fn train_with(
     let device = select_device(options.gpu)?;
     let data = data::load(&cfg.data, cfg.seed).map_err(TrainError::Data)?;
     let dim = data.dim;
-    let (mut trainer, trainer_name) = make_trainer(cfg, dim, &device, backend)?;
+    let n_train = data.n_train();
+    anyhow::ensure!(n_train > 0, "the training split is empty");
+    let steps_per_epoch = cfg.steps_per_epoch(n_train);
+    let total_steps = cfg.total_steps(n_train);
+    // The trainer's config also carries the epoch length (for per-epoch schedules).
+    let run_cfg = TrialConfig { run_steps_per_epoch: steps_per_epoch, ..cfg.clone() };
+    let (mut trainer, trainer_name) = make_trainer(&run_cfg, dim, &device, backend)?;
     tracing::info!(
-        steps = cfg.steps,
+        steps = total_steps,
+        steps_per_epoch,
         batch = cfg.batch_size,
         dim,
         latents = cfg.code_dim(),
@@ -162,8 +175,6 @@ pub fn train_with(
         (&data.train, data.train_labels.as_deref())
     };
 
-    let n_train = data.n_train();
-    anyhow::ensure!(n_train > 0, "the training split is empty");
     let b = cfg.batch_size.min(n_train);
     let mut rng = StdRng::seed_from_u64(cfg.seed ^ BATCH_SEED_SALT);
     let noise = if cfg.input_noise_std > 0.0 {
@@ -172,10 +183,10 @@ pub fn train_with(
         None
     };
     let mut order: Vec<usize> = (0..n_train).collect();
-    let mut cursor = n_train; // forces a shuffle before the first batch
+    let mut cursor = 0;
     let mut batch = vec![0f32; b * dim];
 
-    let total = cfg.steps as u64;
+    let total = total_steps as u64;
     let mut train_loss = f64::NAN;
     let mut best = f64::INFINITY;
     let mut since_best = 0usize;
@@ -184,12 +195,14 @@ pub fn train_with(
     let mut train_time = Duration::ZERO;
     let mut last_progress = Instant::now();
 
-    for step in 0..cfg.steps {
-        if cursor + b > n_train {
+    for step in 0..total_steps {
+        if step.is_multiple_of(steps_per_epoch) {
             order.shuffle(&mut rng);
             cursor = 0;
         }
-        for (r, &i) in order[cursor..cursor + b].iter().enumerate() {
+        // The last batch of an epoch wraps to the permutation's start to stay full.
+        for r in 0..b {
+            let i = order[(cursor + r) % n_train];
             batch[r * dim..(r + 1) * dim].copy_from_slice(&data.train[i * dim..(i + 1) * dim]);
         }
         cursor += b;
@@ -206,7 +219,7 @@ pub fn train_with(
 
         let is_eval = cfg.eval_every > 0
             && steps_done.is_multiple_of(cfg.eval_every)
-            && steps_done < cfg.steps;
+            && steps_done < total_steps;
         let mut scalars = BTreeMap::from([(metrics::TRAIN_LOSS.to_string(), train_loss)]);
         let mut early_stop = false;
         if is_eval {
@@ -625,6 +638,58 @@ mod tests {
             assert!(out.metrics[metrics::VAL_LOSS].is_finite(), "{cfg:?}");
             assert_eq!(out.metrics[metrics::STEPS], 12.0);
         }
+    }
+
+    #[test]
+    fn epochs_set_the_number_of_steps() {
+        // 2048 samples, 10% validation (205): 1843 training rows, ceil(1843 / 64) = 29 steps
+        // per epoch.
+        let cfg = TrialConfig { epochs: 2, eval_every: 0, ..small_cfg() };
+        let cfg = TrialConfig { steps: msae_shared::config::DEFAULT_STEPS, ..cfg };
+        let mut totals = Vec::new();
+        let out = train(&cfg, &RunOptions::default(), &mut |p: &Progress| {
+            totals.push(p.total_steps);
+            Control::Continue
+        })
+        .unwrap();
+        assert_eq!(out.metrics[metrics::STEPS], 58.0);
+        assert!(totals.iter().all(|t| *t == 58), "{totals:?}");
+        // Both given: a config error, before any data is read.
+        let both = TrialConfig { epochs: 2, steps: 60, ..small_cfg() };
+        let e = train(&both, &RunOptions::default(), &mut quiet).unwrap_err();
+        assert!(is_permanent(&e) && format!("{e:#}").contains("epochs"), "{e:#}");
+    }
+
+    #[test]
+    fn distortion_reaches_training_and_decays_by_epoch() {
+        use msae_shared::config::{LayerSparsityMode, StripeSparsityMode};
+        let mut base = TrialConfig {
+            layer_sparsity_mode: LayerSparsityMode::None,
+            stripe_sparsity_mode: StripeSparsityMode::Routing,
+            intermediate_dim: 16,
+            batch_size: 64,
+            epochs: 3,
+            eval_every: 0,
+            ..TrialConfig::default()
+        };
+        base.data.synthetic.num_samples = 512; // 460 training rows: 8 steps per epoch
+        let run = |distort_prob: f64, distort_prob_decay: f64| {
+            let cfg = TrialConfig { distort_prob, distort_prob_decay, ..base.clone() };
+            let mut m = train_with(&cfg, &RunOptions::default(), Backend::Candle, &mut quiet)
+                .unwrap()
+                .metrics;
+            m.remove(metrics::SAMPLES_PER_SECOND);
+            assert_eq!(m[metrics::STEPS], 24.0);
+            m
+        };
+        let off = run(0.0, 0.0);
+        let steady = run(0.4, 0.0);
+        // p = 0.4 in the first epoch only: differs from both.
+        let first_epoch_only = run(0.4, 0.4);
+        assert_ne!(steady, off);
+        assert_ne!(first_epoch_only, off);
+        assert_ne!(first_epoch_only, steady);
+        assert_eq!(run(0.4, 0.4), first_epoch_only, "distortion is deterministic");
     }
 
     #[cfg(not(feature = "cuda"))]
