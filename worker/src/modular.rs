@@ -29,8 +29,9 @@
 //! gradient at exactly 0, a difference on a set of measure zero).
 //!
 //! JumpReLU (`z = pre * 1{pre > theta}`) takes the candle model's straight-through gradient
-//! for its thresholds. Not covered (the candle model trains these): AuxK, dead-latent
-//! resampling and the stripe-mask distortion.
+//! for its thresholds; the stripe-mask distortion flips the stage 2 and 3 masks with the candle
+//! model's random stream ([`crate::sparsity`]), so both paths flip the same bits. Not covered
+//! (the candle model trains these): AuxK and dead-latent resampling.
 //! [`ineligibility`] says why a configuration is refused.
 
 use std::path::Path;
@@ -41,8 +42,11 @@ use msae_shared::config::{LayerSparsityMode, RoutingGate, StripeSparsityMode};
 use crate::linalg::{Mat, matmul, matmul_add};
 use crate::optim::{OptimConfig, host_update};
 use crate::penalties::KL_EPS;
+use crate::sparsity::{DISTORT_SEED_SALT, SparsityParams};
 use crate::topk;
 use crate::trainer::{Inference, Trainer};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// Guards the atom normalisation against zero-norm atoms (the candle model's value).
 const NORM_EPS: f32 = 1e-8;
@@ -54,9 +58,6 @@ pub fn ineligibility(cfg: &TrialConfig) -> Option<String> {
     }
     if cfg.resample_dead_every > 0 {
         return Some("dead-latent resampling needs the candle model".into());
-    }
-    if cfg.distort_prob > 0.0 {
-        return Some("stripe-mask distortion needs the candle model".into());
     }
     None
 }
@@ -151,6 +152,10 @@ pub struct ModularFast {
     t: usize,
     /// Duty cycles of `boosted` mode.
     duty: Vec<f32>,
+    /// The distortion's schedule and random stream, and training steps taken (its clock).
+    sparsity: SparsityParams,
+    distort_rng: StdRng,
+    train_steps: usize,
     /// Layer k of the last training step (evaluation keeps it, as the candle model does).
     current_k: usize,
     ws: Work,
@@ -212,6 +217,9 @@ impl ModularFast {
             roles,
             t: 0,
             duty: vec![0.0; n],
+            sparsity: SparsityParams::from_config(cfg),
+            distort_rng: StdRng::seed_from_u64(cfg.seed ^ DISTORT_SEED_SALT),
+            train_steps: 0,
             current_k: cfg.layer_k_at(0),
             ws: Work::default(),
         })
@@ -332,6 +340,19 @@ fn step01(v: f32) -> f32 {
     (v > 0.0) as u32 as f32
 }
 
+/// The distortion: each mask bit flipped with probability `p`, drawn in row-major order from
+/// `rng` (the candle model's rule and stream; no draws at p = 0).
+fn flip(mask: &mut [f32], p: f64, rng: &mut StdRng) {
+    if p <= 0.0 {
+        return;
+    }
+    for b in mask {
+        if rng.random::<f64>() < p {
+            *b = if *b != 0.0 { 0.0 } else { 1.0 };
+        }
+    }
+}
+
 /// Per-row means of each stripe's D values: (rows, S*D) -> (rows, S).
 fn stripe_means(z: &[f32], d: usize, out: &mut Vec<f32>) {
     out.clear();
@@ -353,6 +374,14 @@ fn forward(
     let Dims { dim, inter, inp, n, s, d } = m.dims;
     let r = m.roles;
     ws.rows = rows;
+    // The stripe-mask distortion of this step (training only), as the candle model draws it.
+    let distort = if train {
+        let p = m.sparsity.distort_prob_at(m.train_steps);
+        m.train_steps += 1;
+        p
+    } else {
+        0.0
+    };
     // Encoder input a0.
     resize(&mut ws.a0, rows * inp);
     if inter == 0 {
@@ -457,6 +486,7 @@ fn forward(
         StripeSparsityMode::Ordinary => {
             stripe_means(&ws.z1, d, &mut ws.means);
             topk::row_topk_mask_into(&ws.means, s, cfg.stripe_k, &mut ws.ms);
+            flip(&mut ws.ms, distort, &mut m.distort_rng);
             ws.gate.copy_from_slice(&ws.ms);
         }
         StripeSparsityMode::Routing => {
@@ -465,6 +495,7 @@ fn forward(
             matmul(rows, s, inp, &mut ws.scores, Mat::rows(&ws.a0, inp), Mat::t(m.w(rw), inp));
             add_bias_relu(&mut ws.scores, m.w(rb), false);
             topk::row_topk_mask_into(&ws.scores, s, cfg.stripe_k, &mut ws.ms);
+            flip(&mut ws.ms, distort, &mut m.distort_rng);
             match cfg.routing_gate {
                 RoutingGate::Scores => {
                     for ((g, &sc), &mk) in ws.gate.iter_mut().zip(&ws.scores).zip(&ws.ms) {
@@ -486,10 +517,9 @@ fn forward(
         stripe_means(&ws.codes, d, &mut ws.means);
         let keep = topk::lifetime_k(cfg.active_stripes_per_batch, rows);
         ws.m3 = topk::col_topk_mask(&ws.means, rows, s, keep);
+        flip(&mut ws.m3, distort, &mut m.distort_rng);
         for (c, &mk) in ws.codes.chunks_mut(d).zip(&ws.m3) {
-            if mk == 0.0 {
-                c.fill(0.0);
-            }
+            c.iter_mut().for_each(|v| *v *= mk);
         }
     } else {
         ws.m3.fill(1.0);
@@ -873,6 +903,9 @@ impl Trainer for ModularFast {
             optim: self.optim,
             t: self.t,
             duty: self.duty.clone(),
+            sparsity: self.sparsity.clone(),
+            distort_rng: self.distort_rng.clone(),
+            train_steps: self.train_steps,
             current_k: self.current_k,
             ws: Work::default(),
         };
@@ -1080,6 +1113,12 @@ mod tests {
             TrialConfig { active_stripes_per_batch: 0.4, ..routing.clone() },
             TrialConfig { l1_weight: 0.3, kl_weight: 0.2, hoyer_weight: 0.4, ..routing.clone() },
             TrialConfig { tied_weights: true, ..routing.clone() },
+            TrialConfig { distort_prob: 0.4, active_stripes_per_batch: 0.5, ..routing.clone() },
+            TrialConfig {
+                distort_prob: 0.3,
+                stripe_sparsity_mode: StripeSparsityMode::Ordinary,
+                ..routing.clone()
+            },
             TrialConfig {
                 activation: Activation::JumpRelu,
                 jumprelu_threshold: 0.2,
@@ -1125,6 +1164,9 @@ mod tests {
                 lr: 1e-3,
                 momentum: 0.9,
                 weight_decay: 0.01,
+                distort_prob: 0.3,
+                distort_prob_decay: 0.1,
+                run_steps_per_epoch: 2,
                 ..base(5)
             };
             let mut fast = ModularFast::new(&cfg, 5).unwrap();
@@ -1171,6 +1213,6 @@ mod tests {
         assert!(eligible(&TrialConfig { activation: Activation::JumpRelu, ..Default::default() }));
         assert!(!eligible(&TrialConfig { aux_k: 8, ..Default::default() }));
         assert!(!eligible(&TrialConfig { resample_dead_every: 10, ..Default::default() }));
-        assert!(!eligible(&TrialConfig { distort_prob: 0.4, ..Default::default() }));
+        assert!(eligible(&TrialConfig { distort_prob: 0.4, ..Default::default() }));
     }
 }

@@ -30,7 +30,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Mixed into the seed for the mask distortion's draws.
-const DISTORT_SEED_SALT: u64 = 0xD157_0000_0000_0003;
+pub(crate) const DISTORT_SEED_SALT: u64 = 0xD157_0000_0000_0003;
 
 /// The sparsity hyperparameters, taken from a [`TrialConfig`].
 #[derive(Debug, Clone, PartialEq)]
