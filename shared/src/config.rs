@@ -82,6 +82,18 @@ pub enum Activation {
     JumpRelu,
 }
 
+/// How the reconstruction's bias starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BiasInit {
+    /// At the mean of the training split, as OpenAI's TopK SAE (so reconstruction starts at
+    /// the data's centre and the codes only explain deviations from it).
+    #[default]
+    DataMean,
+    /// At zero (the original code).
+    Zero,
+}
+
 /// Optimiser.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -235,6 +247,9 @@ pub struct TrialConfig {
     pub jumprelu_bandwidth: f64,
     /// ReLU on the reconstruction (the original applied it; off by default).
     pub output_relu: bool,
+    /// Initial value of the reconstruction's bias in input space (`decoder.bias` of the classic
+    /// SAE, `output.bias` with an intermediate layer).
+    pub decoder_bias_init: BiasInit,
 
     // --- layer sparsity ---
     pub layer_sparsity_mode: LayerSparsityMode,
@@ -334,6 +349,7 @@ impl Default for TrialConfig {
             stripe_dim: 16,
             tied_weights: false,
             normalize_decoder: true,
+            decoder_bias_init: BiasInit::DataMean,
             activation: Activation::Relu,
             jumprelu_threshold: 0.01,
             jumprelu_bandwidth: 0.01,

@@ -548,6 +548,17 @@ impl Trainer for FastTopK {
         Ok(out)
     }
 
+    fn set_output_bias(&mut self, bias: &[f32]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            bias.len() == self.p.b_dec.len(),
+            "output bias of {} values for dim {}",
+            bias.len(),
+            self.p.b_dec.len()
+        );
+        self.p.b_dec.copy_from_slice(bias);
+        Ok(())
+    }
+
     fn save(&self, path: &Path) -> anyhow::Result<()> {
         let (n, dim) = (self.n, self.dim);
         let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();

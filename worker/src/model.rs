@@ -600,6 +600,22 @@ impl Trainer for CandleTrainer {
         Ok(a.flatten_all()?.to_vec1::<f32>()?)
     }
 
+    fn set_output_bias(&mut self, bias: &[f32]) -> anyhow::Result<()> {
+        let m = &self.model;
+        let var = match &m.output {
+            None => &m.dec_b,
+            Some((_, b)) => b,
+        };
+        anyhow::ensure!(
+            bias.len() == var.elem_count(),
+            "output bias of {} values for {}",
+            bias.len(),
+            var.elem_count()
+        );
+        var.set(&Tensor::from_slice(bias, var.shape(), &m.device)?)?;
+        Ok(())
+    }
+
     fn save(&self, path: &Path) -> anyhow::Result<()> {
         self.model
             .varmap

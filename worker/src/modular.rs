@@ -963,6 +963,11 @@ impl Trainer for ModularFast {
         Ok(out)
     }
 
+    fn set_output_bias(&mut self, bias: &[f32]) -> anyhow::Result<()> {
+        let name = if self.dims.inter == 0 { "decoder.bias" } else { "output.bias" };
+        self.set_weight(name, bias)
+    }
+
     fn save(&self, path: &Path) -> anyhow::Result<()> {
         let mut tensors = std::collections::HashMap::new();
         for p in &self.params {

@@ -33,6 +33,7 @@ use crate::runner::{Control, Progress, ProgressKind, RunOptions, TrialOutcome, T
 use crate::trainer::{Diverged, Trainer};
 use anyhow::Context as _;
 use candle_core::Device;
+use msae_shared::config::BiasInit;
 use msae_shared::config::ConfigError;
 use msae_shared::{TrialConfig, metrics};
 use rand::SeedableRng;
@@ -155,6 +156,9 @@ pub fn train_with(
     // The trainer's config also carries the epoch length (for per-epoch schedules).
     let run_cfg = TrialConfig { run_steps_per_epoch: steps_per_epoch, ..cfg.clone() };
     let (mut trainer, trainer_name) = make_trainer(&run_cfg, dim, &device, backend)?;
+    if cfg.decoder_bias_init == BiasInit::DataMean {
+        trainer.set_output_bias(&column_means(&data.train, dim))?;
+    }
     tracing::info!(
         steps = total_steps,
         steps_per_epoch,
@@ -319,6 +323,16 @@ pub fn train_with(
         "training finished"
     );
     Ok(TrialOutcome { metrics: out, artifact, stopped })
+}
+
+/// The mean of each column of a row-major (rows, dim) matrix.
+fn column_means(x: &[f32], dim: usize) -> Vec<f32> {
+    let mut sum = vec![0f64; dim];
+    for row in x.chunks(dim) {
+        sum.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
+    }
+    let rows = (x.len() / dim).max(1) as f64;
+    sum.iter().map(|s| (s / rows) as f32).collect()
 }
 
 /// The files a finished trial leaves in its output directory.
@@ -546,7 +560,9 @@ mod tests {
         let e = train(&cfg, &RunOptions::default(), &mut quiet).unwrap_err();
         assert!(is_permanent(&e), "{e:#}");
         // Finite values whose squares overflow f32: the loss is infinite at the first step.
-        let huge = vec![1e30f32; 64 * 8];
+        // Rows of alternating sign, so no bias (the data-mean start included) fits them.
+        let huge: Vec<f32> =
+            (0..64 * 8).map(|i| if (i / 8) % 2 == 0 { 1e30f32 } else { -1e30 }).collect();
         let path = dir.path().join("huge.npy");
         std::fs::write(
             &path,
@@ -566,6 +582,37 @@ mod tests {
             assert!(is_permanent(&e), "{backend:?}: {e:#}");
         }
         assert!(!is_permanent(&anyhow::anyhow!("CUDA out of memory")));
+    }
+
+    #[test]
+    fn the_reconstruction_bias_starts_at_the_training_mean() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = crate::data::load(&small_cfg().data, small_cfg().seed).unwrap();
+        let mean = column_means(&data.train, data.dim);
+        for (inter, name) in [(0, "decoder.bias"), (16, "output.bias")] {
+            for (init, expect_mean) in [(BiasInit::DataMean, true), (BiasInit::Zero, false)] {
+                // One step at a negligible rate: the bias is where it started.
+                let cfg = TrialConfig {
+                    intermediate_dim: inter,
+                    decoder_bias_init: init,
+                    steps: 1,
+                    lr: 1e-12,
+                    ..small_cfg()
+                };
+                let out = dir.path().join(format!("{inter}-{init:?}"));
+                let opts = RunOptions { gpu: None, out_dir: Some(out.clone()) };
+                train(&cfg, &opts, &mut quiet).unwrap();
+                let w =
+                    candle_core::safetensors::load(out.join("weights.safetensors"), &Device::Cpu)
+                        .unwrap();
+                let b: Vec<f32> = w[name].to_vec1().unwrap();
+                for (got, m) in b.iter().zip(&mean) {
+                    let want = if expect_mean { *m } else { 0.0 };
+                    assert!((got - want).abs() < 1e-5, "{name} {init:?}: {got} vs {want}");
+                }
+            }
+        }
+        assert!(mean.iter().any(|m| m.abs() > 1e-3), "the test data has a non-zero mean");
     }
 
     #[test]

@@ -39,4 +39,7 @@ pub trait Trainer {
     fn atoms(&self) -> anyhow::Result<Vec<f32>>;
     /// Write the weights as safetensors.
     fn save(&self, path: &Path) -> anyhow::Result<()>;
+    /// Sets the reconstruction's bias in input space (`decoder.bias` of the classic SAE,
+    /// `output.bias` with an intermediate layer), before training (`decoder_bias_init`).
+    fn set_output_bias(&mut self, bias: &[f32]) -> anyhow::Result<()>;
 }
