@@ -48,8 +48,6 @@ use std::path::Path;
 use msae_shared::config::{
     Activation, LayerSparsityMode, Optimizer, StripeSparsityMode, TrialConfig,
 };
-use rand::{SeedableRng, rngs::StdRng};
-use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
 use crate::linalg::{Mat, matmul};
@@ -257,15 +255,13 @@ impl FastTopK {
             return Err(FastError::NotEligible("input dimension is 0".into()).into());
         }
         let n = cfg.code_dim();
-        let mut rng = StdRng::seed_from_u64(cfg.seed);
-        let mut w_dec = vec![0f32; n * dim];
-        for row in w_dec.chunks_mut(dim) {
-            for v in row.iter_mut() {
-                *v = StandardNormal.sample(&mut rng);
-            }
-            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-            row.iter_mut().for_each(|v| *v /= norm);
-        }
+        // The one initialisation of the model (the candle model's): encoder rows are the unit
+        // atoms, which are also the decoder's rows here.
+        let w_dec = crate::model::initial_weights(cfg, dim)
+            .into_iter()
+            .find(|(name, _, _)| name == "encoder.weight")
+            .map(|(_, _, w)| w)
+            .ok_or_else(|| anyhow::anyhow!("the initial weights lack encoder.weight"))?;
         let w_enc = w_dec.clone();
         let mut p = Params {
             w_enc,
@@ -1056,7 +1052,8 @@ mod kernels {
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor, Var};
-    use rand::Rng;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     fn cfg(n_stripes: usize, k: usize, normalize: bool) -> TrialConfig {
         TrialConfig {
