@@ -19,6 +19,11 @@ impl<'a> Mat<'a> {
         Mat { data, rs: 1, cs: cols }
     }
 
+    /// The same data read as the transpose.
+    pub fn transposed(self) -> Self {
+        Mat { data: self.data, rs: self.cs, cs: self.rs }
+    }
+
     /// Whether every element of an r x c view lies inside `data`.
     fn covers(&self, r: usize, c: usize) -> bool {
         r == 0 || c == 0 || (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()

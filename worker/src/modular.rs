@@ -283,6 +283,23 @@ impl ModularFast {
     }
 }
 
+/// The output layer's weight: its index, and whether it is the intermediate layer's (tied).
+fn output_weight(r: &Roles) -> (usize, bool) {
+    match r.out_w {
+        Some(wo) => (wo, false),
+        None => (r.inter_w.expect("a mirror decoder has an intermediate layer"), true),
+    }
+}
+
+/// The output layer as the (inter, dim) matrix the decoder multiplies by: `W_o^T`, or `W_i`
+/// when tied.
+fn output_t(m: &ModularFast, inter: usize, dim: usize) -> Mat<'_> {
+    match output_weight(&m.roles) {
+        (w, false) => Mat::t(m.w(w), inter),
+        (w, true) => Mat::rows(m.w(w), dim),
+    }
+}
+
 /// The atoms `U` (N, out) and their inverse norms, from the decoder (or the encoder when tied).
 fn atoms(m: &ModularFast, u: &mut Vec<f32>, inv_norm: &mut Vec<f32>) {
     let Dims { n, .. } = m.dims;
@@ -537,22 +554,7 @@ fn forward(
     } else {
         add_bias_relu(&mut ws.yd, m.w(r.dec_b), true); // now hd = relu(yd)
         let hd = &ws.yd;
-        match r.out_w {
-            Some(wo) => {
-                matmul(rows, dim, inter, &mut ws.outp, Mat::rows(hd, inter), Mat::t(m.w(wo), inter))
-            }
-            None => {
-                let wi = r.inter_w.expect("intermediate weight");
-                matmul(
-                    rows,
-                    dim,
-                    inter,
-                    &mut ws.outp,
-                    Mat::rows(hd, inter),
-                    Mat::rows(m.w(wi), dim),
-                )
-            }
-        }
+        matmul(rows, dim, inter, &mut ws.outp, Mat::rows(hd, inter), output_t(m, inter, dim));
         add_bias_relu(&mut ws.outp, m.w(r.out_b.expect("output bias")), false);
     }
     resize(&mut ws.xhat, rows * dim);
@@ -694,44 +696,16 @@ fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32]) {
         add_col_sums(&ws.g, dim, 1.0, &mut m.params[ob].g);
         let hd = &ws.yd;
         resize(&mut ws.g_hd, rows * inter);
-        match r.out_w {
-            Some(wo) => {
-                matmul(
-                    dim,
-                    inter,
-                    rows,
-                    &mut m.params[wo].g,
-                    Mat::t(&ws.g, dim),
-                    Mat::rows(hd, inter),
-                );
-                matmul(
-                    rows,
-                    inter,
-                    dim,
-                    &mut ws.g_hd,
-                    Mat::rows(&ws.g, dim),
-                    Mat::rows(&m.params[wo].w, inter),
-                );
-            }
-            None => {
-                let wi = r.inter_w.expect("intermediate weight");
-                matmul(
-                    inter,
-                    dim,
-                    rows,
-                    &mut m.params[wi].g,
-                    Mat::t(hd, inter),
-                    Mat::rows(&ws.g, dim),
-                );
-                matmul(
-                    rows,
-                    inter,
-                    dim,
-                    &mut ws.g_hd,
-                    Mat::rows(&ws.g, dim),
-                    Mat::t(&m.params[wi].w, dim),
-                );
-            }
+        // dL/dhd = g W_out, with W_out (dim, inter) the transpose of the forward's view.
+        let w_out = output_t(m, inter, dim).transposed();
+        matmul(rows, inter, dim, &mut ws.g_hd, Mat::rows(&ws.g, dim), w_out);
+        let (w, tied_out) = output_weight(&r);
+        // Its gradient g^T hd, stored in the weight's own layout.
+        let grad = &mut m.params[w].g;
+        if tied_out {
+            matmul(inter, dim, rows, grad, Mat::t(hd, inter), Mat::rows(&ws.g, dim));
+        } else {
+            matmul(dim, inter, rows, grad, Mat::t(&ws.g, dim), Mat::rows(hd, inter));
         }
         ws.g_hd.iter_mut().zip(hd).for_each(|(gh, &h)| *gh *= step01(h));
         add_col_sums(&ws.g_hd, inter, 1.0, &mut m.params[r.dec_b].g);
@@ -951,15 +925,7 @@ impl Trainer for ModularFast {
             }
         }
         let mut out = vec![0.0; n * dim];
-        match self.roles.out_w {
-            Some(wo) => {
-                matmul(n, dim, inter, &mut out, Mat::rows(&u, inter), Mat::t(self.w(wo), inter))
-            }
-            None => {
-                let wi = self.roles.inter_w.expect("intermediate weight");
-                matmul(n, dim, inter, &mut out, Mat::rows(&u, inter), Mat::rows(self.w(wi), dim))
-            }
-        }
+        matmul(n, dim, inter, &mut out, Mat::rows(&u, inter), output_t(self, inter, dim));
         Ok(out)
     }
 
