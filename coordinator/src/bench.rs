@@ -136,13 +136,24 @@ async fn run_one(exe: &Path, workers: usize, trials: usize) -> anyhow::Result<Be
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let started = Instant::now();
-    let handles = spawn_workers(&addr, workers);
+    let bench_workers = crate::embedded::LocalWorkers {
+        url: format!("http://{addr}"),
+        count: workers,
+        name: "bench".into(),
+        gpu: None,
+        token: None,
+        out_dir: None,
+        runner: crate::embedded::Runner::Noop,
+    };
+    let handles = crate::embedded::spawn(&bench_workers, std::future::pending::<()>)?;
     let output = tokio::time::timeout(Duration::from_secs(3600), child.wait_with_output())
         .await
         .context("the benchmark sweep did not finish within an hour")??;
     let wall_s = started.elapsed().as_secs_f64();
     for h in handles {
-        let _ = h.await;
+        if let Ok(Err(e)) = h.await {
+            tracing::warn!("bench worker: {e:#}");
+        }
     }
     anyhow::ensure!(output.status.success(), "the coordinator failed: {}", output.status);
     let stats: serde_json::Value = serde_json::from_slice(
@@ -161,31 +172,6 @@ async fn run_one(exe: &Path, workers: usize, trials: usize) -> anyhow::Result<Be
         coordinator_cpu_s: cpu,
         cpu_ms_per_trial: cpu * 1000.0 / completed.max(1) as f64,
     })
-}
-
-#[cfg(feature = "local-worker")]
-fn spawn_workers(addr: &str, workers: usize) -> Vec<tokio::task::JoinHandle<()>> {
-    use msae_worker::client::{ClientOptions, run_worker};
-    use std::sync::Arc;
-    let runner: Arc<dyn msae_worker::runner::TrialRunner> =
-        Arc::new(msae_worker::noop::NoopRunner { sleep: Duration::ZERO });
-    (0..workers)
-        .map(|i| {
-            let mut opts = ClientOptions::new(format!("http://{addr}"));
-            opts.name = format!("bench-{i}");
-            let runner = runner.clone();
-            tokio::spawn(async move {
-                if let Err(e) = run_worker(opts, runner, std::future::pending()).await {
-                    tracing::warn!("bench worker {i}: {e:#}");
-                }
-            })
-        })
-        .collect()
-}
-
-#[cfg(not(feature = "local-worker"))]
-fn spawn_workers(_addr: &str, _workers: usize) -> Vec<tokio::task::JoinHandle<()>> {
-    panic!("the orchestration benchmark needs the `local-worker` feature")
 }
 
 #[cfg(test)]

@@ -150,12 +150,8 @@ pub async fn run_command(args: &RunArgs) -> anyhow::Result<SweepExit> {
             "no sweep file given: try `msae-coordinator sweeps/stripes.yaml` (see --help)"
         );
     };
-    #[cfg(feature = "local-worker")]
     if args.local_workers > 0 {
-        msae_worker::cli::check_device(&msae_worker::cli::DeviceArgs {
-            gpu: args.gpu,
-            cpu: false,
-        })?;
+        crate::embedded::check_device(args.gpu)?;
     }
     let mut opts = RunOptions::new(sweep);
     opts.db = args.db.clone();

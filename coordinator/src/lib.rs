@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod embedded;
 pub mod model;
 pub mod preflight;
 pub mod progress;

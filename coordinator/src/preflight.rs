@@ -70,7 +70,6 @@ fn check_readable(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-#[cfg(feature = "local-worker")]
 fn load_check(data: &DataConfig) -> anyhow::Result<()> {
     let size = |p: &Option<std::path::PathBuf>| {
         p.as_ref().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len())
@@ -78,13 +77,7 @@ fn load_check(data: &DataConfig) -> anyhow::Result<()> {
     if size(&data.path) + size(&data.labels) > FULL_CHECK_BYTES {
         return Ok(());
     }
-    msae_worker::data::load(data, 0).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
-}
-
-#[cfg(not(feature = "local-worker"))]
-fn load_check(_data: &DataConfig) -> anyhow::Result<()> {
-    Ok(())
+    crate::embedded::load_data(data)
 }
 
 #[cfg(test)]

@@ -163,7 +163,16 @@ pub async fn run_sweep(
     });
     // Local workers stop first, while the server still answers their Release calls.
     let (workers_stop_tx, workers_stop_rx) = watch::channel(false);
-    let workers = spawn_local_workers(&opts, addr, workers_stop_rx);
+    let local = crate::embedded::LocalWorkers {
+        url: format!("http://{addr}"),
+        count: opts.local_workers,
+        name: "local".into(),
+        gpu: opts.local_gpu,
+        token: opts.token.clone(),
+        out_dir: opts.artifacts.clone(),
+        runner: crate::embedded::Runner::Sae,
+    };
+    let workers = crate::embedded::spawn(&local, || wait_for(workers_stop_rx.clone()))?;
 
     let mut counts_rx = scheduler.counts();
     let finished = tokio::select! {
@@ -236,40 +245,6 @@ pub async fn run_sweep(
 /// Resolves when the watch flips to true (or its sender is gone).
 async fn wait_for(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
-}
-
-#[cfg(feature = "local-worker")]
-fn spawn_local_workers(
-    opts: &RunOptions,
-    addr: SocketAddr,
-    stop: watch::Receiver<bool>,
-) -> Vec<tokio::task::JoinHandle<anyhow::Result<msae_worker::client::WorkerSummary>>> {
-    use msae_worker::client::{ClientOptions, run_worker};
-    let runner: Arc<dyn msae_worker::runner::TrialRunner> = Arc::new(msae_worker::train::SaeRunner);
-    (0..opts.local_workers)
-        .map(|i| {
-            let mut client = ClientOptions::new(format!("http://{addr}"));
-            client.name = format!("local-{i}");
-            client.gpu = opts.local_gpu;
-            client.token = opts.token.clone();
-            client.out_dir = opts.artifacts.clone();
-            let runner = runner.clone();
-            let stop = wait_for(stop.clone());
-            tokio::spawn(async move { run_worker(client, runner, stop).await })
-        })
-        .collect()
-}
-
-#[cfg(not(feature = "local-worker"))]
-fn spawn_local_workers(
-    opts: &RunOptions,
-    _addr: SocketAddr,
-    _stop: watch::Receiver<bool>,
-) -> Vec<tokio::task::JoinHandle<anyhow::Result<()>>> {
-    if opts.local_workers > 0 {
-        tracing::warn!("built without the `local-worker` feature: no local workers");
-    }
-    Vec::new()
 }
 
 /// Writes TensorBoard events from the scheduler's lossless event stream: every evaluation at its
