@@ -320,8 +320,9 @@ async fn ask_coordinator(url: &str, args: &ReportArgs) -> anyhow::Result<String>
         .into(),
     });
     if let Some(token) = &args.token {
-        let value = format!("Bearer {token}").parse().context("token is not valid ASCII")?;
-        request.metadata_mut().insert("authorization", value);
+        request
+            .metadata_mut()
+            .insert(msae_shared::auth::AUTHORIZATION, msae_shared::auth::bearer(token)?);
     }
     let stream = client.report(request).await.map_err(|s| {
         anyhow::anyhow!("the coordinator at {url} refused the report: {}", s.message())

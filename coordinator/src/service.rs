@@ -347,13 +347,16 @@ impl Coordinator for CoordinatorService {
 /// An interceptor that requires `authorization: Bearer TOKEN` when `token` is set (and lets
 /// everything through when it is `None`).
 pub fn auth_interceptor(token: Option<String>) -> impl Interceptor + Clone + Send + Sync + 'static {
-    let expected = token.map(|t| format!("Bearer {t}"));
+    let expected = token.map(|t| msae_shared::auth::bearer_text(&t));
     move |request: Request<()>| -> Result<Request<()>, Status> {
         let Some(expected) = &expected else {
             return Ok(request);
         };
-        let given =
-            request.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let given = request
+            .metadata()
+            .get(msae_shared::auth::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
             Ok(request)
         } else {

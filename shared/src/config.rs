@@ -180,6 +180,58 @@ impl SyntheticConfig {
     pub fn num_features(&self) -> usize {
         self.num_clusters * self.features_per_cluster
     }
+
+    /// What generation needs, each field named by its dotted path (`data.synthetic.*`). The one
+    /// check of these fields: the trial config's validation and the generator both call it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &str, message: String| {
+            Err(ConfigError::new(format!("data.synthetic.{field}"), message))
+        };
+        for (name, v) in [
+            ("input_dim", self.input_dim),
+            ("num_clusters", self.num_clusters),
+            ("features_per_cluster", self.features_per_cluster),
+            ("active_clusters", self.active_clusters),
+            ("active_features", self.active_features),
+            ("num_samples", self.num_samples),
+        ] {
+            if v == 0 {
+                return bad(name, "must be at least 1".into());
+            }
+        }
+        if self.active_clusters > self.num_clusters {
+            return bad(
+                "active_clusters",
+                format!(
+                    "{} is larger than num_clusters ({})",
+                    self.active_clusters, self.num_clusters
+                ),
+            );
+        }
+        if self.active_features > self.features_per_cluster {
+            return bad(
+                "active_features",
+                format!(
+                    "{} is larger than features_per_cluster ({})",
+                    self.active_features, self.features_per_cluster
+                ),
+            );
+        }
+        if !(self.coef_min.is_finite()
+            && self.coef_max.is_finite()
+            && self.coef_min >= 0.0
+            && self.coef_max >= self.coef_min)
+        {
+            return bad(
+                "coef_min",
+                format!("need 0 <= coef_min ({}) <= coef_max ({})", self.coef_min, self.coef_max),
+            );
+        }
+        if !(self.noise_std.is_finite() && self.noise_std >= 0.0) {
+            return bad("noise_std", format!("{} must be a finite number >= 0", self.noise_std));
+        }
+        Ok(())
+    }
 }
 
 /// Data configuration.
@@ -739,41 +791,7 @@ impl TrialConfig {
                     return unused("data.labels", "with a data file (npy, safetensors, mnist)");
                 }
                 let s = &d.synthetic;
-                for (name, v) in [
-                    ("data.synthetic.num_clusters", s.num_clusters),
-                    ("data.synthetic.features_per_cluster", s.features_per_cluster),
-                    ("data.synthetic.active_clusters", s.active_clusters),
-                    ("data.synthetic.active_features", s.active_features),
-                    ("data.synthetic.num_samples", s.num_samples),
-                ] {
-                    if v == 0 {
-                        return Err(ConfigError::new(name, "must be at least 1"));
-                    }
-                }
-                if s.active_clusters > s.num_clusters {
-                    return Err(ConfigError::new(
-                        "data.synthetic.active_clusters",
-                        format!(
-                            "{} is larger than num_clusters ({})",
-                            s.active_clusters, s.num_clusters
-                        ),
-                    ));
-                }
-                if s.active_features > s.features_per_cluster {
-                    return Err(ConfigError::new(
-                        "data.synthetic.active_features",
-                        format!(
-                            "{} is larger than features_per_cluster ({})",
-                            s.active_features, s.features_per_cluster
-                        ),
-                    ));
-                }
-                if !(s.coef_min.is_finite() && s.coef_min >= 0.0 && s.coef_max >= s.coef_min) {
-                    return Err(ConfigError::new(
-                        "data.synthetic.coef_min",
-                        format!("need 0 <= coef_min ({}) <= coef_max ({})", s.coef_min, s.coef_max),
-                    ));
-                }
+                s.validate()?;
                 let val = (s.num_samples as f64 * d.validation_fraction).ceil() as usize;
                 if s.num_samples <= val {
                     return Err(ConfigError::new(
@@ -896,6 +914,24 @@ mod tests {
 
     fn data_yaml(data: &str) -> Result<TrialConfig, ConfigError> {
         TrialConfig::from_yaml(&format!("data: {data}\n"))
+    }
+
+    #[test]
+    fn synthetic_checks_are_one_set_for_config_and_generator() {
+        // Regression (drift): the generator allowed coef_min < 0 and the config input_dim 0.
+        for (yaml, field) in [
+            ("{synthetic: {coef_min: -1}}", "data.synthetic.coef_min"),
+            ("{synthetic: {input_dim: 0}}", "data.synthetic.input_dim"),
+            ("{synthetic: {noise_std: .nan}}", "data.synthetic.noise_std"),
+            ("{synthetic: {active_clusters: 9}}", "data.synthetic.active_clusters"),
+        ] {
+            let e = data_yaml(yaml).unwrap_err();
+            assert_eq!(e.field, field, "{yaml}: {e}");
+        }
+        assert_eq!(
+            SyntheticConfig { coef_min: -1.0, ..Default::default() }.validate().unwrap_err().field,
+            "data.synthetic.coef_min"
+        );
     }
 
     #[test]

@@ -4,7 +4,12 @@
 //!   defaults, unknown keys rejected, and [`config::TrialConfig::validate`].
 //! - [`proto`]: the generated gRPC protocol (`proto/msae.proto`, package `msae.v1`).
 //! - [`metrics`]: the stable metric names every trial reports.
+//! - [`auth`]: the shared-token header; [`suggest`]: "did you mean" for misspelt names.
+//! - [`yaml`]: the one YAML entry point (duplicate keys refused with their location);
+//!   [`logging`]: `tracing` setup; [`signal`]: shutdown signals, CPU accounting, exit codes and
+//!   stdout that may close.
 
+pub mod auth;
 pub mod config;
 pub mod logging;
 pub mod metrics;

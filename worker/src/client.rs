@@ -142,7 +142,7 @@ struct BearerAuth(Option<MetadataValue<Ascii>>);
 impl Interceptor for BearerAuth {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
         if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
+            request.metadata_mut().insert(msae_shared::auth::AUTHORIZATION, value.clone());
         }
         Ok(request)
     }
@@ -359,14 +359,7 @@ impl Worker {
             .keep_alive_while_idle(true);
         // Lazy: connects on the first call and reconnects after the coordinator comes back.
         let channel = endpoint.connect_lazy();
-        let auth = match &opts.token {
-            Some(token) => {
-                Some(format!("Bearer {token}").parse::<MetadataValue<Ascii>>().map_err(|_| {
-                    anyhow::anyhow!("the token contains characters not allowed in a header")
-                })?)
-            }
-            None => None,
-        };
+        let auth = opts.token.as_deref().map(msae_shared::auth::bearer).transpose()?;
         let client = CoordinatorClient::with_interceptor(channel, BearerAuth(auth));
         Ok(Worker { opts, client, sae, shutdown, summary: WorkerSummary::default() })
     }

@@ -9,7 +9,8 @@
 //!
 //! - only the encoder forward `pre = (x - b_dec) W_enc^T + b_enc` is a dense GEMM (the `gemm`
 //!   crate, AVX-512 when the CPU has it);
-//! - top-k per row is a size-k min-heap scan (O(N) per row, rows in parallel), keeping exactly
+//! - top-k per row is a thresholded scan (candidates above the running k-th best, pruned with
+//!   `select_nth_unstable` when they reach 4k; O(N) per row, rows in parallel), keeping exactly
 //!   k entries: larger value first, ties to the lower index;
 //! - the decoder forward and every gradient touch only the B*k kept latents, as OpenAI's and
 //!   EleutherAI's top-k kernels do: the kept entries are grouped by latent (a CSC index), so each
@@ -1093,7 +1094,7 @@ mod tests {
         b_dec: Vec<f32>,
     }
 
-    /// Top-k mask by a full sort (value descending, index ascending), independent of the heap.
+    /// Top-k mask by a full sort (value descending, index ascending), independent of the scan.
     fn sort_mask(act: &[f32], n: usize, k: usize) -> Vec<f32> {
         let mut mask = vec![0f32; act.len()];
         for (row, mrow) in act.chunks(n).zip(mask.chunks_mut(n)) {

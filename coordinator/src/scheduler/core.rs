@@ -384,12 +384,9 @@ impl Core {
         self.events.push(SchedulerEvent::TrialFinished { record });
     }
 
-    /// Grants the next queued trial to `worker_id` if possible.
-    pub(crate) fn try_lease(
-        &mut self,
-        worker_id: &str,
-        now: u64,
-    ) -> Result<LeaseDecision, SchedulerError> {
+    /// The checks every lease request passes first: a known worker (else an error), and a
+    /// sweep not finished (else `Shutdown`, and the worker is dismissed). `None`: go on.
+    fn admit(&mut self, worker_id: &str) -> Result<Option<LeaseDecision>, SchedulerError> {
         if !self.workers.contains_key(worker_id) {
             return Err(SchedulerError::UnknownWorker(worker_id.to_string()));
         }
@@ -397,7 +394,19 @@ impl Core {
             // A dismissed worker no longer counts, so the coordinator knows when every worker
             // has been told (it keeps serving until then, briefly, after a sweep finishes).
             self.workers.remove(worker_id);
-            return Ok(LeaseDecision::Shutdown);
+            return Ok(Some(LeaseDecision::Shutdown));
+        }
+        Ok(None)
+    }
+
+    /// Grants the next queued trial to `worker_id` if possible.
+    pub(crate) fn try_lease(
+        &mut self,
+        worker_id: &str,
+        now: u64,
+    ) -> Result<LeaseDecision, SchedulerError> {
+        if let Some(decision) = self.admit(worker_id)? {
+            return Ok(decision);
         }
         if self.shutting_down {
             // The sweep is not over: workers wait (and reconnect to a restarted coordinator)
@@ -455,14 +464,7 @@ impl Core {
         &mut self,
         worker_id: &str,
     ) -> Result<LeaseDecision, SchedulerError> {
-        if !self.workers.contains_key(worker_id) {
-            return Err(SchedulerError::UnknownWorker(worker_id.to_string()));
-        }
-        if self.sweep.finished {
-            self.workers.remove(worker_id);
-            return Ok(LeaseDecision::Shutdown);
-        }
-        Ok(LeaseDecision::Nothing)
+        Ok(self.admit(worker_id)?.unwrap_or(LeaseDecision::Nothing))
     }
 
     pub(crate) fn progress(

@@ -111,48 +111,10 @@ pub fn generate_n(cfg: &SyntheticConfig, seed: u64, n: usize) -> Result<Syntheti
     })
 }
 
-/// The checks generation needs (the config's own `validate` makes them too; `load` may be called
-/// on a config that was never validated).
+/// The checks generation needs: the config's own (`load` may be called on a config that was
+/// never validated).
 fn check(cfg: &SyntheticConfig) -> Result<(), DataError> {
-    let bad = |field: &str, reason: String| {
-        Err(DataError::InvalidConfig { field: format!("data.synthetic.{field}"), reason })
-    };
-    for (name, v) in [
-        ("input_dim", cfg.input_dim),
-        ("num_clusters", cfg.num_clusters),
-        ("features_per_cluster", cfg.features_per_cluster),
-        ("active_clusters", cfg.active_clusters),
-        ("active_features", cfg.active_features),
-    ] {
-        if v == 0 {
-            return bad(name, "must be at least 1".into());
-        }
-    }
-    if cfg.active_clusters > cfg.num_clusters {
-        return bad(
-            "active_clusters",
-            format!("{} is larger than num_clusters ({})", cfg.active_clusters, cfg.num_clusters),
-        );
-    }
-    if cfg.active_features > cfg.features_per_cluster {
-        return bad(
-            "active_features",
-            format!(
-                "{} is larger than features_per_cluster ({})",
-                cfg.active_features, cfg.features_per_cluster
-            ),
-        );
-    }
-    if !(cfg.coef_min.is_finite() && cfg.coef_max.is_finite() && cfg.coef_min <= cfg.coef_max) {
-        return bad(
-            "coef_min",
-            format!("need finite coef_min ({}) <= coef_max ({})", cfg.coef_min, cfg.coef_max),
-        );
-    }
-    if !(cfg.noise_std.is_finite() && cfg.noise_std >= 0.0) {
-        return bad("noise_std", format!("{} must be a finite number >= 0", cfg.noise_std));
-    }
-    Ok(())
+    cfg.validate().map_err(|e| DataError::InvalidConfig { field: e.field, reason: e.message })
 }
 
 #[cfg(test)]
