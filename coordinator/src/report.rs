@@ -41,7 +41,7 @@ impl Counts {
     /// Counts of an unfinished sweep of `planned` trials: those not proposed yet are queued.
     pub fn plan(&mut self, planned: u64) {
         self.total = self.total.max(planned as usize);
-        self.queued = self.total - self.completed - self.failed - self.running;
+        self.queued = self.total.saturating_sub(self.completed + self.failed + self.running);
     }
 }
 

@@ -228,7 +228,7 @@ impl Core {
             proposed,
             // Not yet started: the proposed ones waiting in the queue and the ones the search
             // has still to propose.
-            queued: total - self.completed - self.failed - running,
+            queued: total.saturating_sub(self.completed + self.failed + running),
             running,
             completed: self.completed,
             failed: self.failed,
