@@ -700,7 +700,6 @@ impl TrialConfig {
             ("early_stopping_min_delta", self.early_stopping_min_delta),
             ("distort_prob_decay", self.distort_prob_decay),
             ("jumprelu_threshold", self.jumprelu_threshold),
-            ("data.synthetic.noise_std", self.data.synthetic.noise_std),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return err(name, format!("{v} must be a finite number >= 0"));

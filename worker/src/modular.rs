@@ -108,6 +108,21 @@ struct Dims {
     d: usize,
 }
 
+/// What training moves besides the weights: boosted mode's duty cycles, and the stripe-mask
+/// distortion's random stream and clock (training steps taken).
+struct TrainState {
+    duty: Vec<f32>,
+    distort_rng: StdRng,
+    train_steps: usize,
+}
+
+impl Default for TrainState {
+    /// An empty placeholder (the state is lent out of the model during a step).
+    fn default() -> Self {
+        TrainState { duty: Vec::new(), distort_rng: StdRng::seed_from_u64(0), train_steps: 0 }
+    }
+}
+
 /// Buffers of one forward/backward pass, reused across steps.
 #[derive(Default)]
 struct Work {
@@ -150,12 +165,10 @@ pub struct ModularFast {
     optim: OptimConfig,
     /// Optimiser steps taken.
     t: usize,
-    /// Duty cycles of `boosted` mode.
-    duty: Vec<f32>,
-    /// The distortion's schedule and random stream, and training steps taken (its clock).
+    /// The distortion's schedule.
     sparsity: SparsityParams,
-    distort_rng: StdRng,
-    train_steps: usize,
+    /// What training moves besides the weights.
+    state: TrainState,
     /// Layer k of the last training step (evaluation keeps it, as the candle model does).
     current_k: usize,
     ws: Work,
@@ -216,10 +229,12 @@ impl ModularFast {
             params,
             roles,
             t: 0,
-            duty: vec![0.0; n],
             sparsity: SparsityParams::from_config(cfg),
-            distort_rng: StdRng::seed_from_u64(cfg.seed ^ DISTORT_SEED_SALT),
-            train_steps: 0,
+            state: TrainState {
+                duty: vec![0.0; n],
+                distort_rng: StdRng::seed_from_u64(cfg.seed ^ DISTORT_SEED_SALT),
+                train_steps: 0,
+            },
             current_k: cfg.layer_k_at(0),
             ws: Work::default(),
         })
@@ -258,7 +273,7 @@ impl ModularFast {
 
     /// Boosted mode's duty cycles.
     pub fn duty(&self) -> &[f32] {
-        &self.duty
+        &self.state.duty
     }
 
     /// Forward and backward on `batch` with layer k `k`, training mode (duty cycles move);
@@ -266,7 +281,9 @@ impl ModularFast {
     pub fn gradients(&mut self, batch: &[f32], k: usize) -> anyhow::Result<f64> {
         let rows = self.rows_of(batch)?;
         let mut ws = std::mem::take(&mut self.ws);
-        let loss = forward(self, &mut ws, batch, rows, k, true);
+        let mut state = std::mem::take(&mut self.state);
+        let loss = forward(self, Some(&mut state), &mut ws, batch, rows, k);
+        self.state = state;
         backward(self, &mut ws, batch);
         self.ws = ws;
         Ok(loss)
@@ -378,26 +395,30 @@ fn stripe_means(z: &[f32], d: usize, out: &mut Vec<f32>) {
 }
 
 /// The forward pass over `rows` rows of `x`; fills the workspace and returns the loss
-/// (reconstruction MSE plus the weighted penalties). With `train`, boosted duty cycles move.
+/// (reconstruction MSE plus the weighted penalties). In training (`train` given) the stripe
+/// masks may be distorted and boosted duty cycles move; evaluation reads `m`'s state only.
 fn forward(
-    m: &mut ModularFast,
+    m: &ModularFast,
+    train: Option<&mut TrainState>,
     ws: &mut Work,
     x: &[f32],
     rows: usize,
     k: usize,
-    train: bool,
 ) -> f64 {
     let cfg = &m.cfg;
     let Dims { dim, inter, inp, n, s, d } = m.dims;
     let r = m.roles;
     ws.rows = rows;
     // The stripe-mask distortion of this step (training only), as the candle model draws it.
-    let distort = if train {
-        let p = m.sparsity.distort_prob_at(m.train_steps);
-        m.train_steps += 1;
-        p
-    } else {
-        0.0
+    // Only drawn from when `distort` > 0, which needs training.
+    let mut no_rng = None;
+    let (duty, rng, distort) = match train {
+        Some(st) => {
+            let p = m.sparsity.distort_prob_at(st.train_steps);
+            st.train_steps += 1;
+            (Some(&mut st.duty), &mut st.distort_rng, p)
+        }
+        None => (None, no_rng.get_or_insert_with(|| StdRng::seed_from_u64(0)), 0.0),
     };
     // Encoder input a0.
     resize(&mut ws.a0, rows * inp);
@@ -467,8 +488,12 @@ fn forward(
         LayerSparsityMode::Boosted => {
             let target = k as f64 / n as f64;
             let beta = cfg.boost_strength;
-            let boost: Vec<f32> =
-                m.duty.iter().map(|&dc| (beta * (target - dc as f64)).exp() as f32).collect();
+            let boost: Vec<f32> = duty
+                .as_deref()
+                .unwrap_or(&m.state.duty)
+                .iter()
+                .map(|&dc| (beta * (target - dc as f64)).exp() as f32)
+                .collect();
             resize(&mut ws.boosted, rows * n);
             for (brow, zrow) in ws.boosted.chunks_mut(n).zip(ws.z1.chunks(n)) {
                 for ((o, &z), &f) in brow.iter_mut().zip(zrow).zip(&boost) {
@@ -476,13 +501,13 @@ fn forward(
                 }
             }
             topk::row_topk_mask_into(&ws.boosted, n, k, &mut ws.m1);
-            if train {
+            if let Some(duty) = duty {
                 let alpha = 1.0 / cfg.duty_cycle_period as f32;
                 let mut frac = vec![0.0f32; n];
                 for row in ws.m1.chunks(n) {
                     frac.iter_mut().zip(row).for_each(|(f, &w)| *f += w);
                 }
-                for (dc, f) in m.duty.iter_mut().zip(frac) {
+                for (dc, f) in duty.iter_mut().zip(frac) {
                     *dc += alpha * (f / rows as f32 - *dc);
                 }
             }
@@ -503,7 +528,7 @@ fn forward(
         StripeSparsityMode::Ordinary => {
             stripe_means(&ws.z1, d, &mut ws.means);
             topk::row_topk_mask_into(&ws.means, s, cfg.stripe_k, &mut ws.ms);
-            flip(&mut ws.ms, distort, &mut m.distort_rng);
+            flip(&mut ws.ms, distort, rng);
             ws.gate.copy_from_slice(&ws.ms);
         }
         StripeSparsityMode::Routing => {
@@ -512,7 +537,7 @@ fn forward(
             matmul(rows, s, inp, &mut ws.scores, Mat::rows(&ws.a0, inp), Mat::t(m.w(rw), inp));
             add_bias_relu(&mut ws.scores, m.w(rb), false);
             topk::row_topk_mask_into(&ws.scores, s, cfg.stripe_k, &mut ws.ms);
-            flip(&mut ws.ms, distort, &mut m.distort_rng);
+            flip(&mut ws.ms, distort, rng);
             match cfg.routing_gate {
                 RoutingGate::Scores => {
                     for ((g, &sc), &mk) in ws.gate.iter_mut().zip(&ws.scores).zip(&ws.ms) {
@@ -534,7 +559,7 @@ fn forward(
         stripe_means(&ws.codes, d, &mut ws.means);
         let keep = topk::lifetime_k(cfg.active_stripes_per_batch, rows);
         ws.m3 = topk::col_topk_mask(&ws.means, rows, s, keep);
-        flip(&mut ws.m3, distort, &mut m.distort_rng);
+        flip(&mut ws.m3, distort, rng);
         for (c, &mk) in ws.codes.chunks_mut(d).zip(&ws.m3) {
             c.iter_mut().for_each(|v| *v *= mk);
         }
@@ -867,41 +892,13 @@ impl Trainer for ModularFast {
         let dim = self.dims.dim;
         let rows = self.rows_of(x)?;
         let chunk = self.cfg.batch_size.max(1);
-        // The forward pass takes the model mutably only for boosted duty cycles, which
-        // evaluation never moves: run it on a scratch copy of that state.
-        let mut scratch = ModularFast {
-            cfg: self.cfg.clone(),
-            dims: self.dims,
-            params: Vec::new(),
-            roles: self.roles,
-            optim: self.optim,
-            t: self.t,
-            duty: self.duty.clone(),
-            sparsity: self.sparsity.clone(),
-            distort_rng: self.distort_rng.clone(),
-            train_steps: self.train_steps,
-            current_k: self.current_k,
-            ws: Work::default(),
-        };
-        scratch.params = self
-            .params
-            .iter()
-            .map(|p| Param {
-                name: p.name.clone(),
-                shape: p.shape.clone(),
-                w: p.w.clone(),
-                g: Vec::new(),
-                m: Vec::new(),
-                v: Vec::new(),
-            })
-            .collect();
         let mut ws = Work::default();
         let mut codes = Vec::with_capacity(rows * self.dims.n);
         let mut recon = Vec::with_capacity(x.len());
         let mut loss_sum = 0.0;
         for part in x.chunks(chunk * dim) {
             let r = part.len() / dim;
-            let l = forward(&mut scratch, &mut ws, part, r, self.current_k, false);
+            let l = forward(self, None, &mut ws, part, r, self.current_k);
             loss_sum += l * r as f64;
             codes.extend_from_slice(&ws.codes);
             recon.extend_from_slice(&ws.xhat);
