@@ -4,8 +4,8 @@
 //! times `--steps` steps and reports ms/step, samples/s and achieved GFLOP/s, counting every
 //! step as a dense one: 12*B*d*n FLOPs (six GEMMs: encoder and decoder, forward, and two
 //! gradients each), so the figure is comparable across paths and with PyTorch. Paths:
-//! - `fast`: the hand-written top-k path ([`crate::fast::FastTopK`]);
-//! - `candle`: the general candle model ([`crate::model::CandleTrainer`]) on the same top-k config;
+//! - `fast`: the hand-written top-k path ([`crate::sae::classic::FastTopK`]);
+//! - `candle`: the general candle model ([`crate::sae::model::CandleTrainer`]) on the same top-k config;
 //! - `dense`: the dense SAE (`layer_sparsity_mode: none`) on the fast path, which is what
 //!   training uses for that config (every product a dense GEMM);
 //! - `dense-candle`: the same dense SAE on the general candle model, for comparison.
@@ -37,10 +37,10 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
-use crate::fast::FastTopK;
-use crate::model::CandleTrainer;
+use crate::sae::classic::FastTopK;
+use crate::sae::model::CandleTrainer;
+use crate::sae::trainer::Trainer;
 use crate::train::{Backend, make_trainer};
-use crate::trainer::Trainer;
 
 /// Batches generated per shape and cycled through while timing.
 const DATA_BATCHES: usize = 4;
@@ -670,12 +670,12 @@ mod tests {
         for shape in DEFAULT_SHAPES {
             let cfg = bench_config(&shape, BenchPath::Fast, 1);
             cfg.validate().unwrap();
-            assert!(crate::fast::eligible(&cfg));
+            assert!(crate::sae::classic::eligible(&cfg));
             assert_eq!(cfg.code_dim(), shape.latents);
             // Both dense paths train the same config, which the fast path accepts.
             let dense = bench_config(&shape, BenchPath::Dense, 1);
             dense.validate().unwrap();
-            assert!(crate::fast::eligible(&dense));
+            assert!(crate::sae::classic::eligible(&dense));
             assert_eq!(dense.layer_sparsity_mode, LayerSparsityMode::None);
             assert_eq!(bench_config(&shape, BenchPath::DenseCandle, 1), dense);
         }

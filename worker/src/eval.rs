@@ -319,13 +319,13 @@ pub fn feature_matches(features: &[f32], atoms: &[f32], dim: usize) -> Vec<Optio
     for (b, fb) in unit_features.chunks(block * dim).enumerate() {
         let rows = fb.len() / dim;
         // sims[rows, na] = fb[rows, dim] * unit^T.
-        crate::linalg::matmul(
+        crate::sae::linalg::matmul(
             rows,
             na,
             dim,
             &mut sims,
-            crate::linalg::Mat::rows(fb, dim),
-            crate::linalg::Mat::t(&unit, dim),
+            crate::sae::linalg::Mat::rows(fb, dim),
+            crate::sae::linalg::Mat::t(&unit, dim),
         );
         let f0 = b * block;
         let best: Vec<Option<(usize, f32)>> = sims[..rows * na]

@@ -2,8 +2,8 @@
 //! [`TrialRunner`].
 //!
 //! [`train`] validates the config, loads the data, picks the device and the trainer (the
-//! hand-written [`crate::fast`] path for eligible top-k configs on the CPU, the candle
-//! [`crate::model`] otherwise), then runs `cfg.steps` steps (or `epochs` epochs:
+//! hand-written [`crate::sae::classic`] path for eligible top-k configs on the CPU, the candle
+//! [`crate::sae::model`] otherwise), then runs `cfg.steps` steps (or `epochs` epochs:
 //! [`TrialConfig::total_steps`]) on deterministic shuffled batches:
 //! - batches: an epoch is ceil(train rows / batch_size) steps
 //!   ([`TrialConfig::steps_per_epoch`]); each epoch draws a fresh permutation of the training rows
@@ -27,10 +27,10 @@
 
 use crate::data::{self, DataError};
 use crate::eval::{self, EvalInputs};
-use crate::fast;
-use crate::model::CandleTrainer;
 use crate::runner::{Control, Progress, ProgressKind, RunOptions, TrialOutcome, TrialRunner};
-use crate::trainer::{Diverged, Trainer};
+use crate::sae::model::CandleTrainer;
+use crate::sae::trainer::{Diverged, Trainer};
+use crate::sae::{classic, modular};
 use anyhow::Context as _;
 use candle_core::Device;
 use msae_shared::config::BiasInit;
@@ -119,11 +119,11 @@ pub fn make_trainer(
     backend: Backend,
 ) -> anyhow::Result<(Box<dyn Trainer>, &'static str)> {
     if backend == Backend::Auto && device.is_cpu() {
-        if fast::eligible(cfg) {
-            return Ok((Box::new(fast::FastTopK::new(cfg, dim)?), "fast"));
+        if classic::eligible(cfg) {
+            return Ok((Box::new(classic::FastTopK::new(cfg, dim)?), "fast"));
         }
-        if crate::modular::eligible(cfg) {
-            return Ok((Box::new(crate::modular::ModularFast::new(cfg, dim)?), "modular"));
+        if modular::eligible(cfg) {
+            return Ok((Box::new(modular::ModularFast::new(cfg, dim)?), "modular"));
         }
     }
     Ok((Box::new(CandleTrainer::new(cfg, dim, device)?), "candle"))

@@ -1,4 +1,5 @@
-//! The one GEMM wrapper of the hand-written training paths ([`crate::fast`], [`crate::modular`]).
+//! The one GEMM wrapper of the hand-written training paths ([`crate::sae::classic`],
+//! [`crate::sae::modular`]) and the evaluation, and the one transpose.
 
 /// A strided read-only matrix for [`matmul`]: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -97,6 +98,17 @@ fn gemm_into(
             parallelism,
         );
     }
+}
+
+/// Row-major [rows, cols] -> [cols, rows].
+pub(crate) fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            out[j * rows + i] = a[i * cols + j];
+        }
+    }
+    out
 }
 
 #[cfg(test)]

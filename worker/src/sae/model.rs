@@ -6,7 +6,7 @@
 //! - code activation: ReLU, or JumpReLU `z = pre * H(pre - theta)` with a learned per-neuron
 //!   threshold `theta = exp(log_threshold)` whose gradient is the straight-through rectangle-kernel
 //!   estimate `-(theta/eps) * 1{|pre - theta| < eps/2}` (Rajamanoharan et al. 2024);
-//! - [`crate::sparsity`]: layer, stripe, lifetime-stripe (the router reads `x - b_dec` or `h`);
+//! - [`crate::sae::sparsity`]: layer, stripe, lifetime-stripe (the router reads `x - b_dec` or `h`);
 //! - decoder: linear `x_hat = z A + b_dec` with atoms `A` (N, dim) for the classic SAE, or the
 //!   mirror `x_hat = W_o relu(z A + b_d) + b_o`; `normalize_decoder` L2-normalises the atoms (the
 //!   rows of A) in the forward pass; `tied_weights` uses the encoder's weights transposed;
@@ -31,11 +31,12 @@
 //! Initialisation comes from a `StdRng` seeded by `cfg.seed` ([`initial_weights`]), never from
 //! candle's global RNG, so CPU training is deterministic.
 
-use crate::optim::{Optim, OptimConfig};
-use crate::penalties;
-use crate::sparsity::{Sparsity, SparsityParams};
-use crate::topk::{self, Axis};
-use crate::trainer::{Inference, Trainer};
+use crate::sae::linalg::transpose;
+use crate::sae::optim::{Optim, OptimConfig};
+use crate::sae::penalties;
+use crate::sae::sparsity::{Sparsity, SparsityParams};
+use crate::sae::topk::{self, Axis};
+use crate::sae::trainer::{Inference, Trainer};
 use anyhow::Context as _;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::VarMap;
@@ -55,7 +56,7 @@ const NORM_EPS: f64 = 1e-8;
 pub type NamedWeight = (String, Vec<usize>, Vec<f32>);
 
 /// The initial weights of the model for `cfg` and input dimension `dim`, in a fixed order, from
-/// a `StdRng` seeded by `cfg.seed`. Shared with [`crate::fast`] so both paths start equal.
+/// a `StdRng` seeded by `cfg.seed`. Shared with [`crate::sae::classic`] so both paths start equal.
 ///
 /// Classic SAE: decoder atoms are Gaussian directions normalised to unit norm and the encoder is
 /// their transpose (OpenAI's init); biases are zero. Other layers use PyTorch's `Linear` rule,
@@ -120,16 +121,6 @@ fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     let rows = y.dim(0)?;
     let ones = Tensor::ones((rows, 1), y.dtype(), y.device())?;
     y + ones.matmul(&b.unsqueeze(0)?)?
-}
-
-fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0.0; x.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = x[r * cols + c];
-        }
-    }
-    t
 }
 
 /// What a forward pass produced.
@@ -554,7 +545,7 @@ impl Trainer for CandleTrainer {
         }
         let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
-            return Err(crate::trainer::Diverged { step, value }.into());
+            return Err(crate::sae::trainer::Diverged { step, value }.into());
         }
         let grads = loss.backward()?;
         self.optim.step(&grads)?;

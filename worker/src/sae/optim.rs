@@ -18,6 +18,8 @@ use msae_shared::TrialConfig;
 use msae_shared::config::Optimizer;
 use std::cell::RefCell;
 
+use super::kernels::simd_dispatch;
+
 /// Optimiser hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OptimConfig {
@@ -70,7 +72,7 @@ pub struct Optim {
 
 /// Scalars of one step, shared by the fused kernel and the tensor fallback.
 #[derive(Debug, Clone, Copy)]
-struct StepScalars {
+pub(crate) struct StepScalars {
     kind: Optimizer,
     lr: f32,
     beta1: f32,
@@ -117,22 +119,34 @@ impl InplaceOp2 for FusedStep<'_> {
         if p.len() != g.len() || m.len() != p.len() {
             candle_core::bail!("fused optimizer step: parameter, gradient and state sizes differ");
         }
-        fused_update(&self.s, p, g, &mut m, &mut v);
+        self.s.apply(p, g, &mut m, &mut v);
         Ok(())
     }
 }
 
-fn step_scalars(c: &OptimConfig, t: usize) -> StepScalars {
-    StepScalars {
-        kind: c.kind,
-        lr: c.lr as f32,
-        beta1: c.beta1 as f32,
-        beta2: c.beta2 as f32,
-        eps: c.eps as f32,
-        wd: c.weight_decay as f32,
-        momentum: c.momentum as f32,
-        bc1: (1.0 - c.beta1.powi(t as i32)) as f32,
-        bc2: (1.0 - c.beta2.powi(t as i32)) as f32,
+impl StepScalars {
+    /// The constants of update number `t` (counted from 1).
+    pub(crate) fn new(c: &OptimConfig, t: usize) -> Self {
+        StepScalars {
+            kind: c.kind,
+            lr: c.lr as f32,
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            wd: c.weight_decay as f32,
+            momentum: c.momentum as f32,
+            bc1: (1.0 - c.beta1.powi(t as i32)) as f32,
+            bc2: (1.0 - c.beta2.powi(t as i32)) as f32,
+        }
+    }
+
+    /// Updates `p` with its gradient `g` and moment buffers (`v` unused by SGD): the one
+    /// definition of each rule, for the candle model's fused op and the hand-written trainers.
+    pub(crate) fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        match self.kind {
+            Optimizer::Sgd => sgd(self, p, g, m),
+            Optimizer::Adam | Optimizer::Adamw => adam(self, p, g, m, v),
+        }
     }
 }
 
@@ -146,38 +160,37 @@ pub fn host_update(
     m: &mut [f32],
     v: &mut [f32],
 ) {
-    fused_update(&step_scalars(config, t), p, g, m, v);
+    StepScalars::new(config, t).apply(p, g, m, v);
 }
 
-/// The update rule on slices (also the reference the tests check against).
-fn fused_update(s: &StepScalars, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
-    match s.kind {
-        Optimizer::Sgd => {
-            for ((p, &g), b) in p.iter_mut().zip(g).zip(m.iter_mut()) {
-                let g = g + s.wd * *p;
-                *b = s.momentum * *b + g;
-                *p -= s.lr * *b;
-            }
-        }
-        Optimizer::Adam | Optimizer::Adamw => {
-            let decoupled = s.kind == Optimizer::Adamw;
-            let decay = 1.0 - s.lr * s.wd;
-            let step = s.lr / s.bc1;
-            let inv_bc2 = 1.0 / s.bc2;
-            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                let g = if decoupled {
-                    *p *= decay;
-                    g
-                } else {
-                    g + s.wd * *p
-                };
-                *m = s.beta1 * *m + (1.0 - s.beta1) * g;
-                *v = s.beta2 * *v + (1.0 - s.beta2) * g * g;
-                *p -= step * *m / ((*v * inv_bc2).sqrt() + s.eps);
-            }
-        }
+#[inline(always)]
+fn sgd_body(s: &StepScalars, p: &mut [f32], g: &[f32], buf: &mut [f32]) {
+    for ((p, &g), b) in p.iter_mut().zip(g).zip(buf.iter_mut()) {
+        let g = g + s.wd * *p;
+        *b = s.momentum * *b + g;
+        *p -= s.lr * *b;
     }
 }
+
+#[inline(always)]
+fn adam_body(s: &StepScalars, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    let decoupled = s.kind == Optimizer::Adamw;
+    // Adam adds the decay to the gradient; AdamW shrinks the parameter first.
+    let (l2, decay) = if decoupled { (0.0, 1.0 - s.lr * s.wd) } else { (s.wd, 1.0) };
+    let step = s.lr / s.bc1;
+    let inv_bc2 = 1.0 / s.bc2;
+    let (b1, b2, c1, c2) = (s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2);
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        let g = g + l2 * *p;
+        *p *= decay;
+        *m = b1 * *m + c1 * g;
+        *v = b2 * *v + c2 * g * g;
+        *p -= step * *m / ((*v * inv_bc2).sqrt() + s.eps);
+    }
+}
+
+simd_dispatch!(sgd, sgd_body, (s: &StepScalars, p: &mut [f32], g: &[f32], buf: &mut [f32]));
+simd_dispatch!(adam, adam_body, (s: &StepScalars, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]));
 
 impl Optim {
     /// An optimiser over `vars` (f32 tensors on any one device).
@@ -209,7 +222,7 @@ impl Optim {
     }
 
     fn scalars(&self, t: usize) -> StepScalars {
-        step_scalars(&self.config, t)
+        StepScalars::new(&self.config, t)
     }
 
     /// One update of every variable that has a gradient in `grads` (others are skipped).
@@ -409,7 +422,7 @@ mod tests {
             let dev = Device::Cpu;
             let t = |x: &[f32]| Tensor::from_slice(x, 3, &dev).unwrap();
             let (tp, tm, _) = tensor_update(&s, &t(&p), &t(&g), &t(&m), &t(&v)).unwrap();
-            fused_update(&s, &mut p, &g, &mut m, &mut v);
+            s.apply(&mut p, &g, &mut m, &mut v);
             close(&tp.to_vec1::<f32>().unwrap(), &p.iter().map(|&x| x as f64).collect::<Vec<_>>());
             close(&tm.to_vec1::<f32>().unwrap(), &m.iter().map(|&x| x as f64).collect::<Vec<_>>());
         }

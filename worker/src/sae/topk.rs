@@ -58,6 +58,59 @@ fn row_mask(values: &[f32], k: usize, out: &mut [f32], idx: &mut Vec<u32>) {
     }
 }
 
+/// The sparse form the hand-written classic SAE keeps: exactly k entries of relu(row), in the
+/// order of [`before`]: larger value first, ties to the lower index; output sorted
+/// by index. `cand` is scratch.
+///
+/// One pass keeps candidates above a running threshold in a buffer of a few k; when it fills,
+/// `select_nth_unstable_by` (O(len)) keeps the best k and their k-th value becomes the new
+/// threshold. Scanning in index order, a later entry equal to the threshold loses the tie, so
+/// only strictly larger values are admitted. With fewer than k positive values the rest are
+/// relu zeros, which go to the lowest indices.
+pub(crate) fn relu_topk_row(
+    row: &[f32],
+    idx: &mut [u32],
+    val: &mut [f32],
+    cand: &mut Vec<(f32, u32)>,
+) {
+    let k = idx.len();
+    let cap = (4 * k).max(64);
+    // [`before`]'s order on (value, index) pairs.
+    let better = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    cand.clear();
+    let mut thr = 0.0f32;
+    for (j, &v) in row.iter().enumerate() {
+        if v > thr {
+            cand.push((v, j as u32));
+            if cand.len() == cap {
+                cand.select_nth_unstable_by(k - 1, better);
+                cand.truncate(k);
+                // Position k-1 now holds the worst of the best k: the new threshold.
+                thr = cand[k - 1].0;
+            }
+        }
+    }
+    if cand.len() > k {
+        cand.select_nth_unstable_by(k - 1, better);
+        cand.truncate(k);
+    } else if cand.len() < k {
+        // Fewer than k positives: fill with relu zeros, lowest indices first.
+        for (j, &v) in row.iter().enumerate() {
+            if cand.len() == k {
+                break;
+            }
+            if v <= 0.0 || v.is_nan() {
+                cand.push((0.0, j as u32));
+            }
+        }
+    }
+    cand.sort_unstable_by_key(|c| c.1);
+    for (t, c) in cand.iter().enumerate() {
+        idx[t] = c.1;
+        val[t] = c.0;
+    }
+}
+
 /// 0/1 mask keeping, in each row of the row-major (rows, cols) matrix `x`, exactly its `k`
 /// largest entries (ties to the lower index). `k >= cols` keeps everything, `k == 0` nothing.
 pub fn row_topk_mask(x: &[f32], cols: usize, k: usize) -> Vec<f32> {

@@ -3,7 +3,7 @@
 //! 2. stripe sparsity on (B, S, D) ([`StripeSparsityMode`]);
 //! 3. lifetime stripe sparsity (`active_stripes_per_batch` < 1).
 //!
-//! Every stage builds a 0/1 mask with [`crate::topk`] and applies it as `z * mask`, so gradients
+//! Every stage builds a 0/1 mask with [`crate::sae::topk`] and applies it as `z * mask`, so gradients
 //! reach only the kept entries. Routing is the exception that must pass gradient to its router:
 //! with [`RoutingGate::Scores`] kept stripes are multiplied by their score; with
 //! [`RoutingGate::StraightThrough`] the gate is `mask + (scores - scores.detach()) * mask`:
@@ -22,7 +22,7 @@
 //! [`Sparsity::forward_train`] calls (one per training step). The draws come from a `StdRng`
 //! seeded by the config's seed, so training stays deterministic. Stage 1 is never distorted.
 
-use crate::topk::{self, Axis};
+use crate::sae::topk::{self, Axis};
 use candle_core::{D, DType, Result, Tensor};
 use msae_shared::TrialConfig;
 use msae_shared::config::{LayerSparsityMode, RoutingGate, StripeSparsityMode, decayed_prob};

@@ -2,8 +2,8 @@
 //!
 //! The loop in [`crate::train`] owns batching, input noise, evaluation, early stopping and
 //! progress; a [`Trainer`] owns parameters and optimiser state. The candle model
-//! ([`crate::model`]) works for every configuration; the hand-written top-k fast path
-//! ([`crate::fast`]) serves the configurations it supports and is tested against it.
+//! ([`crate::sae::model`]) works for every configuration; the hand-written top-k fast path
+//! ([`crate::sae::classic`]) serves the configurations it supports and is tested against it.
 
 use std::path::Path;
 

@@ -1,0 +1,62 @@
+//! Small vector kernels, compiled for AVX2+FMA and chosen at run time (the crate is built for
+//! baseline x86-64, where LLVM would only use 4-wide SSE). They are memory-bound, so AVX-512
+//! would add little (and its target feature needs a newer rustc than the workspace's MSRV);
+//! the GEMM, where it matters, uses AVX-512 through `gemm`'s own dispatch.
+//!
+//! [`simd_dispatch!`] turns a plain `#[inline(always)]` body into a function that runs the
+//! AVX2+FMA build of that body when the CPU has it; the optimisers' update rules use it too.
+
+const LANES: usize = 16;
+
+#[inline(always)]
+fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn axpy_body(alpha: f32, x: &[f32], y: &mut [f32]) {
+    y.iter_mut().zip(x).for_each(|(y, &x)| *y += alpha * x);
+}
+
+#[inline(always)]
+fn add_body(y: &mut [f32], x: &[f32]) {
+    y.iter_mut().zip(x).for_each(|(y, &x)| *y += x);
+}
+
+macro_rules! simd_dispatch {
+    ($name:ident, $body:ident, ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $name {
+            use super::*;
+            #[target_feature(enable = "avx2,fma")]
+            pub unsafe fn v3($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
+        }
+        #[inline]
+        pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                // SAFETY: each variant runs only when the CPU reports its features.
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    return unsafe { $name::v3($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+pub(crate) use simd_dispatch;
+
+simd_dispatch!(dot, dot_body, (a: &[f32], b: &[f32]) -> f32);
+simd_dispatch!(axpy, axpy_body, (alpha: f32, x: &[f32], y: &mut [f32]));
+simd_dispatch!(add, add_body, (y: &mut [f32], x: &[f32]));

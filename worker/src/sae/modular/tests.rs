@@ -1,0 +1,232 @@
+use super::*;
+use crate::sae::model::ModularSae;
+use candle_core::{Device, Tensor};
+use msae_shared::config::{Activation, Optimizer};
+use msae_shared::config::{LayerSparsityMode, RoutingGate, StripeSparsityMode};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn base(dim: usize) -> TrialConfig {
+    let mut cfg = TrialConfig {
+        num_stripes: 6,
+        stripe_dim: 3,
+        layer_k: 7,
+        stripe_k: 2,
+        batch_size: 10,
+        ..Default::default()
+    };
+    cfg.data.synthetic.input_dim = dim;
+    cfg
+}
+
+/// The model with every weight perturbed (biases off zero, so no ReLU sits exactly at 0),
+/// and the candle model holding the same weights.
+fn pair(cfg: &TrialConfig, dim: usize, seed: u64) -> (ModularFast, ModularSae) {
+    let mut fast = ModularFast::new(cfg, dim).unwrap();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let names: Vec<(String, usize)> =
+        fast.weights().map(|(n, _, w)| (n.to_string(), w.len())).collect();
+    for (name, len) in &names {
+        let w: Vec<f32> = fast.weights().find(|(n, _, _)| n == name).unwrap().2.to_vec();
+        let v: Vec<f32> = w.iter().take(*len).map(|&x| x + rng.random_range(-0.3..0.3)).collect();
+        fast.set_weight(name, &v).unwrap();
+    }
+    let model = ModularSae::new(cfg, dim, &Device::Cpu).unwrap();
+    for (name, shape, w) in fast.weights() {
+        let t = Tensor::from_slice(w, shape, &Device::Cpu).unwrap();
+        model.var(name).unwrap().set(&t).unwrap();
+    }
+    (fast, model)
+}
+
+fn batch(rows: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..rows * dim).map(|_| rng.random_range(-1.0f32..1.5)).collect()
+}
+
+fn close(name: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let scale = want.iter().fold(1e-3f32, |a, v| a.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 2e-3 * scale, "{name}[{i}]: {g} vs {w} (scale {scale})");
+    }
+}
+
+/// Loss and every gradient of one training step equal candle autograd's.
+fn check(cfg: &TrialConfig) {
+    let dim = 5;
+    let (mut fast, mut model) = pair(cfg, dim, 7);
+    let rows = cfg.batch_size;
+    let x = batch(rows, dim, 11);
+    let k = cfg.layer_k;
+    let loss = fast.gradients(&x, k).unwrap();
+    let xt = Tensor::from_slice(&x, (rows, dim), &Device::Cpu).unwrap();
+    let out = model.forward_train(&xt, k).unwrap();
+    let want = model.loss(&xt, &out).unwrap();
+    let grads = want.backward().unwrap();
+    let want = want.to_scalar::<f32>().unwrap() as f64;
+    assert!((loss - want).abs() <= 1e-4 * want.abs().max(1.0), "loss {loss} vs {want} for {cfg:?}");
+    let codes: Vec<f32> = out.codes.flatten_all().unwrap().to_vec1().unwrap();
+    close("codes", &fast.ws.codes, &codes);
+    for (name, var) in model.vars() {
+        let g: Vec<f32> = match grads.get(var.as_tensor()) {
+            Some(g) => g.flatten_all().unwrap().to_vec1().unwrap(),
+            None => vec![0.0; var.elem_count()],
+        };
+        close(
+            &format!("{name} ({:?}/{:?})", cfg.layer_sparsity_mode, cfg.stripe_sparsity_mode),
+            fast.gradient(&name).unwrap(),
+            &g,
+        );
+    }
+    close("duty", fast.duty(), &model.sparsity.duty);
+    // The comparison is not vacuous: the gradients that should flow do.
+    let nonzero = |name: &str| fast.gradient(name).unwrap().iter().any(|v| *v != 0.0);
+    assert!(nonzero("encoder.weight") && nonzero("decoder.bias"), "{cfg:?}");
+    if cfg.stripe_sparsity_mode == StripeSparsityMode::Routing {
+        assert!(nonzero("router.weight"), "{cfg:?}");
+    }
+}
+
+#[test]
+fn gradients_match_candle_autograd_in_every_mode() {
+    let layers = [
+        LayerSparsityMode::None,
+        LayerSparsityMode::Ordinary,
+        LayerSparsityMode::Lifetime,
+        LayerSparsityMode::LifetimeBatchMean,
+        LayerSparsityMode::Boosted,
+    ];
+    let stripes =
+        [StripeSparsityMode::None, StripeSparsityMode::Ordinary, StripeSparsityMode::Routing];
+    for inter in [0, 4] {
+        for layer in layers {
+            for stripe in stripes {
+                let cfg = TrialConfig {
+                    intermediate_dim: inter,
+                    layer_sparsity_mode: layer,
+                    stripe_sparsity_mode: stripe,
+                    lifetime_rate: 0.3,
+                    ..base(5)
+                };
+                check(&cfg);
+            }
+        }
+    }
+}
+
+#[test]
+fn gradients_match_with_gates_penalties_tied_weights_and_options() {
+    let routing = TrialConfig {
+        stripe_sparsity_mode: StripeSparsityMode::Routing,
+        layer_sparsity_mode: LayerSparsityMode::Ordinary,
+        ..base(5)
+    };
+    let variants = [
+        TrialConfig { routing_gate: RoutingGate::StraightThrough, ..routing.clone() },
+        TrialConfig { routing_l1_regularization: 0.01, ..routing.clone() },
+        TrialConfig { active_stripes_per_batch: 0.4, ..routing.clone() },
+        TrialConfig { l1_weight: 0.3, kl_weight: 0.2, hoyer_weight: 0.4, ..routing.clone() },
+        TrialConfig { tied_weights: true, ..routing.clone() },
+        TrialConfig { distort_prob: 0.4, active_stripes_per_batch: 0.5, ..routing.clone() },
+        TrialConfig {
+            distort_prob: 0.3,
+            stripe_sparsity_mode: StripeSparsityMode::Ordinary,
+            ..routing.clone()
+        },
+        TrialConfig {
+            activation: Activation::JumpRelu,
+            jumprelu_threshold: 0.2,
+            jumprelu_bandwidth: 0.5,
+            ..routing.clone()
+        },
+        TrialConfig {
+            activation: Activation::JumpRelu,
+            jumprelu_threshold: 0.2,
+            jumprelu_bandwidth: 0.5,
+            intermediate_dim: 4,
+            layer_sparsity_mode: LayerSparsityMode::Boosted,
+            ..routing.clone()
+        },
+        TrialConfig { tied_weights: true, intermediate_dim: 4, ..routing.clone() },
+        TrialConfig { normalize_decoder: false, intermediate_dim: 4, ..routing.clone() },
+        TrialConfig { output_relu: true, intermediate_dim: 4, ..routing.clone() },
+        TrialConfig {
+            output_relu: true,
+            tied_weights: true,
+            intermediate_dim: 4,
+            l1_weight: 0.1,
+            kl_weight: 0.1,
+            hoyer_weight: 0.1,
+            active_stripes_per_batch: 0.5,
+            ..routing.clone()
+        },
+    ];
+    for cfg in variants {
+        check(&cfg);
+    }
+}
+
+#[test]
+fn training_follows_the_candle_trainer() {
+    // Same init, same batches: a few optimiser steps of each kind stay together.
+    for optimizer in [Optimizer::Sgd, Optimizer::Adam, Optimizer::Adamw] {
+        let cfg = TrialConfig {
+            intermediate_dim: 4,
+            layer_sparsity_mode: LayerSparsityMode::Ordinary,
+            stripe_sparsity_mode: StripeSparsityMode::Routing,
+            optimizer,
+            lr: 1e-3,
+            momentum: 0.9,
+            weight_decay: 0.01,
+            distort_prob: 0.3,
+            distort_prob_decay: 0.1,
+            run_steps_per_epoch: 2,
+            ..base(5)
+        };
+        let mut fast = ModularFast::new(&cfg, 5).unwrap();
+        let mut candle = crate::sae::model::CandleTrainer::new(&cfg, 5, &Device::Cpu).unwrap();
+        for step in 0..4 {
+            let x = batch(cfg.batch_size, 5, step as u64);
+            let a = fast.step(&x, step).unwrap();
+            let b = candle.step(&x, step).unwrap();
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "{optimizer:?} step {step}: {a} vs {b}"
+            );
+        }
+        let x = batch(30, 5, 99);
+        let (a, b) = (fast.infer(&x).unwrap(), candle.infer(&x).unwrap());
+        close("codes", &a.codes, &b.codes);
+        close("recon", &a.recon, &b.recon);
+        close("atoms", &fast.atoms().unwrap(), &candle.atoms().unwrap());
+    }
+}
+
+#[test]
+fn saves_in_the_candle_layout() {
+    let cfg = TrialConfig {
+        intermediate_dim: 4,
+        stripe_sparsity_mode: StripeSparsityMode::Routing,
+        ..base(5)
+    };
+    let fast = ModularFast::new(&cfg, 5).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    fast.save(&path).unwrap();
+    let loaded = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let model = ModularSae::new(&cfg, 5, &Device::Cpu).unwrap();
+    assert_eq!(loaded.len(), model.vars().len());
+    for (name, var) in model.vars() {
+        assert_eq!(loaded[&name].dims(), var.dims(), "{name}");
+    }
+}
+
+#[test]
+fn eligibility() {
+    assert!(eligible(&TrialConfig::default()));
+    assert!(eligible(&TrialConfig { activation: Activation::JumpRelu, ..Default::default() }));
+    assert!(!eligible(&TrialConfig { aux_k: 8, ..Default::default() }));
+    assert!(!eligible(&TrialConfig { resample_dead_every: 10, ..Default::default() }));
+    assert!(eligible(&TrialConfig { distort_prob: 0.4, ..Default::default() }));
+}
