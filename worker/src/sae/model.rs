@@ -44,7 +44,6 @@ use msae_shared::TrialConfig;
 use msae_shared::config::{Activation, StripeSparsityMode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rand_distr::StandardNormal;
 use std::path::Path;
 
 /// Mixed into the seed for resampling draws.
@@ -58,8 +57,9 @@ pub type NamedWeight = (String, Vec<usize>, Vec<f32>);
 /// The initial weights of the model for `cfg` and input dimension `dim`, in a fixed order, from
 /// a `StdRng` seeded by `cfg.seed`. Shared with [`crate::sae::classic`] so both paths start equal.
 ///
-/// Classic SAE: decoder atoms are Gaussian directions normalised to unit norm and the encoder is
-/// their transpose (OpenAI's init); biases are zero. Other layers use PyTorch's `Linear` rule,
+/// Classic SAE: the encoder is uniform in ±1/sqrt(dim) and the decoder atoms are its rows
+/// normalised to unit norm (OpenAI's init); biases are zero. With tied weights the encoder rows
+/// are the atoms (normalised in the forward pass when `normalize_decoder`). Other layers use PyTorch's `Linear` rule,
 /// uniform in ±1/sqrt(fan_in), with zero biases.
 pub fn initial_weights(cfg: &TrialConfig, dim: usize) -> Vec<NamedWeight> {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -71,14 +71,16 @@ pub fn initial_weights(cfg: &TrialConfig, dim: usize) -> Vec<NamedWeight> {
         (0..rows * cols).map(|_| rng.random_range(-a..a)).collect()
     };
     if inter == 0 {
-        // atoms (N, dim), unit rows.
-        let mut atoms: Vec<f32> =
-            (0..n * dim).map(|_| rng.sample::<f32, _>(StandardNormal)).collect();
+        // OpenAI's init: the encoder by PyTorch's `Linear` rule, the decoder atoms its rows
+        // normalised to unit norm. (Unit-norm encoder rows instead train measurably worse at
+        // small learning rates: worker/bench/quality_topk.py.)
+        let enc = uniform(&mut rng, n, dim);
+        let mut atoms = enc.clone();
         for row in atoms.chunks_mut(dim) {
             let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
             row.iter_mut().for_each(|v| *v /= norm);
         }
-        out.push(("encoder.weight".into(), vec![n, dim], atoms.clone()));
+        out.push(("encoder.weight".into(), vec![n, dim], enc));
         out.push(("encoder.bias".into(), vec![n], vec![0.0; n]));
         if !cfg.tied_weights {
             out.push(("decoder.weight".into(), vec![dim, n], transpose(&atoms, n, dim)));
@@ -653,11 +655,18 @@ mod tests {
         assert_eq!(names, ["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"]);
         assert_eq!(a[0].1, vec![8, 5]);
         assert_eq!(a[2].1, vec![5, 8]);
-        // Decoder columns are unit atoms and equal the encoder rows.
+        // OpenAI's init: the encoder uniform in ±1/sqrt(dim), the decoder's columns its rows at
+        // unit norm.
+        let bound = 1.0 / 5f32.sqrt();
+        assert!(a[0].2.iter().all(|v| v.abs() <= bound));
         for j in 0..8 {
             let col: Vec<f32> = (0..5).map(|c| a[2].2[c * 8 + j]).collect();
             assert!((col.iter().map(|v| v * v).sum::<f32>() - 1.0).abs() < 1e-5);
-            assert_eq!(&col[..], &a[0].2[j * 5..(j + 1) * 5]);
+            let row = &a[0].2[j * 5..(j + 1) * 5];
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            for (c, r) in col.iter().zip(row) {
+                assert!((c - r / norm).abs() < 1e-6, "atom {j} is not encoder row {j} normalised");
+            }
         }
         let other = TrialConfig { seed: 1, ..cfg };
         assert_ne!(a[0].2, initial_weights(&other, 5)[0].2);

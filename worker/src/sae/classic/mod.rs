@@ -34,8 +34,8 @@
 //! loss = mean over all elements of `(x - x_hat)^2`. Weight decay applies to every parameter
 //! (biases too), as in candle-nn and PyTorch: decoupled for AdamW, added to the gradient for Adam.
 //!
-//! Initialisation, deterministic from `cfg.seed` (StdRng): encoder rows and decoder atoms are the
-//! same random unit directions (transpose init); both biases start at 0 (b_dec is not set to the
+//! Initialisation, deterministic from `cfg.seed` (StdRng): OpenAI's (the encoder uniform in
+//! ±1/sqrt(dim), the atoms its rows at unit norm); both biases start at 0 (b_dec is not set to the
 //! data mean, so the step is a pure function of the config and the batches). This is
 //! [`crate::sae::model::initial_weights`] value for value (tested), so both paths start equal.
 //! Evaluation keeps the k of the last training step (the curriculum's current k), as the candle
@@ -264,14 +264,17 @@ impl FastTopK {
             return Err(FastError::NotEligible("input dimension is 0".into()).into());
         }
         let n = cfg.code_dim();
-        // The one initialisation of the model (the candle model's): encoder rows are the unit
-        // atoms, which are also the decoder's rows here.
-        let w_dec = crate::sae::model::initial_weights(cfg, dim)
-            .into_iter()
-            .find(|(name, _, _)| name == "encoder.weight")
-            .map(|(_, _, w)| w)
-            .ok_or_else(|| anyhow::anyhow!("the initial weights lack encoder.weight"))?;
-        let w_enc = w_dec.clone();
+        // The one initialisation of the model (the candle model's); the decoder's columns
+        // become this path's atom rows.
+        let mut init = crate::sae::model::initial_weights(cfg, dim);
+        let mut take = |name: &str| {
+            init.iter_mut()
+                .find(|(n, _, _)| n == name)
+                .map(|(_, _, w)| std::mem::take(w))
+                .ok_or_else(|| anyhow::anyhow!("the initial weights lack {name}"))
+        };
+        let w_enc = take("encoder.weight")?;
+        let w_dec = transpose(&take("decoder.weight")?, dim, n);
         let mut p = Params {
             w_enc,
             b_enc: vec![0.0; n],

@@ -321,12 +321,17 @@ fn deterministic_for_a_seed() {
 }
 
 #[test]
-fn init_is_transposed_unit_directions() {
+fn init_atoms_are_the_encoder_rows_at_unit_norm() {
     let m = FastTopK::new(&cfg(8, 4, true), 20).unwrap();
-    assert_eq!(m.p.w_enc, m.p.w_dec);
-    for row in m.p.w_dec.chunks(20) {
-        let norm: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+    let bound = 1.0 / 20f32.sqrt();
+    assert!(m.p.w_enc.iter().all(|v| v.abs() <= bound));
+    for (atom, row) in m.p.w_dec.chunks(20).zip(m.p.w_enc.chunks(20)) {
+        let norm: f32 = atom.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5);
+        let row_norm: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        for (a, r) in atom.iter().zip(row) {
+            assert!((a - r / row_norm).abs() < 1e-6);
+        }
     }
     assert!(m.p.b_enc.iter().chain(&m.p.b_dec).all(|&b| b == 0.0));
 }
