@@ -14,6 +14,7 @@ use crate::spec::{SweepSpec, TaskKind};
 use crate::store::Store;
 use crate::tensorboard::TensorBoardLogger;
 use anyhow::Context;
+use msae_shared::RunnerKind;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -122,8 +123,8 @@ pub async fn run_sweep(
         metric: spec.metric.name.clone(),
         goal: spec.metric.goal,
         runner: match spec.task.kind {
-            TaskKind::Sae => "sae".into(),
-            TaskKind::Noop => "noop".into(),
+            TaskKind::Sae => RunnerKind::Sae,
+            TaskKind::Noop => RunnerKind::Noop,
         },
         noop_sleep_ms: spec.task.sleep_ms.min(u32::MAX as u64) as u32,
     };

@@ -24,6 +24,7 @@ pub(crate) mod tests;
 use crate::model::{Goal, SweepRecord, TrialRecord};
 use crate::search::Strategy;
 use crate::store::{Store, StoreError, WriteBatch};
+use msae_shared::RunnerKind;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,8 +60,8 @@ pub struct SchedulerPolicy {
     /// Name of the metric the sweep optimises.
     pub metric: String,
     pub goal: Goal,
-    /// Trial runner kind sent to workers ("sae" or "noop").
-    pub runner: String,
+    /// What each trial runs; sent to workers with every lease.
+    pub runner: RunnerKind,
     /// For the noop runner: how long each trial pretends to work.
     pub noop_sleep_ms: u32,
 }
@@ -76,7 +77,7 @@ impl Default for SchedulerPolicy {
             planned: None,
             metric: "loss".into(),
             goal: Goal::Minimize,
-            runner: "sae".into(),
+            runner: RunnerKind::Sae,
             noop_sleep_ms: 0,
         }
     }
@@ -108,7 +109,7 @@ pub struct LeaseGrant {
     pub config_json: String,
     pub ttl: Duration,
     pub timeout: Option<Duration>,
-    pub runner: String,
+    pub runner: RunnerKind,
     pub noop_sleep_ms: u32,
 }
 

@@ -247,7 +247,7 @@ fn lease_proto(g: LeaseGrant) -> proto::Lease {
         config_json: g.config_json,
         ttl_ms: g.ttl.as_millis().min(u32::MAX as u128) as u32,
         timeout_s: g.timeout.map_or(0.0, |t| t.as_secs_f64()),
-        runner: g.runner,
+        runner: g.runner.to_string(),
         noop_sleep_ms: g.noop_sleep_ms,
     }
 }

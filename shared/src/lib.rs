@@ -4,6 +4,7 @@
 //!   defaults, unknown keys rejected, and [`config::TrialConfig::validate`].
 //! - [`proto`]: the generated gRPC protocol (`proto/msae.proto`, package `msae.v1`).
 //! - [`metrics`]: the stable metric names every trial reports.
+//! - [`runner`]: [`RunnerKind`], what a trial runs (`sae`, `noop`); a string only on the wire.
 //! - [`auth`]: the shared-token header; [`suggest`]: "did you mean" for misspelt names.
 //! - [`yaml`]: the one YAML entry point (duplicate keys refused with their location);
 //!   [`logging`]: `tracing` setup; [`signal`]: shutdown signals, CPU accounting, exit codes and
@@ -13,6 +14,7 @@ pub mod auth;
 pub mod config;
 pub mod logging;
 pub mod metrics;
+pub mod runner;
 pub mod signal;
 pub mod suggest;
 pub mod yaml;
@@ -27,3 +29,4 @@ pub mod proto {
 pub const PROTOCOL_VERSION: u32 = 1;
 
 pub use config::{ConfigError, TrialConfig};
+pub use runner::RunnerKind;

@@ -444,7 +444,7 @@ impl Core {
             config_json: t.config.to_string(),
             ttl: self.policy.lease_ttl,
             timeout: self.policy.timeout,
-            runner: self.policy.runner.clone(),
+            runner: self.policy.runner,
             noop_sleep_ms: self.policy.noop_sleep_ms,
         };
         self.events.push(SchedulerEvent::TrialStarted {

@@ -63,7 +63,7 @@ pub(crate) fn policy() -> SchedulerPolicy {
         max_attempts: 2,
         lease_ttl: Duration::from_millis(1000),
         metric: "loss".into(),
-        runner: "noop".into(),
+        runner: RunnerKind::Noop,
         ..SchedulerPolicy::default()
     }
 }
@@ -219,7 +219,7 @@ fn lease_complete_then_second_complete_refused() {
     let g = grant(&mut c, &w, 1000);
     assert_eq!((g.index, g.attempt, g.trial_id.as_str()), (0, 1, "t/0"));
     assert_eq!(g.config_json, r#"{"params":{"x":0.0}}"#);
-    assert_eq!(g.runner, "noop");
+    assert_eq!(g.runner, RunnerKind::Noop);
     let ack = c.complete(&g.lease_id, success(0.25), 1500);
     assert!(ack.accepted, "{ack:?}");
     let again = c.complete(&g.lease_id, success(0.1), 1600);
