@@ -13,14 +13,9 @@ pub enum TrialStatus {
     Failed,
 }
 
-/// Optimisation direction of the sweep metric.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum Goal {
-    #[default]
-    Minimize,
-    Maximize,
-}
+/// Optimisation direction of the sweep metric (the metric table's, stored as `minimize` /
+/// `maximize`).
+pub use msae_shared::metrics::Goal;
 
 /// The lease a trial is running under.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -55,14 +55,12 @@ impl TryFrom<proto::ReportRequest> for ReportQuery {
         check_name("metric", &r.metric)?;
         let goal = match r.goal.as_str() {
             "" => None,
-            "minimize" => Some(Goal::Minimize),
-            "maximize" => Some(Goal::Maximize),
-            other => {
-                return Err(Status::invalid_argument(format!(
+            name => Some(Goal::from_name(name).ok_or_else(|| {
+                Status::invalid_argument(format!(
                     "goal must be \"minimize\" or \"maximize\", got {:?}",
-                    truncated(other)
-                )));
-            }
+                    truncated(name)
+                ))
+            })?),
         };
         let top = match r.top {
             None => None,
