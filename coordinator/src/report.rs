@@ -86,6 +86,24 @@ pub enum ReportFormat {
     Json,
 }
 
+impl ReportFormat {
+    /// The format's name, as the CLI and the Report RPC spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReportFormat::Table => "table",
+            ReportFormat::Csv => "csv",
+            ReportFormat::Json => "json",
+        }
+    }
+
+    /// The format named `name`, if any.
+    pub fn from_name(name: &str) -> Option<ReportFormat> {
+        [ReportFormat::Table, ReportFormat::Csv, ReportFormat::Json]
+            .into_iter()
+            .find(|f| f.name() == name)
+    }
+}
+
 /// The sweep a report is about: the one named, or else the most recently created. The error
 /// says which sweeps there are.
 pub fn pick_sweep<'a>(
