@@ -7,7 +7,6 @@ use crate::report::{Report, ReportFormat, pick_sweep};
 use crate::run::{RunOptions, address_file, run_sweep};
 use crate::store::{Store, StoreError};
 use anyhow::Context;
-use msae_shared::proto;
 use msae_shared::signal::print_stdout;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -293,43 +292,15 @@ fn read_store(
 
 /// The report, ranked and rendered by the coordinator at `url`, streamed in pieces.
 async fn ask_coordinator(url: &str, args: &ReportArgs) -> anyhow::Result<String> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("invalid coordinator URL {url:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {url}"))?;
-    let mut client = proto::coordinator_client::CoordinatorClient::new(channel)
-        .max_decoding_message_size(crate::service::report::CLIENT_MAX_MESSAGE);
-    let mut request = tonic::Request::new(proto::ReportRequest {
-        sweep: args.sweep.clone().unwrap_or_default(),
-        metric: args.metric.clone().unwrap_or_default(),
-        goal: match args.goal {
-            None => String::new(),
-            Some(crate::model::Goal::Minimize) => "minimize".into(),
-            Some(crate::model::Goal::Maximize) => "maximize".into(),
-        },
-        top: args.top.map(|n| n as u64),
+    let query = crate::service::ReportQuery {
+        sweep: args.sweep.clone(),
+        metric: args.metric.clone(),
+        goal: args.goal,
+        top: args.top,
         records: false,
-        format: match args.format {
-            ReportFormat::Table => "table",
-            ReportFormat::Csv => "csv",
-            ReportFormat::Json => "json",
-        }
-        .into(),
-    });
-    if let Some(token) = &args.token {
-        request
-            .metadata_mut()
-            .insert(msae_shared::auth::AUTHORIZATION, msae_shared::auth::bearer(token)?);
-    }
-    let stream = client.report(request).await.map_err(|s| {
-        anyhow::anyhow!("the coordinator at {url} refused the report: {}", s.message())
-    })?;
-    crate::service::collect_text(stream.into_inner())
-        .await
-        .with_context(|| format!("reading the report of the coordinator at {url}"))
+        format: args.format,
+    };
+    crate::service::report::fetch_text(url, &query, args.token.as_deref()).await
 }
 
 /// The whole `msae-coordinator` program (the binary and the end-to-end tests call this).

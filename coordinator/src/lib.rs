@@ -3,7 +3,15 @@
 //!
 //! - [`spec`]: the sweep YAML; [`search`]: strategies proposing points.
 //! - [`model`]: stored records; [`store`]: redb; [`scheduler`]: leases, retries, resume.
-//! - [`service`]: the gRPC service; [`tensorboard`]: event files; [`report`]: ranked results.
+//! - [`service`]: the gRPC service (and the one Report client); [`report`]: ranked results.
+//! - [`tensorboard`]: event files, one run per trial, fed by the scheduler's events.
+//! - [`run`]: running a sweep (all of the above together); [`cli`]: the command line;
+//!   [`progress`]: the live status line; [`preflight`]: data files checked before the first
+//!   trial; [`embedded`]: the one module that names the worker crate (local workers);
+//!   [`bench`](mod@bench): orchestration and report benchmarks.
+//!
+//! What every metric is (name, goal, report and TensorBoard columns) lives in
+//! [`msae_shared::metrics::TABLE`]; the trial config type in [`msae_shared::config`].
 
 pub mod bench;
 pub mod cli;

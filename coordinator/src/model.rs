@@ -1,5 +1,6 @@
 //! Domain records of the coordinator: sweeps and trials as stored in redb and shown in reports.
 
+use msae_shared::{ConfigError, TrialConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -13,14 +14,9 @@ pub enum TrialStatus {
     Failed,
 }
 
-/// Optimisation direction of the sweep metric.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum Goal {
-    #[default]
-    Minimize,
-    Maximize,
-}
+/// Optimisation direction of the sweep metric (the metric table's, stored as `minimize` /
+/// `maximize`).
+pub use msae_shared::metrics::Goal;
 
 /// The lease a trial is running under.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,7 +37,8 @@ pub struct TrialRecord {
     pub index: u64,
     /// The swept parameters of this trial (dotted trial-config paths).
     pub params: BTreeMap<String, serde_json::Value>,
-    /// The full trial config (base + params) as JSON.
+    /// The full trial config (base + params) as JSON, as stored and sent to workers; read it
+    /// typed with [`TrialRecord::trial_config`].
     pub config: serde_json::Value,
     pub status: TrialStatus,
     /// Attempts started so far (1 after the first lease).
@@ -68,6 +65,18 @@ pub struct TrialRecord {
 impl TrialRecord {
     pub fn trial_id(&self) -> String {
         format!("{}/{}", self.sweep, self.index)
+    }
+
+    /// The trial's config as the typed [`TrialConfig`], for code that reads its fields (the
+    /// record keeps the JSON it was stored and sent as, unchanged). `Ok(None)` when the record
+    /// holds no config: its config could not be built, or the record was read without configs.
+    /// An error when the JSON is not a `TrialConfig`: a runner's own config, or one written by
+    /// another msae version. Not validated: only what it says is read.
+    pub fn trial_config(&self) -> Result<Option<TrialConfig>, ConfigError> {
+        if self.config.is_null() {
+            return Ok(None);
+        }
+        TrialConfig::from_value(self.config.clone()).map(Some)
     }
 }
 

@@ -15,16 +15,6 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-/// Metrics shown besides the sweep metric, when a trial reports them.
-pub const KEY_METRICS: &[&str] = &[
-    metrics::FVU,
-    metrics::MSE,
-    metrics::L0,
-    metrics::ACTIVE_STRIPES,
-    metrics::DEAD_NEURONS,
-    metrics::MMCS,
-];
-
 /// How many trials are in each state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
@@ -96,6 +86,24 @@ pub enum ReportFormat {
     Json,
 }
 
+impl ReportFormat {
+    /// The format's name, as the CLI and the Report RPC spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReportFormat::Table => "table",
+            ReportFormat::Csv => "csv",
+            ReportFormat::Json => "json",
+        }
+    }
+
+    /// The format named `name`, if any.
+    pub fn from_name(name: &str) -> Option<ReportFormat> {
+        [ReportFormat::Table, ReportFormat::Csv, ReportFormat::Json]
+            .into_iter()
+            .find(|f| f.name() == name)
+    }
+}
+
 /// The sweep a report is about: the one named, or else the most recently created. The error
 /// says which sweeps there are.
 pub fn pick_sweep<'a>(
@@ -112,17 +120,6 @@ pub fn pick_sweep<'a>(
             }
         }),
         None => sweeps.iter().max_by_key(|s| s.created_ms).ok_or_else(|| "no sweeps yet".into()),
-    }
-}
-
-/// The direction in which a standard metric is better: higher for feature recovery and
-/// throughput, lower for everything else (losses, error, sparsity counts, dead fractions).
-pub fn natural_goal(metric: &str) -> Goal {
-    use msae_shared::metrics as m;
-    if [m::MMCS, m::STRIPE_CLUSTER_MATCH, m::SAMPLES_PER_SECOND].contains(&metric) {
-        Goal::Maximize
-    } else {
-        Goal::Minimize
     }
 }
 
@@ -173,7 +170,7 @@ impl Report {
             .enumerate()
             .map(|(i, t)| {
                 let metrics = std::iter::once(metric)
-                    .chain(KEY_METRICS.iter().copied())
+                    .chain(metrics::in_report())
                     .filter_map(|m| {
                         t.metrics
                             .get(m)
@@ -197,10 +194,11 @@ impl Report {
     }
 
     /// [`Report::build`] with the metric and goal of the sweep's own YAML. `metric_override`
-    /// ranks by another metric, in that metric's natural direction ([`natural_goal`]) unless
-    /// `goal_override` says otherwise. A stored YAML that no longer validates (the trial
-    /// config changed since) still yields its `metric:` block when it can be read at all. An
-    /// override that is no known metric is refused ([`check_rank_metric`]).
+    /// ranks by another metric, in that metric's natural direction
+    /// ([`metrics::natural_goal`]) unless `goal_override` says otherwise. A stored YAML that no
+    /// longer validates (the trial config changed since) still yields its `metric:` block when
+    /// it can be read at all. An override that is no known metric is refused
+    /// ([`check_rank_metric`]).
     pub fn for_sweep(
         sweep: &SweepRecord,
         trials: &[TrialRecord],
@@ -223,7 +221,7 @@ impl Report {
         let goal = goal_override.unwrap_or(if metric == spec_metric.name {
             spec_metric.goal
         } else {
-            natural_goal(metric)
+            metrics::natural_goal(metric)
         });
         let mut report = Report::build(sweep, metric, goal, trials, top);
         if !sweep.finished
@@ -252,7 +250,7 @@ impl Report {
         let present: BTreeSet<&str> =
             self.rows.iter().flat_map(|r| r.metrics.keys().map(String::as_str)).collect();
         std::iter::once(self.metric.as_str())
-            .chain(KEY_METRICS.iter().copied().filter(|m| *m != self.metric && present.contains(m)))
+            .chain(metrics::in_report().filter(|m| *m != self.metric && present.contains(m)))
             .map(str::to_string)
             .collect()
     }
@@ -268,10 +266,7 @@ impl Report {
     }
 
     fn table(&self) -> String {
-        let goal = match self.goal {
-            Goal::Minimize => "minimize",
-            Goal::Maximize => "maximize",
-        };
+        let goal = self.goal.name();
         let c = &self.counts;
         let mut out = format!(
             "sweep {}: {} trials: {} completed, {} failed, {} running, {} queued; ranked by {} ({goal})\n",
@@ -448,8 +443,8 @@ fn metric_block(yaml_text: &str) -> Option<MetricSpec> {
     if let Some(name) = m.get("name").and_then(Value::as_str) {
         spec.name = name.to_string();
     }
-    if m.get("goal").and_then(Value::as_str) == Some("maximize") {
-        spec.goal = Goal::Maximize;
+    if let Some(goal) = m.get("goal").and_then(Value::as_str).and_then(Goal::from_name) {
+        spec.goal = goal;
     }
     Some(spec)
 }
@@ -678,6 +673,28 @@ mod tests {
         let mut custom = trials.clone();
         custom[0].metrics.insert("my_score".into(), 1.0);
         check_rank_metric("my_score", "fvu", &custom).unwrap();
+    }
+
+    /// The metric table drives the report: its `report` rows are the columns after the sweep
+    /// metric (in table order), and `--metric NAME` ranks in the row's goal.
+    #[test]
+    fn metric_table_drives_columns_and_override_goals() {
+        let every: Vec<(&str, f64)> = metrics::STANDARD.iter().map(|m| (*m, 1.0)).collect();
+        let trials = vec![trial(0, TrialStatus::Completed, &every)];
+        let r = Report::build(&sweep(""), "my_score", Goal::Minimize, &trials, None);
+        let shown: Vec<&str> = metrics::TABLE.iter().filter(|m| m.report).map(|m| m.name).collect();
+        let mut want = vec!["my_score".to_string()];
+        want.extend(shown.iter().map(|m| m.to_string()));
+        assert_eq!(r.metric_columns(), want);
+        let keys: BTreeSet<&str> = r.rows[0].metrics.keys().map(String::as_str).collect();
+        assert_eq!(keys, shown.into_iter().collect(), "no trial reported my_score");
+
+        let yaml =
+            "name: s\nmethod: grid\nmetric: {name: my_score, goal: maximize, custom: true}\n";
+        for m in metrics::TABLE {
+            let r = Report::for_sweep(&sweep(yaml), &trials, None, Some(m.name), None).unwrap();
+            assert_eq!((r.metric.as_str(), r.goal), (m.name, m.goal));
+        }
     }
 
     #[test]

@@ -7,18 +7,14 @@
 
 use crate::progress::ProgressDisplay;
 use crate::report::{Report, ReportFormat};
-use crate::scheduler::{
-    Counts, Scheduler, SchedulerEvent, SchedulerHandle, SchedulerPolicy, SweepInput,
-};
+use crate::scheduler::{Counts, Scheduler, SchedulerPolicy, SweepInput};
 use crate::spec::{SweepSpec, TaskKind};
 use crate::store::Store;
-use crate::tensorboard::TensorBoardLogger;
 use anyhow::Context;
 use msae_shared::RunnerKind;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -157,7 +153,7 @@ pub async fn run_sweep(
     };
     let tensorboard = opts.logdir.clone().map(|root| {
         let params: Vec<&String> = spec.parameters.keys().collect();
-        spawn_tensorboard(&scheduler, root, &sweep, &params, &spec.metric.name)
+        crate::tensorboard::follow::spawn(&scheduler, root, &sweep, &params, &spec.metric.name)
     });
     let display = opts.progress.then(|| {
         ProgressDisplay::spawn(scheduler.counts(), spec.metric.name.clone(), stop_rx.clone())
@@ -246,49 +242,4 @@ pub async fn run_sweep(
 /// Resolves when the watch flips to true (or its sender is gone).
 async fn wait_for(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
-}
-
-/// Writes TensorBoard events from the scheduler's lossless event stream: every evaluation at its
-/// own step, final metrics at the final step. I/O errors are logged, not fatal.
-fn spawn_tensorboard(
-    scheduler: &SchedulerHandle,
-    root: PathBuf,
-    sweep: &str,
-    params: &[&String],
-    metric: &str,
-) -> tokio::task::JoinHandle<()> {
-    let logger = Arc::new(TensorBoardLogger::new(root));
-    let mut metrics = vec![metric.to_string()];
-    for m in [msae_shared::metrics::MSE, msae_shared::metrics::FVU, msae_shared::metrics::L0] {
-        if m != metric {
-            metrics.push(m.to_string());
-        }
-    }
-    if let Err(e) = logger.sweep_experiment(sweep, params, &metrics) {
-        tracing::warn!("TensorBoard: {e}");
-    }
-    let mut events = scheduler.events_lossless();
-    let sweep = sweep.to_string();
-    tokio::spawn(async move {
-        while let Some(event) = events.recv().await {
-            let logger = logger.clone();
-            let sweep = sweep.clone();
-            let result = tokio::task::spawn_blocking(move || match event {
-                SchedulerEvent::TrialStarted { record, .. } => logger.trial_started(&record),
-                SchedulerEvent::TrialProgress { index, step, scalars, .. } => {
-                    logger.progress(&sweep, index, step, &scalars)
-                }
-                SchedulerEvent::TrialFinished { record } => logger.trial_finished(&record),
-            })
-            .await;
-            match result {
-                Ok(Err(e)) => tracing::warn!("TensorBoard: {e}"),
-                Err(e) => tracing::warn!("TensorBoard writer task failed: {e}"),
-                Ok(Ok(())) => {}
-            }
-        }
-        if let Err(e) = logger.close_all() {
-            tracing::warn!("TensorBoard: {e}");
-        }
-    })
 }

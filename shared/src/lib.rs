@@ -3,7 +3,8 @@
 //! - [`config`]: the one trial configuration type (every SAE hyperparameter), with serde
 //!   defaults, unknown keys rejected, and [`config::TrialConfig::validate`].
 //! - [`proto`]: the generated gRPC protocol (`proto/msae.proto`, package `msae.v1`).
-//! - [`metrics`]: the stable metric names every trial reports.
+//! - [`metrics`]: the stable metric names every trial reports, and [`metrics::TABLE`]: each
+//!   metric's goal and whether the report and TensorBoard show it.
 //! - [`runner`]: [`RunnerKind`], what a trial runs (`sae`, `noop`); a string only on the wire.
 //! - [`auth`]: the shared-token header; [`suggest`]: "did you mean" for misspelt names.
 //! - [`yaml`]: the one YAML entry point (duplicate keys refused with their location);

@@ -80,21 +80,14 @@ fn unique() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
-/// Ask a running coordinator for its records (the Report RPC).
+/// Ask a running coordinator for its records (the Report RPC, through the coordinator's own
+/// client); `None` when it does not answer within 5 s.
 pub fn report_rpc(port: u16) -> Option<ReportJson> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let url = format!("http://127.0.0.1:{port}");
-        let fut = async {
-            let mut client =
-                msae_shared::proto::coordinator_client::CoordinatorClient::connect(url)
-                    .await
-                    .ok()?;
-            let request = msae_shared::proto::ReportRequest { records: true, ..Default::default() };
-            let reply = client.report(request).await.ok()?;
-            msae_coordinator::service::collect_records(reply.into_inner()).await.ok()
-        };
-        tokio::time::timeout(Duration::from_secs(5), fut).await.ok().flatten()
+        let fut = msae_coordinator::service::report::fetch_records(&url, None, None);
+        tokio::time::timeout(Duration::from_secs(5), fut).await.ok()?.ok()
     })
 }
 

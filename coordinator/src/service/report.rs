@@ -12,15 +12,20 @@
 //!
 //! The work runs on a blocking thread that feeds a bounded channel, so a large report does not
 //! hold a runtime thread, and records leave while later ones are still being encoded.
+//!
+//! The client end: [`request_report`] (connect, authenticate, ask), then [`collect_text`],
+//! [`collect_report`] or [`collect_records`]; [`fetch_text`] and [`fetch_records`] do both.
 
 use super::{MAX_ID_LEN, ReportJson, check_name, status_of};
 use crate::model::{Goal, SweepRecord, TrialRecord};
 use crate::report::{Report, ReportFormat, pick_sweep};
 use crate::scheduler::SchedulerHandle;
+use anyhow::Context;
 use msae_shared::proto;
 use msae_shared::proto::report_chunk::Part;
 use serde::Serialize;
 use std::pin::Pin;
+use std::time::Duration;
 use tokio_stream::Stream;
 use tonic::Status;
 
@@ -55,14 +60,12 @@ impl TryFrom<proto::ReportRequest> for ReportQuery {
         check_name("metric", &r.metric)?;
         let goal = match r.goal.as_str() {
             "" => None,
-            "minimize" => Some(Goal::Minimize),
-            "maximize" => Some(Goal::Maximize),
-            other => {
-                return Err(Status::invalid_argument(format!(
+            name => Some(Goal::from_name(name).ok_or_else(|| {
+                Status::invalid_argument(format!(
                     "goal must be \"minimize\" or \"maximize\", got {:?}",
-                    truncated(other)
-                )));
-            }
+                    truncated(name)
+                ))
+            })?),
         };
         let top = match r.top {
             None => None,
@@ -74,15 +77,13 @@ impl TryFrom<proto::ReportRequest> for ReportQuery {
             Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
         };
         let format = match r.format.as_str() {
-            "" | "table" => ReportFormat::Table,
-            "csv" => ReportFormat::Csv,
-            "json" => ReportFormat::Json,
-            other => {
-                return Err(Status::invalid_argument(format!(
+            "" => ReportFormat::Table,
+            name => ReportFormat::from_name(name).ok_or_else(|| {
+                Status::invalid_argument(format!(
                     "format must be \"table\", \"csv\" or \"json\", got {:?}",
-                    truncated(other)
-                )));
-            }
+                    truncated(name)
+                ))
+            })?,
         };
         let some = |s: String| (!s.is_empty()).then_some(s);
         Ok(ReportQuery {
@@ -93,6 +94,20 @@ impl TryFrom<proto::ReportRequest> for ReportQuery {
             records: r.records,
             format,
         })
+    }
+}
+
+/// The request that asks for `q` (what [`ReportQuery::try_from`] reads back).
+impl From<&ReportQuery> for proto::ReportRequest {
+    fn from(q: &ReportQuery) -> Self {
+        proto::ReportRequest {
+            sweep: q.sweep.clone().unwrap_or_default(),
+            metric: q.metric.clone().unwrap_or_default(),
+            goal: q.goal.map(|g| g.name().to_string()).unwrap_or_default(),
+            top: q.top.map(|n| n as u64),
+            records: q.records,
+            format: q.format.name().to_string(),
+        }
     }
 }
 
@@ -221,6 +236,72 @@ fn send_arrays<T: Serialize>(
         out.send(part(buf))?;
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client end
+
+/// Asks the coordinator at `url` for `query` (as `Bearer token` when given): connects (5 s at
+/// most; each call 30 s), and returns the reply stream for [`collect_text`], [`collect_report`]
+/// or [`collect_records`]. The one Report client: `msae-coordinator report --coordinator` and
+/// the end-to-end tests use it. Errors name the URL.
+pub async fn request_report(
+    url: &str,
+    query: &ReportQuery,
+    token: Option<&str>,
+) -> anyhow::Result<tonic::Streaming<proto::ReportChunk>> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("invalid coordinator URL {url:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {url}"))?;
+    let mut client = proto::coordinator_client::CoordinatorClient::new(channel)
+        .max_decoding_message_size(CLIENT_MAX_MESSAGE);
+    let mut request = tonic::Request::new(proto::ReportRequest::from(query));
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert(msae_shared::auth::AUTHORIZATION, msae_shared::auth::bearer(token)?);
+    }
+    let stream = client.report(request).await.map_err(|s| {
+        anyhow::anyhow!("the coordinator at {url} refused the report: {}", s.message())
+    })?;
+    Ok(stream.into_inner())
+}
+
+/// The rendered report of `query` from the coordinator at `url` ([`request_report`]).
+pub async fn fetch_text(
+    url: &str,
+    query: &ReportQuery,
+    token: Option<&str>,
+) -> anyhow::Result<String> {
+    let stream = request_report(url, query, token).await?;
+    collect_text(stream)
+        .await
+        .with_context(|| format!("reading the report of the coordinator at {url}"))
+}
+
+/// Every stored record of `sweep` (`None`: of every sweep) from the coordinator at `url`
+/// ([`request_report`] in `records` mode).
+pub async fn fetch_records(
+    url: &str,
+    sweep: Option<&str>,
+    token: Option<&str>,
+) -> anyhow::Result<ReportJson> {
+    let query = ReportQuery {
+        sweep: sweep.map(str::to_string),
+        metric: None,
+        goal: None,
+        top: None,
+        records: true,
+        format: ReportFormat::Table,
+    };
+    let stream = request_report(url, &query, token).await?;
+    collect_records(stream)
+        .await
+        .with_context(|| format!("reading the records of the coordinator at {url}"))
 }
 
 /// Why a streamed report could not be had.

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::model::TrialStatus;
+use crate::report::ReportFormat;
 use crate::scheduler::tests::{ListStrategy, actor_policy, make_config};
 use crate::scheduler::{Scheduler, SweepInput};
 use crate::store::Store;
@@ -394,6 +395,68 @@ async fn token_is_required_when_configured() {
     let report = within(collect_report(stream)).await.unwrap();
     assert_eq!(report.sweep, "grid");
     s.stop().await;
+}
+
+/// The one Report client (`report --coordinator` and the end-to-end tests): the token travels,
+/// a refusal names the URL, and the records come back whole.
+#[tokio::test]
+async fn the_report_client_asks_with_its_token() {
+    let s = server(2, Some("s3cret")).await;
+    let url = format!("http://{}", s.addr);
+    let json = ReportQuery {
+        sweep: None,
+        metric: None,
+        goal: None,
+        top: None,
+        records: false,
+        format: ReportFormat::Json,
+    };
+    let text = within(report::fetch_text(&url, &json, Some("s3cret"))).await.unwrap();
+    let parsed: crate::report::Report = serde_json::from_str(&text).unwrap();
+    assert_eq!(parsed.sweep, "grid");
+    let e = within(report::fetch_text(&url, &json, None)).await.unwrap_err().to_string();
+    assert!(e.contains(&format!("the coordinator at {url} refused the report")), "{e}");
+    let records = within(report::fetch_records(&url, Some("grid"), Some("s3cret"))).await.unwrap();
+    assert_eq!(records.sweeps.len(), 1);
+    // Trials are proposed as they are needed: at least the first is stored.
+    assert!(!records.trials.is_empty() && records.trials.iter().all(|t| t.sweep == "grid"));
+    let e = within(report::fetch_text("not a url", &json, None)).await.unwrap_err().to_string();
+    assert!(e.contains("invalid coordinator URL"), "{e}");
+    s.stop().await;
+}
+
+/// A query survives the trip through its request.
+#[test]
+fn report_query_round_trips_through_its_request() {
+    let queries = [
+        ReportQuery {
+            sweep: None,
+            metric: None,
+            goal: None,
+            top: None,
+            records: true,
+            format: ReportFormat::Table,
+        },
+        ReportQuery {
+            sweep: Some("grid".into()),
+            metric: Some("mmcs".into()),
+            goal: Some(crate::model::Goal::Maximize),
+            top: Some(3),
+            records: false,
+            format: ReportFormat::Csv,
+        },
+        ReportQuery {
+            sweep: None,
+            metric: None,
+            goal: Some(crate::model::Goal::Minimize),
+            top: None,
+            records: false,
+            format: ReportFormat::Json,
+        },
+    ];
+    for q in queries {
+        assert_eq!(ReportQuery::try_from(proto::ReportRequest::from(&q)).unwrap(), q);
+    }
 }
 
 #[test]

@@ -191,11 +191,7 @@ impl Parser<'_> {
             if let Some(n) = self.string(m, "name", &at)? {
                 metric.name = n;
             }
-            let goal = self.choice(m, "goal", &at, &["minimize", "maximize"], |s| match s {
-                "minimize" => Some(Goal::Minimize),
-                "maximize" => Some(Goal::Maximize),
-                _ => None,
-            })?;
+            let goal = self.choice(m, "goal", &at, Goal::NAMES, Goal::from_name)?;
             metric.goal = goal.unwrap_or_default();
             metric.custom = self.bool(m, "custom", &at)?.unwrap_or(false);
             if !metric.custom && !msae_shared::metrics::is_standard(&metric.name) {

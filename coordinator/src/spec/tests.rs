@@ -178,6 +178,27 @@ fn unknown_metric_is_refused_unless_declared_custom() {
     assert_eq!(a.fingerprint(), b.fingerprint());
 }
 
+/// The metric table drives the parser: every row is a known metric (ranked in the goal the
+/// sweep says, minimize by default), and the refusal lists exactly the table's names.
+#[test]
+fn known_metrics_are_the_metric_table() {
+    for m in msae_shared::metrics::TABLE {
+        let s = parse(&format!("name: x\nmethod: grid\nmetric: {{name: {}}}\n", m.name)).unwrap();
+        assert_eq!(
+            s.metric,
+            MetricSpec { name: m.name.into(), goal: Goal::Minimize, custom: false }
+        );
+    }
+    let e = parse_err("name: x\nmethod: grid\nmetric: {name: nothing_like_it}\n");
+    let names: Vec<&str> = msae_shared::metrics::TABLE.iter().map(|m| m.name).collect();
+    assert!(e.message.contains(&format!("standard metrics: {};", names.join(", "))), "{e}");
+    for goal in Goal::NAMES {
+        parse(&format!("name: x\nmethod: grid\nmetric: {{name: fvu, goal: {goal}}}\n")).unwrap();
+    }
+    let e = parse_err("name: x\nmethod: grid\nmetric: {name: fvu, goal: maximise}\n");
+    assert!(e.message.contains("must be one of minimize, maximize"), "{e}");
+}
+
 #[test]
 fn unknown_parameter_and_base_keys_suggest_config_paths() {
     let e = parse_err("name: x\nmethod: grid\nparameters:\n  stripe_kk: {values: [1]}\n");
