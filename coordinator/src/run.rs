@@ -8,10 +8,9 @@
 use crate::progress::ProgressDisplay;
 use crate::report::{Report, ReportFormat};
 use crate::scheduler::{Counts, Scheduler, SchedulerPolicy, SweepInput};
-use crate::spec::{SweepSpec, TaskKind};
+use crate::spec::SweepSpec;
 use crate::store::Store;
 use anyhow::Context;
-use msae_shared::RunnerKind;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -118,10 +117,7 @@ pub async fn run_sweep(
         planned: spec.planned_trials(),
         metric: spec.metric.name.clone(),
         goal: spec.metric.goal,
-        runner: match spec.task.kind {
-            TaskKind::Sae => RunnerKind::Sae,
-            TaskKind::Noop => RunnerKind::Noop,
-        },
+        runner: spec.task.kind,
         noop_sleep_ms: spec.task.sleep_ms.min(u32::MAX as u64) as u32,
     };
     let strategy = crate::search::make_strategy(&spec);

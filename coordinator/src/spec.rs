@@ -54,6 +54,7 @@ mod points;
 
 use crate::model::Goal;
 use locate::{Seg, segs};
+use msae_shared::RunnerKind;
 use msae_shared::config::{ConfigError, TrialConfig};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -150,22 +151,12 @@ impl Method {
     }
 }
 
-/// What a trial runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskKind {
-    /// Train the modular SAE.
-    #[default]
-    Sae,
-    /// The analytic no-op runner (orchestration tests and benchmarks): no training, metrics
-    /// computed from the parameters, after `sleep_ms`.
-    Noop,
-}
-
 /// The task block.
 #[derive(Debug, Clone, PartialEq, Serialize, Default)]
 pub struct TaskSpec {
-    pub kind: TaskKind,
+    /// What each trial runs (`sae`, or the analytic `noop` runner of orchestration tests and
+    /// benchmarks).
+    pub kind: RunnerKind,
     /// Milliseconds a trial sleeps before reporting (used by the noop runner).
     pub sleep_ms: u64,
 }

@@ -5,10 +5,12 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// What a leased trial runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// What a trial runs (a sweep's `task.kind`, a lease's `runner`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RunnerKind {
     /// Train the modular SAE.
+    #[default]
     Sae,
     /// The analytic no-op runner (orchestration tests and benchmarks).
     Noop,

@@ -261,10 +261,8 @@ impl Parser<'_> {
             let at = segs!["task"];
             self.check_keys(t, TASK_KEYS, &at, "task")?;
             task.kind = self
-                .choice(t, "kind", &at, &["sae", "noop"], |s| match s {
-                    "sae" => Some(TaskKind::Sae),
-                    "noop" => Some(TaskKind::Noop),
-                    _ => None,
+                .choice(t, "kind", &at, &RunnerKind::ALL.map(RunnerKind::as_str), |s| {
+                    s.parse().ok()
                 })?
                 .unwrap_or_default();
             task.sleep_ms = self.uint(t, "sleep_ms", &at)?.unwrap_or(0);

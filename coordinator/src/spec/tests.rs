@@ -53,7 +53,7 @@ fn full_spec_parses() {
     assert_eq!(s.method, Method::Random);
     assert_eq!((s.run_cap, s.max_concurrent, s.seed, s.max_attempts), (Some(20), Some(4), 9, 5));
     assert_eq!(s.timeout, Some(Duration::from_secs(5400)));
-    assert_eq!(s.task, TaskSpec { kind: TaskKind::Noop, sleep_ms: 25 });
+    assert_eq!(s.task, TaskSpec { kind: RunnerKind::Noop, sleep_ms: 25 });
     // Dotted and nested base keys merge into one nested block.
     assert_eq!(
         Value::Object(s.base.clone()),
@@ -92,7 +92,7 @@ fn defaults() {
     let s = parse("name: d\nmethod: grid\n").unwrap();
     assert_eq!(s.metric, MetricSpec { name: "fvu".into(), goal: Goal::Minimize, custom: false });
     assert_eq!((s.max_attempts, s.seed, s.run_cap, s.timeout), (3, 0, None, None));
-    assert_eq!(s.task, TaskSpec { kind: TaskKind::Sae, sleep_ms: 0 });
+    assert_eq!(s.task, TaskSpec { kind: RunnerKind::Sae, sleep_ms: 0 });
     assert!(s.parameters.is_empty() && s.base.is_empty());
     assert_eq!(s.planned_trials(), Some(1));
 }
