@@ -416,50 +416,22 @@ impl FastTopK {
         Ok(batch.len() / self.dim)
     }
 
-    /// One fused backward + Adam update over the workspace of the last forward pass.
+    /// One fused backward + Adam update over the workspace of the last forward pass: each
+    /// latent's encoder row and decoder atom gradients are built in a scratch row and applied
+    /// at once (never stored whole).
     fn update(&mut self) {
         let (dim, k, normalize) = (self.dim, self.ws.k, self.normalize);
-        self.opt.t += 1;
-        let adam = StepScalars::new(&OptimConfig::from_config(&self.cfg), self.opt.t as usize);
         let ws = &self.ws;
-        let p = &mut self.p;
-        let o = &mut self.opt;
-        // The decoder bias first: its gradient already used the old encoder weights.
-        adam.apply(&mut p.b_dec, &ws.db_dec, &mut o.m_bdec, &mut o.v_bdec);
-        (
-            p.w_enc.par_chunks_mut(dim),
-            o.m_enc.par_chunks_mut(dim),
-            o.v_enc.par_chunks_mut(dim),
-            p.w_dec.par_chunks_mut(dim),
-            o.m_dec.par_chunks_mut(dim),
-            o.v_dec.par_chunks_mut(dim),
-            p.b_enc.par_iter_mut(),
-            o.m_benc.par_iter_mut(),
-            o.v_benc.par_iter_mut(),
-            p.inv_norm.par_iter_mut(),
-        )
-            .into_par_iter()
-            .enumerate()
-            .with_min_len(32)
-            .for_each_init(
-                || vec![0f32; dim],
-                |grad, (j, (we, me, ve, wd, md, vd, be, mbe, vbe, inv))| {
-                    let list = &ws.entries[ws.starts[j] as usize..ws.starts[j + 1] as usize];
-                    enc_row_grad(list, k, &ws.dz, &ws.xc, dim, grad);
-                    adam.apply(we, grad, me, ve);
-                    dec_row_grad(list, k, &ws.val, &ws.g, dim, wd, *inv, normalize, grad);
-                    adam.apply(wd, grad, md, vd);
-                    adam.apply(
-                        std::slice::from_mut(be),
-                        &[ws.db_enc[j]],
-                        std::slice::from_mut(mbe),
-                        std::slice::from_mut(vbe),
-                    );
-                    if normalize {
-                        *inv = inv_norm(wd);
-                    }
-                },
-            );
+        start_update(&mut self.p, &mut self.opt, &self.cfg, dim, &ws.db_dec).for_each_init(
+            || vec![0f32; dim],
+            |grad, (j, (mut l, adam))| {
+                let list = &ws.entries[ws.starts[j] as usize..ws.starts[j + 1] as usize];
+                enc_row_grad(list, k, &ws.dz, &ws.xc, dim, grad);
+                adam.apply(l.we, grad, l.me, l.ve);
+                dec_row_grad(list, k, &ws.val, &ws.g, dim, l.wd, *l.inv, normalize, grad);
+                l.finish(&adam, grad, ws.db_enc[j], normalize);
+            },
+        );
     }
 
     /// The dense mode's Adam update, over the gradients of [`backward_dense`]: per latent (in
@@ -467,44 +439,79 @@ impl FastTopK {
     /// normalisation first) and the encoder bias, then the atom's norm is refreshed.
     fn update_dense(&mut self) {
         let (dim, normalize) = (self.dim, self.normalize);
-        self.opt.t += 1;
-        let adam = StepScalars::new(&OptimConfig::from_config(&self.cfg), self.opt.t as usize);
         let ws = &mut self.ws;
-        let p = &mut self.p;
-        let o = &mut self.opt;
-        adam.apply(&mut p.b_dec, &ws.db_dec, &mut o.m_bdec, &mut o.v_bdec);
-        let db_enc = &ws.db_enc;
-        (
-            p.w_enc.par_chunks_mut(dim),
-            o.m_enc.par_chunks_mut(dim),
-            o.v_enc.par_chunks_mut(dim),
-            p.w_dec.par_chunks_mut(dim),
-            o.m_dec.par_chunks_mut(dim),
-            o.v_dec.par_chunks_mut(dim),
-            p.b_enc.par_iter_mut(),
-            o.m_benc.par_iter_mut(),
-            o.v_benc.par_iter_mut(),
-            p.inv_norm.par_iter_mut(),
-            ws.gw_enc.par_chunks(dim),
-            ws.gw_dec.par_chunks_mut(dim),
-        )
-            .into_par_iter()
-            .enumerate()
-            .with_min_len(32)
-            .for_each(|(j, (we, me, ve, wd, md, vd, be, mbe, vbe, inv, ge, gd))| {
-                adam.apply(we, ge, me, ve);
-                project_dec_grad(wd, *inv, normalize, gd);
-                adam.apply(wd, gd, md, vd);
-                adam.apply(
-                    std::slice::from_mut(be),
-                    &[db_enc[j]],
-                    std::slice::from_mut(mbe),
-                    std::slice::from_mut(vbe),
-                );
-                if normalize {
-                    *inv = inv_norm(wd);
-                }
-            });
+        let (db_dec, db_enc, gw_enc, gw_dec) = (&ws.db_dec, &ws.db_enc, &ws.gw_enc, &mut ws.gw_dec);
+        let latents = start_update(&mut self.p, &mut self.opt, &self.cfg, dim, db_dec);
+        latents.zip(gw_enc.par_chunks(dim).zip(gw_dec.par_chunks_mut(dim))).for_each(
+            |((j, (mut l, adam)), (ge, gd))| {
+                adam.apply(l.we, ge, l.me, l.ve);
+                project_dec_grad(l.wd, *l.inv, normalize, gd);
+                l.finish(&adam, gd, db_enc[j], normalize);
+            },
+        );
+    }
+}
+
+/// Starts an update: counts it, applies the decoder bias (its gradient already used the
+/// old encoder weights), and yields every latent's parameters and moments, in parallel.
+fn start_update<'a>(
+    p: &'a mut Params,
+    o: &'a mut Moments,
+    cfg: &TrialConfig,
+    dim: usize,
+    db_dec: &[f32],
+) -> impl IndexedParallelIterator<Item = (usize, (Latent<'a>, StepScalars))> {
+    o.t += 1;
+    let adam = StepScalars::new(&OptimConfig::from_config(cfg), o.t as usize);
+    adam.apply(&mut p.b_dec, db_dec, &mut o.m_bdec, &mut o.v_bdec);
+    let rows = (
+        p.w_enc.par_chunks_mut(dim),
+        o.m_enc.par_chunks_mut(dim),
+        o.v_enc.par_chunks_mut(dim),
+        p.w_dec.par_chunks_mut(dim),
+        o.m_dec.par_chunks_mut(dim),
+        o.v_dec.par_chunks_mut(dim),
+        p.b_enc.par_iter_mut(),
+        o.m_benc.par_iter_mut(),
+        o.v_benc.par_iter_mut(),
+        p.inv_norm.par_iter_mut(),
+    );
+    rows.into_par_iter()
+        .map(move |(we, me, ve, wd, md, vd, be, mbe, vbe, inv)| {
+            (Latent { we, me, ve, wd, md, vd, be, mbe, vbe, inv }, adam)
+        })
+        .enumerate()
+        .with_min_len(32)
+}
+
+/// One latent's parameters and Adam moments during an update.
+struct Latent<'a> {
+    we: &'a mut [f32],
+    me: &'a mut [f32],
+    ve: &'a mut [f32],
+    wd: &'a mut [f32],
+    md: &'a mut [f32],
+    vd: &'a mut [f32],
+    be: &'a mut f32,
+    mbe: &'a mut f32,
+    vbe: &'a mut f32,
+    inv: &'a mut f32,
+}
+
+impl Latent<'_> {
+    /// The decoder atom (gradient `gd`, already w.r.t. the raw atom) and the encoder bias, then
+    /// the atom's norm for the next forward pass.
+    fn finish(&mut self, adam: &StepScalars, gd: &[f32], db_enc: f32, normalize: bool) {
+        adam.apply(self.wd, gd, self.md, self.vd);
+        adam.apply(
+            std::slice::from_mut(self.be),
+            &[db_enc],
+            std::slice::from_mut(self.mbe),
+            std::slice::from_mut(self.vbe),
+        );
+        if normalize {
+            *self.inv = inv_norm(self.wd);
+        }
     }
 }
 
