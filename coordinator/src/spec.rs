@@ -115,9 +115,8 @@ impl Default for MetricSpec {
     }
 }
 
-/// Search method. Model-free methods propose a fixed sequence; the argmin-driven ones of the
-/// next issue (`nelder_mead`, `particle_swarm`, `simulated_annealing`) will be added here and
-/// in [`crate::search::make_strategy`], drawing their bounds from [`Distribution::bounds`].
+/// Search method. Grid and random propose a fixed sequence; the others choose each point from
+/// the results so far ([`crate::search`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
@@ -125,29 +124,86 @@ pub enum Method {
     Grid,
     /// `run_cap` independent samples, reproducible from (seed, index).
     Random,
+    /// argmin's Nelder-Mead simplex over the numeric parameters, one per gridded cell.
+    NelderMead,
+    /// argmin's particle swarm, one swarm per gridded cell, a population evaluated at once.
+    ParticleSwarm,
+    /// argmin's simulated annealing, one annealer per gridded cell.
+    SimulatedAnnealing,
+    /// Tree-structured Parzen estimators over the whole (mixed) space, asynchronous.
+    Bayes,
 }
 
 impl Method {
     /// The names accepted in `method:`.
-    pub const NAMES: &'static [&'static str] = &["grid", "random"];
-    /// Names planned but not implemented yet (a clearer error than "unknown").
-    const PLANNED: &'static [&'static str] =
-        &["nelder_mead", "particle_swarm", "simulated_annealing"];
+    pub const NAMES: &'static [&'static str] =
+        &["grid", "random", "nelder_mead", "particle_swarm", "simulated_annealing", "bayes"];
 
     /// The YAML name.
     pub fn name(self) -> &'static str {
         match self {
             Method::Grid => "grid",
             Method::Random => "random",
+            Method::NelderMead => "nelder_mead",
+            Method::ParticleSwarm => "particle_swarm",
+            Method::SimulatedAnnealing => "simulated_annealing",
+            Method::Bayes => "bayes",
         }
     }
 
     fn from_name(name: &str) -> Option<Method> {
-        match name {
-            "grid" => Some(Method::Grid),
-            "random" => Some(Method::Random),
-            _ => None,
+        [
+            Method::Grid,
+            Method::Random,
+            Method::NelderMead,
+            Method::ParticleSwarm,
+            Method::SimulatedAnnealing,
+            Method::Bayes,
+        ]
+        .into_iter()
+        .find(|m| m.name() == name)
+    }
+
+    /// Whether this is one of argmin's solvers (numeric parameters searched, the rest gridded).
+    pub fn is_argmin(self) -> bool {
+        matches!(self, Method::NelderMead | Method::ParticleSwarm | Method::SimulatedAnnealing)
+    }
+}
+
+/// Settings of the result-driven methods (the `search:` block), with their defaults.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SearchSettings {
+    /// particle_swarm: particles per swarm (default 8).
+    pub population: usize,
+    /// nelder_mead: edge of the initial simplex around the box centre, in unit-box coordinates
+    /// (default 0.25); simulated_annealing: the step at temperature 1 likewise.
+    pub initial_simplex_scale: f64,
+    /// Solver iterations per cell (default 100); `run_cap` bounds the trials of every method.
+    pub iterations: u64,
+    /// simulated_annealing: initial temperature, in units of the metric (default 0.05).
+    pub temperature: f64,
+    /// bayes: random trials before the model is used (default 10).
+    pub startup_trials: u64,
+    /// Seed of the search (default: the sweep's `seed`).
+    pub seed: Option<u64>,
+}
+
+impl Default for SearchSettings {
+    fn default() -> Self {
+        SearchSettings {
+            population: 8,
+            initial_simplex_scale: 0.25,
+            iterations: 100,
+            temperature: 0.05,
+            startup_trials: 10,
+            seed: None,
         }
+    }
+}
+
+impl SearchSettings {
+    fn is_default(&self) -> bool {
+        *self == SearchSettings::default()
     }
 }
 
@@ -322,6 +378,10 @@ pub struct SweepSpec {
     #[serde(serialize_with = "ser_duration")]
     pub timeout: Option<Duration>,
     pub task: TaskSpec,
+    /// Settings of the result-driven methods (left out of the fingerprint while default, so
+    /// sweeps written before they existed keep theirs).
+    #[serde(skip_serializing_if = "SearchSettings::is_default")]
+    pub search: SearchSettings,
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -363,7 +423,9 @@ impl SweepSpec {
                     (None, cap) => cap,
                 }
             }
-            Method::Random => self.run_cap,
+            // Random and bayes run exactly run_cap; argmin's solvers at most (they may converge
+            // first, and without run_cap their iterations bound them).
+            _ => self.run_cap,
         }
     }
 

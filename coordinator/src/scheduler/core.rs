@@ -13,7 +13,7 @@ use super::{
     SchedulerError, SchedulerEvent, SchedulerPolicy, TrialOutcome,
 };
 use crate::model::{Goal, LeaseInfo, SweepRecord, TrialRecord, TrialStatus};
-use crate::search::{Proposal, Strategy};
+use crate::search::{Outcome, Proposal, Stored, Strategy};
 use crate::store::WriteBatch;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -105,6 +105,9 @@ impl Core {
             index,
             detail,
         };
+        // Result-driven strategies get the stored trials at once; the others replay.
+        let restores = core.strategy.restores();
+        let mut stored = Vec::new();
         for (pos, mut t) in trials.into_iter().enumerate() {
             if t.index != pos as u64 {
                 return Err(mismatch(
@@ -112,30 +115,34 @@ impl Core {
                     format!("the DB has no trial {pos} but has trial {}", t.index),
                 ));
             }
-            match core.strategy.propose() {
-                Proposal::Point(p) if p.index == t.index && params_match(&p.params, &t.params) => {}
-                Proposal::Point(p) => {
-                    return Err(mismatch(
-                        t.index,
-                        format!(
-                            "the search proposes #{} {} but the DB has {}; the sweep definition or search code changed (use --new-sweep)",
-                            p.index,
-                            json_of(&p.params),
-                            json_of(&t.params)
-                        ),
-                    ));
-                }
-                Proposal::Wait => {
-                    return Err(mismatch(
-                        t.index,
-                        "the search waits for results instead of proposing the stored trial".into(),
-                    ));
-                }
-                Proposal::Done => {
-                    return Err(mismatch(
-                        t.index,
-                        "the search is done but the DB has more trials".into(),
-                    ));
+            if !restores {
+                match core.strategy.propose() {
+                    Proposal::Point(p)
+                        if p.index == t.index && params_match(&p.params, &t.params) => {}
+                    Proposal::Point(p) => {
+                        return Err(mismatch(
+                            t.index,
+                            format!(
+                                "the search proposes #{} {} but the DB has {}; the sweep definition or search code changed (use --new-sweep)",
+                                p.index,
+                                json_of(&p.params),
+                                json_of(&t.params)
+                            ),
+                        ));
+                    }
+                    Proposal::Wait => {
+                        return Err(mismatch(
+                            t.index,
+                            "the search waits for results instead of proposing the stored trial"
+                                .into(),
+                        ));
+                    }
+                    Proposal::Done => {
+                        return Err(mismatch(
+                            t.index,
+                            "the search is done but the DB has more trials".into(),
+                        ));
+                    }
                 }
             }
             let index = t.index;
@@ -146,11 +153,15 @@ impl Core {
                     if let Some(v) = v {
                         core.consider_best(index, v, &t);
                     }
-                    core.strategy.observe(index, v);
+                    if !restores {
+                        core.strategy.observe(index, v);
+                    }
                 }
                 TrialStatus::Failed => {
                     core.failed += 1;
-                    core.strategy.observe(index, None);
+                    if !restores {
+                        core.strategy.observe(index, None);
+                    }
                 }
                 TrialStatus::Queued => core.queue.push_back(index),
                 TrialStatus::Running => match t.lease.as_mut() {
@@ -165,8 +176,19 @@ impl Core {
                     }
                 },
             }
+            if restores {
+                let outcome = match t.status {
+                    TrialStatus::Completed => Outcome::Finished(core.oriented(&t)),
+                    TrialStatus::Failed => Outcome::Finished(None),
+                    TrialStatus::Queued | TrialStatus::Running => Outcome::Pending,
+                };
+                stored.push(Stored { index, params: t.params.clone(), outcome });
+            }
             core.trials.push(t);
             core.is_dirty.push(false);
+        }
+        if restores {
+            core.strategy.restore(&stored);
         }
         if core.sweep.proposed != core.trials.len() as u64 {
             core.sweep.proposed = core.trials.len() as u64;

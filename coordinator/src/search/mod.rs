@@ -1,8 +1,15 @@
-//! Search strategies: one trait for grid, random and (next) argmin-driven methods.
+//! Search strategies: one trait for grid, random, argmin's solvers and Bayesian search.
 //!
-//! A strategy proposes points in a deterministic order from the sweep seed, so a restarted
-//! coordinator resumes by replaying: it creates the strategy again, and for each stored trial
-//! takes the next proposal (which must match) and feeds back its stored result.
+//! Grid and random propose a fixed sequence from the sweep seed, so a restarted coordinator
+//! resumes them by replaying: it creates the strategy again, and for each stored trial takes
+//! the next proposal (which must match) and feeds back its stored result. The result-driven
+//! methods' proposals depend on the order results arrived in, which a restart does not keep;
+//! they are handed the stored trials instead ([`Strategy::restore`]).
+//!
+//! - [`grid`], [`random`]: fixed sequences.
+//! - [`solvers`] (with [`oracle`] and [`space`]): `nelder_mead`, `particle_swarm`,
+//!   `simulated_annealing`, one argmin solver per cell of the gridded parameters.
+//! - [`bayes`]: tree-structured Parzen estimators.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +37,33 @@ pub enum Proposal {
 pub trait Strategy: Send {
     fn propose(&mut self) -> Proposal;
     fn observe(&mut self, index: u64, value: Option<f64>);
+
+    /// Whether a resumed sweep hands this strategy its stored trials ([`Strategy::restore`])
+    /// instead of replaying proposals in index order.
+    fn restores(&self) -> bool {
+        false
+    }
+
+    /// The stored trials of a resumed sweep, in index order (called once, before anything
+    /// else, and only when [`Strategy::restores`]). New proposals continue after the last index.
+    fn restore(&mut self, _stored: &[Stored]) {}
+}
+
+/// A trial of a resumed sweep, as [`Strategy::restore`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub index: u64,
+    pub params: BTreeMap<String, serde_json::Value>,
+    pub outcome: Outcome,
+}
+
+/// Where a stored trial stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    /// Queued or running: its result will come through [`Strategy::observe`].
+    Pending,
+    /// Finished, with its oriented metric (None: failed or no finite metric).
+    Finished(Option<f64>),
 }
 
 /// The next index of a search whose i-th point depends only on i (grid, random): 0..len in
@@ -41,14 +75,22 @@ pub(crate) fn next_index(next: &mut u64, len: u64) -> Option<u64> {
     })
 }
 
+pub mod bayes;
 pub mod grid;
+pub mod oracle;
 pub mod random;
+pub mod solvers;
+pub mod space;
 
-/// The strategy for a validated sweep spec. New methods (the argmin-driven ones) add a match
-/// arm here and a variant to [`crate::spec::Method`].
+/// The strategy for a validated sweep spec.
 pub fn make_strategy(spec: &crate::spec::SweepSpec) -> Box<dyn Strategy> {
+    use crate::spec::Method;
     match spec.method {
-        crate::spec::Method::Grid => Box::new(grid::GridSearch::from_spec(spec)),
-        crate::spec::Method::Random => Box::new(random::RandomSearch::from_spec(spec)),
+        Method::Grid => Box::new(grid::GridSearch::from_spec(spec)),
+        Method::Random => Box::new(random::RandomSearch::from_spec(spec)),
+        Method::NelderMead | Method::ParticleSwarm | Method::SimulatedAnnealing => {
+            Box::new(solvers::SolverSearch::from_spec(spec))
+        }
+        Method::Bayes => Box::new(bayes::BayesSearch::from_spec(spec)),
     }
 }

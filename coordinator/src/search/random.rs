@@ -63,7 +63,7 @@ fn splitmix64(mut x: u64) -> u64 {
 }
 
 /// The seed of point `index`; hashing the sweep seed first keeps (s, i) and (i, s) apart.
-fn point_seed(seed: u64, index: u64) -> u64 {
+pub(crate) fn point_seed(seed: u64, index: u64) -> u64 {
     splitmix64(splitmix64(seed) ^ index)
 }
 

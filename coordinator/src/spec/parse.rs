@@ -34,7 +34,10 @@ const TOP_KEYS: &[&str] = &[
     "max_attempts",
     "timeout",
     "task",
+    "search",
 ];
+const SEARCH_KEYS: &[&str] =
+    &["population", "initial_simplex_scale", "iterations", "temperature", "startup_trials", "seed"];
 const METRIC_KEYS: &[&str] = &["name", "goal", "custom"];
 const TASK_KEYS: &[&str] = &["kind", "sleep_ms"];
 const PARAM_KEYS: &[&str] =
@@ -212,29 +215,21 @@ impl Parser<'_> {
             }
         }
 
-        let method = match top.get("method") {
-            Some(Value::String(s)) if Method::PLANNED.contains(&s.as_str()) => {
-                return Err(self.err(
-                    &segs!["method"],
-                    format!(
-                        "method `{s}` is not available yet; use one of {}",
-                        Method::NAMES.join(", ")
-                    ),
-                ));
-            }
-            _ => self
-                .choice(&top, "method", here, Method::NAMES, Method::from_name)?
-                .ok_or_else(|| self.err(here, "missing `method` (grid or random)"))?,
-        };
+        let method = self
+            .choice(&top, "method", here, Method::NAMES, Method::from_name)?
+            .ok_or_else(|| {
+                self.err(here, format!("missing `method` (one of {})", Method::NAMES.join(", ")))
+            })?;
 
         let run_cap = self.uint(&top, "run_cap", here)?;
         if run_cap == Some(0) {
             return Err(self.err(&segs!["run_cap"], "`run_cap` must be at least 1"));
         }
-        if method == Method::Random && run_cap.is_none() {
-            return Err(
-                self.err(&segs!["method"], "method random needs `run_cap` (the number of trials)")
-            );
+        if matches!(method, Method::Random | Method::Bayes) && run_cap.is_none() {
+            return Err(self.err(
+                &segs!["method"],
+                format!("method {} needs `run_cap` (the number of trials)", method.name()),
+            ));
         }
         let max_concurrent = self.uint(&top, "max_concurrent", here)?;
         if max_concurrent == Some(0) {
@@ -267,6 +262,8 @@ impl Parser<'_> {
                 .unwrap_or_default();
             task.sleep_ms = self.uint(t, "sleep_ms", &at)?.unwrap_or(0);
         }
+
+        let search = self.search(&top, method)?;
 
         let mut base_leaves: HashMap<String, Vec<Seg>> = HashMap::new();
         let mut base = Value::Object(Map::new());
@@ -315,9 +312,107 @@ impl Parser<'_> {
             max_attempts: max_attempts as u32,
             timeout,
             task,
+            search,
         };
+        self.check_search(&spec)?;
         self.check_points(&spec, &base_leaves)?;
         Ok(spec)
+    }
+
+    /// The `search:` block: each setting checked against the range it needs; a block for a
+    /// method that reads none of it is refused rather than ignored.
+    fn search(&self, top: &Obj, method: Method) -> Result<SearchSettings, SpecError> {
+        let mut s = SearchSettings::default();
+        let Some(b) = self.object(top, "search", &[])? else { return Ok(s) };
+        let at = segs!["search"];
+        self.check_keys(b, SEARCH_KEYS, &at, "search")?;
+        if matches!(method, Method::Grid | Method::Random) {
+            return Err(self.err(
+                &at,
+                format!(
+                    "`search:` configures result-driven methods; method {} reads none of it",
+                    method.name()
+                ),
+            ));
+        }
+        if let Some(n) = self.uint(b, "population", &at)? {
+            if !(2..=10_000).contains(&n) {
+                return Err(self.err(
+                    &child(&at, "population"),
+                    format!("`population` must be 2 to 10000, not {n}"),
+                ));
+            }
+            s.population = n as usize;
+        }
+        if let Some(n) = self.uint(b, "iterations", &at)? {
+            if n == 0 {
+                return Err(self.err(&child(&at, "iterations"), "`iterations` must be at least 1"));
+            }
+            s.iterations = n;
+        }
+        if let Some(n) = self.uint(b, "startup_trials", &at)? {
+            s.startup_trials = n;
+        }
+        if let Some(x) = self.float(b, "initial_simplex_scale", &at)? {
+            if !(x > 0.0 && x <= 1.0) {
+                return Err(self.err(
+                    &child(&at, "initial_simplex_scale"),
+                    format!(
+                        "`initial_simplex_scale` must be in (0, 1] (unit-box coordinates), not {x}"
+                    ),
+                ));
+            }
+            s.initial_simplex_scale = x;
+        }
+        if let Some(x) = self.float(b, "temperature", &at)? {
+            if x <= 0.0 {
+                return Err(self.err(
+                    &child(&at, "temperature"),
+                    format!("`temperature` must be above 0, not {x}"),
+                ));
+            }
+            s.temperature = x;
+        }
+        s.seed = self.uint(b, "seed", &at)?;
+        Ok(s)
+    }
+
+    /// What a result-driven method needs of the parameters.
+    fn check_search(&self, spec: &SweepSpec) -> Result<(), SpecError> {
+        if !spec.method.is_argmin() {
+            return Ok(());
+        }
+        let space = crate::search::space::Space::from_spec(spec);
+        if space.dims.is_empty() {
+            return Err(self.err(
+                &segs!["parameters"],
+                format!(
+                    "method {} searches numeric parameters (uniform, log_uniform_values, int_uniform, q_uniform) and there are none: use method: grid",
+                    spec.method.name()
+                ),
+            ));
+        }
+        let cells = space.cells();
+        if cells > crate::search::space::MAX_CELLS {
+            return Err(self.err(
+                &segs!["parameters"],
+                format!(
+                    "method {} runs one solver per combination of the `values`/categorical parameters; these make {cells}, at most {} are allowed",
+                    spec.method.name(),
+                    crate::search::space::MAX_CELLS
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn float(&self, obj: &Obj, key: &str, at: &[Seg]) -> Result<Option<f64>, SpecError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_f64().filter(|x| x.is_finite()).map(Some).ok_or_else(|| {
+                self.err(&child(at, key), format!("`{key}` must be a number, not {}", show(v)))
+            }),
+        }
     }
 
     /// Fold `b` (dotted or nested keys) into `out`, checking each key is a config path and

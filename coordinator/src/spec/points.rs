@@ -43,7 +43,8 @@ impl Parser<'_> {
                         })
                         .collect()
                 }
-                Method::Random => p
+                // Sampled or searched: the edges of each range bound every value.
+                _ => p
                     .edge_values()
                     .into_iter()
                     .map(|(v, seg)| match v.as_f64() {
@@ -89,7 +90,7 @@ impl Parser<'_> {
                     }
                 }
             }
-            Method::Random => match total {
+            _ => match total {
                 Some(t) if t <= MAX_CHECKED_POINTS => t,
                 _ => {
                     // Too many edge combinations: each parameter's edges alone against base.

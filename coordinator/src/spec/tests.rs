@@ -153,7 +153,7 @@ fn unknown_choices_suggest() {
     assert!(e.message.contains("did you mean `log_uniform_values`?"), "{e}");
     assert_eq!(e.line, Some(5));
     let e = parse_err("name: x\nmethod: nelder_mead\n");
-    assert!(e.message.contains("not available yet"), "{e}");
+    assert!(e.message.contains("searches numeric parameters"), "{e}");
 }
 
 #[test]
