@@ -869,3 +869,76 @@ fn counts_describe_the_planned_sweep_not_only_the_proposed_trials() {
     let k = c.counts();
     assert_eq!((k.total, k.queued), (2, 2));
 }
+
+/// The objective of the search-resume test: a bowl in (lr, l1_weight).
+fn bowl(config_json: &str) -> f64 {
+    let v: serde_json::Value = serde_json::from_str(config_json).unwrap();
+    let (x, y) = (v["params"]["lr"].as_f64().unwrap(), v["params"]["l1_weight"].as_f64().unwrap());
+    (x - 0.3).powi(2) + (y - 0.7).powi(2)
+}
+
+#[tokio::test]
+async fn a_result_driven_search_resumes_from_the_store_without_rerunning_a_point() {
+    for method in ["nelder_mead", "particle_swarm", "bayes"] {
+        let spec = crate::spec::SweepSpec::parse(
+            &format!(
+                "name: s\nmethod: {method}\nrun_cap: 24\nsearch: {{population: 4, startup_trials: 4}}\nparameters:\n  lr: {{distribution: uniform, min: 0.001, max: 1}}\n  l1_weight: {{distribution: uniform, min: 0, max: 1}}\n"
+            ),
+            "s.yaml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        let policy = SchedulerPolicy { run_cap: Some(24), ..actor_policy() };
+        let start = |policy: SchedulerPolicy| {
+            let strategy = crate::search::make_strategy(&spec);
+            let store = Store::open(&path).unwrap();
+            Scheduler::start(store, input("fp"), policy, strategy, make_config())
+        };
+        // First run: 9 results, then the coordinator stops with two trials running.
+        let (running_a, running_b);
+        {
+            let h = within(start(policy.clone())).await.unwrap();
+            let w = within(h.register("a", "cpu", V)).await.unwrap();
+            for _ in 0..9 {
+                let g = within(h.lease(&w, Duration::from_secs(5))).await.unwrap().lease.unwrap();
+                let v = bowl(&g.config_json);
+                assert!(within(h.complete(&g.lease_id, success(v))).await.unwrap().accepted);
+            }
+            running_a = within(h.lease(&w, Duration::from_secs(5))).await.unwrap().lease.unwrap();
+            running_b = within(h.lease(&w, Duration::from_secs(5))).await.unwrap().lease;
+            within(h.shutdown(Duration::ZERO)).await.unwrap();
+            drop(h);
+        }
+        within(async {
+            while Store::open(&path).is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let h = within(start(policy.clone())).await.unwrap();
+        // The trials that were running finish under their old leases.
+        for g in std::iter::once(running_a).chain(running_b) {
+            let v = bowl(&g.config_json);
+            assert!(within(h.complete(&g.lease_id, success(v))).await.unwrap().accepted, "{method}");
+        }
+        let w = within(h.register("b", "cpu", V)).await.unwrap();
+        loop {
+            let out = within(h.lease(&w, Duration::from_secs(5))).await.unwrap();
+            let Some(g) = out.lease else { break };
+            let v = bowl(&g.config_json);
+            assert!(within(h.complete(&g.lease_id, success(v))).await.unwrap().accepted);
+        }
+        let records = within(h.records("s")).await.unwrap();
+        assert!(records.len() > 11 && records.len() <= 24, "{method}: {} trials", records.len());
+        let mut points = std::collections::HashSet::new();
+        for r in &records {
+            assert_eq!(r.status, TrialStatus::Completed, "{method}: trial {}", r.index);
+            assert_eq!(r.attempt, 1, "{method}: trial {} ran again", r.index);
+            assert!(points.insert(serde_json::to_string(&r.params).unwrap()), "{method}: point {} proposed twice", r.index);
+        }
+        let best = records.iter().map(|r| r.metrics["loss"]).fold(f64::MAX, f64::min);
+        let first = records[0].metrics["loss"];
+        assert!(best < first, "{method}: the search improved ({best} vs {first})");
+    }
+}
