@@ -920,7 +920,10 @@ async fn a_result_driven_search_resumes_from_the_store_without_rerunning_a_point
         // The trials that were running finish under their old leases.
         for g in std::iter::once(running_a).chain(running_b) {
             let v = bowl(&g.config_json);
-            assert!(within(h.complete(&g.lease_id, success(v))).await.unwrap().accepted, "{method}");
+            assert!(
+                within(h.complete(&g.lease_id, success(v))).await.unwrap().accepted,
+                "{method}"
+            );
         }
         let w = within(h.register("b", "cpu", V)).await.unwrap();
         loop {
@@ -935,7 +938,11 @@ async fn a_result_driven_search_resumes_from_the_store_without_rerunning_a_point
         for r in &records {
             assert_eq!(r.status, TrialStatus::Completed, "{method}: trial {}", r.index);
             assert_eq!(r.attempt, 1, "{method}: trial {} ran again", r.index);
-            assert!(points.insert(serde_json::to_string(&r.params).unwrap()), "{method}: point {} proposed twice", r.index);
+            assert!(
+                points.insert(serde_json::to_string(&r.params).unwrap()),
+                "{method}: point {} proposed twice",
+                r.index
+            );
         }
         let best = records.iter().map(|r| r.metrics["loss"]).fold(f64::MAX, f64::min);
         let first = records[0].metrics["loss"];

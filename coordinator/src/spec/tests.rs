@@ -451,6 +451,66 @@ fn q_multiple_is_clean() {
 }
 
 #[test]
+fn the_result_driven_example_sweeps_parse_with_their_search_settings() {
+    let examples = [
+        (
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../sweeps/nelder_mead.yaml")),
+            Method::NelderMead,
+        ),
+        (
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../sweeps/particle_swarm.yaml")),
+            Method::ParticleSwarm,
+        ),
+        (
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../sweeps/simulated_annealing.yaml"
+            )),
+            Method::SimulatedAnnealing,
+        ),
+        (include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../sweeps/bayes.yaml")), Method::Bayes),
+    ];
+    for (text, method) in examples {
+        let s = SweepSpec::parse(text, "example.yaml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.method, method);
+        assert_eq!(s.planned_trials(), Some(16));
+        // The first points build valid trial configs.
+        let mut strategy = crate::search::make_strategy(&s);
+        for _ in 0..2 {
+            match strategy.propose() {
+                crate::search::Proposal::Point(p) => {
+                    s.trial_config(&p.params).unwrap_or_else(|e| panic!("{method:?}: {e}"));
+                }
+                other => panic!("{method:?}: {other:?}"),
+            }
+        }
+    }
+    let pso = SweepSpec::parse(examples[1].0, "p.yaml").unwrap();
+    assert_eq!(pso.search.population, 6);
+}
+
+#[test]
+fn search_settings_are_checked_and_refused_where_unread() {
+    let base =
+        "name: x\nrun_cap: 5\nparameters:\n  lr: {distribution: uniform, min: 0.001, max: 0.1}\n";
+    let e = parse_err(&format!("{base}method: grid\nsearch: {{population: 4}}\n"));
+    assert!(e.message.contains("method grid reads none of it"), "{e}");
+    let e = parse_err(&format!("{base}method: particle_swarm\nsearch: {{population: 1}}\n"));
+    assert!(e.message.contains("`population` must be 2 to 10000"), "{e}");
+    assert_eq!(e.line, Some(6));
+    let e =
+        parse_err(&format!("{base}method: nelder_mead\nsearch: {{initial_simplex_scale: 2}}\n"));
+    assert!(e.message.contains("(0, 1]"), "{e}");
+    let e = parse_err(&format!("{base}method: bayes\nsearch: {{startup_trails: 4}}\n"));
+    assert!(e.message.contains("did you mean `startup_trials`?"), "{e}");
+    let e = parse_err("name: x\nmethod: bayes\nparameters:\n  lr: {value: 0.01}\n");
+    assert!(e.message.contains("method bayes needs `run_cap`"), "{e}");
+    // The fingerprint of a sweep without a search: block is what it was before the block existed.
+    let plain = SweepSpec::parse(&format!("{base}method: random\n"), "x.yaml").unwrap();
+    assert!(!serde_json::to_string(&plain).unwrap().contains("search"));
+}
+
+#[test]
 fn example_sweeps_parse_and_validate() {
     let stripes = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../sweeps/stripes.yaml"));
     let s = SweepSpec::parse(stripes, "sweeps/stripes.yaml").unwrap_or_else(|e| panic!("{e}"));
