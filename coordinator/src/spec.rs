@@ -382,6 +382,14 @@ pub struct SweepSpec {
     /// sweeps written before they existed keep theirs).
     #[serde(skip_serializing_if = "SearchSettings::is_default")]
     pub search: SearchSettings,
+    /// Trainings of each point, with trial seeds `seed`, `seed + 1`, ... (default 1; left out
+    /// of the fingerprint when 1).
+    #[serde(skip_serializing_if = "is_one")]
+    pub repeats: u64,
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -410,8 +418,21 @@ impl SweepSpec {
         Ok(serde_json::to_value(cfg).expect("a trial config serializes"))
     }
 
+    /// The trial-config seed of a point's first repeat: `base`'s `seed`, else the default.
+    pub fn base_seed(&self) -> u64 {
+        self.base.get("seed").and_then(Value::as_u64).unwrap_or(TrialConfig::default().seed)
+    }
+
     /// Number of trials the sweep will propose, when known in advance (grid, or a run cap).
     pub fn planned_trials(&self) -> Option<u64> {
+        let points = self.planned_points();
+        match (points, self.run_cap) {
+            (Some(p), Some(cap)) => Some(p.saturating_mul(self.repeats).min(cap)),
+            (p, _) => p.map(|p| p.saturating_mul(self.repeats)),
+        }
+    }
+
+    fn planned_points(&self) -> Option<u64> {
         match self.method {
             Method::Grid => {
                 let n = self.parameters.values().try_fold(1u64, |acc, p| {

@@ -10,6 +10,7 @@
 //! - [`solvers`] (with [`oracle`] and [`space`]): `nelder_mead`, `particle_swarm`,
 //!   `simulated_annealing`, one argmin solver per cell of the gridded parameters.
 //! - [`bayes`]: tree-structured Parzen estimators.
+//! - [`repeat`]: `repeats: N` around any of them.
 
 use std::collections::BTreeMap;
 
@@ -79,18 +80,24 @@ pub mod bayes;
 pub mod grid;
 pub mod oracle;
 pub mod random;
+pub mod repeat;
 pub mod solvers;
 pub mod space;
 
 /// The strategy for a validated sweep spec.
 pub fn make_strategy(spec: &crate::spec::SweepSpec) -> Box<dyn Strategy> {
     use crate::spec::Method;
-    match spec.method {
+    let inner: Box<dyn Strategy> = match spec.method {
         Method::Grid => Box::new(grid::GridSearch::from_spec(spec)),
         Method::Random => Box::new(random::RandomSearch::from_spec(spec)),
         Method::NelderMead | Method::ParticleSwarm | Method::SimulatedAnnealing => {
             Box::new(solvers::SolverSearch::from_spec(spec))
         }
         Method::Bayes => Box::new(bayes::BayesSearch::from_spec(spec)),
+    };
+    if spec.repeats > 1 {
+        Box::new(repeat::Repeated::new(inner, spec.repeats, spec.base_seed()))
+    } else {
+        inner
     }
 }

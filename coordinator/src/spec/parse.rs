@@ -35,6 +35,7 @@ const TOP_KEYS: &[&str] = &[
     "timeout",
     "task",
     "search",
+    "repeats",
 ];
 const SEARCH_KEYS: &[&str] =
     &["population", "initial_simplex_scale", "iterations", "temperature", "startup_trials", "seed"];
@@ -264,6 +265,10 @@ impl Parser<'_> {
         }
 
         let search = self.search(&top, method)?;
+        let repeats = self.uint(&top, "repeats", here)?.unwrap_or(1);
+        if !(1..=1000).contains(&repeats) {
+            return Err(self.err(&segs!["repeats"], format!("`repeats` must be 1 to 1000, not {repeats}")));
+        }
 
         let mut base_leaves: HashMap<String, Vec<Seg>> = HashMap::new();
         let mut base = Value::Object(Map::new());
@@ -313,7 +318,14 @@ impl Parser<'_> {
             timeout,
             task,
             search,
+            repeats,
         };
+        if repeats > 1 && spec.parameters.contains_key(crate::search::repeat::SEED) {
+            return Err(self.err(
+                &segs!["parameters", "seed"],
+                "`seed` is what `repeats` varies: sweep it or repeat, not both",
+            ));
+        }
         self.check_search(&spec)?;
         self.check_points(&spec, &base_leaves)?;
         Ok(spec)

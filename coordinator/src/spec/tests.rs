@@ -533,3 +533,18 @@ fn example_sweeps_parse_and_validate() {
         s.trial_config(&p.params).unwrap_or_else(|e| panic!("point {}: {e}", p.index));
     }
 }
+
+#[test]
+fn repeats_multiply_the_planned_trials_and_exclude_sweeping_the_seed() {
+    let grid = "name: x\nmethod: grid\nrepeats: 3\nparameters:\n  lr: {values: [0.001, 0.01]}\n";
+    let s = SweepSpec::parse(grid, "x.yaml").unwrap();
+    assert_eq!((s.repeats, s.planned_trials()), (3, Some(6)));
+    let e = parse_err("name: x\nmethod: grid\nrepeats: 2\nparameters:\n  seed: {values: [1, 2]}\n");
+    assert!(e.message.contains("`seed` is what `repeats` varies"), "{e}");
+    let e = parse_err("name: x\nmethod: grid\nrepeats: 0\n");
+    assert!(e.message.contains("`repeats` must be 1 to 1000"), "{e}");
+    // repeats: 1 leaves the fingerprint as it was.
+    let one = SweepSpec::parse("name: x\nmethod: grid\nrepeats: 1\n", "x.yaml").unwrap();
+    let none = SweepSpec::parse("name: x\nmethod: grid\n", "x.yaml").unwrap();
+    assert_eq!(one.fingerprint(), none.fingerprint());
+}
