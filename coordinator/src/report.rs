@@ -72,6 +72,81 @@ pub struct Report {
     pub rows: Vec<ReportRow>,
     pub failed: Vec<FailedRow>,
     pub counts: Counts,
+    /// With `repeats: N`: each parameter point, ranked by the mean of its repeats.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub points: Vec<PointRow>,
+}
+
+/// One parameter point of a sweep with `repeats`, over its completed repeats.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PointRow {
+    /// 1-based rank by `mean`; points without a finite value rank last.
+    pub rank: usize,
+    /// The point's index in the search (its trials are `point * repeats ..`).
+    pub point: u64,
+    /// The parameters without the repeats' `seed`.
+    pub params: BTreeMap<String, Value>,
+    /// Completed repeats with a finite value of the metric.
+    pub n: usize,
+    pub mean: Option<f64>,
+    /// Sample standard deviation (None below two values).
+    pub std: Option<f64>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    /// The completed repeats' trial indexes.
+    pub trials: Vec<u64>,
+}
+
+/// The points of a sweep with `repeats` (its completed trials grouped by point), ranked.
+fn rank_points(trials: &[TrialRecord], metric: &str, goal: Goal, repeats: u64) -> Vec<PointRow> {
+    let mut by_point: BTreeMap<u64, PointRow> = BTreeMap::new();
+    let mut values: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+    for t in trials.iter().filter(|t| t.status == TrialStatus::Completed) {
+        let point = t.index / repeats;
+        let row = by_point.entry(point).or_insert_with(|| {
+            let mut params = t.params.clone();
+            params.remove(crate::search::repeat::SEED);
+            PointRow {
+                rank: 0,
+                point,
+                params,
+                n: 0,
+                mean: None,
+                std: None,
+                min: None,
+                max: None,
+                trials: Vec::new(),
+            }
+        });
+        row.trials.push(t.index);
+        if let Some(v) = t.metrics.get(metric).copied().filter(|v| v.is_finite()) {
+            values.entry(point).or_default().push(v);
+        }
+    }
+    let mut rows: Vec<PointRow> = by_point
+        .into_values()
+        .map(|mut row| {
+            let vs = values.remove(&row.point).unwrap_or_default();
+            let n = vs.len();
+            row.n = n;
+            if n > 0 {
+                let mean = vs.iter().sum::<f64>() / n as f64;
+                row.mean = Some(mean);
+                row.min = vs.iter().copied().reduce(f64::min);
+                row.max = vs.iter().copied().reduce(f64::max);
+                if n > 1 {
+                    let var = vs.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+                    row.std = Some(var.sqrt());
+                }
+            }
+            row
+        })
+        .collect();
+    rows.sort_by(|a, b| compare(a.mean, b.mean, goal).then(a.point.cmp(&b.point)));
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.rank = i + 1;
+    }
+    rows
 }
 
 /// Output format of `msae-coordinator report`.
@@ -190,7 +265,15 @@ impl Report {
             })
             .collect();
         failed.sort_by_key(|f| f.trial);
-        Report { sweep: sweep.name.clone(), metric: metric.to_string(), goal, rows, failed, counts }
+        Report {
+            sweep: sweep.name.clone(),
+            metric: metric.to_string(),
+            goal,
+            rows,
+            failed,
+            counts,
+            points: Vec::new(),
+        }
     }
 
     /// [`Report::build`] with the metric and goal of the sweep's own YAML. `metric_override`
@@ -206,11 +289,12 @@ impl Report {
         metric_override: Option<&str>,
         goal_override: Option<Goal>,
     ) -> Result<Report, String> {
-        let (spec_metric, spec_planned) = match SweepSpec::parse(&sweep.yaml, &sweep.name) {
-            Ok(spec) => (spec.metric.clone(), spec.planned_trials()),
+        let (spec_metric, spec_planned, repeats) = match SweepSpec::parse(&sweep.yaml, &sweep.name)
+        {
+            Ok(spec) => (spec.metric.clone(), spec.planned_trials(), spec.repeats),
             Err(e) => {
                 tracing::warn!(sweep = %sweep.name, "stored sweep YAML does not validate any more ({e}); reading its metric block only");
-                (metric_block(&sweep.yaml).unwrap_or_default(), None)
+                (metric_block(&sweep.yaml).unwrap_or_default(), None, 1)
             }
         };
         if let Some(m) = metric_override {
@@ -224,6 +308,12 @@ impl Report {
             metrics::natural_goal(metric)
         });
         let mut report = Report::build(sweep, metric, goal, trials, top);
+        if repeats > 1 {
+            report.points = rank_points(trials, metric, goal, repeats);
+            if let Some(n) = top {
+                report.points.truncate(n);
+            }
+        }
         if !sweep.finished
             && let Some(planned) = spec_planned
         {
@@ -342,7 +432,51 @@ impl Report {
             }
             write_aligned(&mut out, &header, &body, &[true, true, false]);
         }
+        if !self.points.is_empty() {
+            self.points_table(&mut out);
+        }
         out
+    }
+
+    /// The points of a sweep with `repeats`, by the mean of each point's repeats.
+    fn points_table(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "\npoints ranked by mean {} ({}) over their repeats:",
+            self.metric,
+            self.goal.name()
+        );
+        let names: BTreeSet<&String> = self.points.iter().flat_map(|p| p.params.keys()).collect();
+        let mut header: Vec<String> =
+            ["rank", "point", "mean", "std", "min", "max", "n"].map(String::from).to_vec();
+        header.extend(names.iter().map(|n| n.to_string()));
+        header.push("trials".into());
+        let mut right = vec![true; 7];
+        right.extend(
+            names
+                .iter()
+                .map(|n| self.points.iter().all(|p| p.params.get(*n).is_none_or(Value::is_number))),
+        );
+        right.push(false);
+        let num = |x: Option<f64>| x.map(fmt_num).unwrap_or_else(|| "-".into());
+        let mut body = Cells::new(header.len(), self.points.len());
+        for p in &self.points {
+            body.push(p.rank);
+            body.push(p.point);
+            body.push(num(p.mean));
+            body.push(num(p.std));
+            body.push(num(p.min));
+            body.push(num(p.max));
+            body.push(p.n);
+            for n in &names {
+                match p.params.get(*n) {
+                    Some(v) => body.push(show_value(v)),
+                    None => body.push("-"),
+                }
+            }
+            body.push(p.trials.iter().map(u64::to_string).collect::<Vec<_>>().join(","));
+        }
+        write_aligned(out, &header, &body, &right);
     }
 
     fn csv(&self) -> String {
@@ -838,5 +972,42 @@ mod tests {
         assert_eq!(fmt_num(0.00012), "1.2e-4");
         assert_eq!(fmt_num(1234567.0), "1.2346e6");
         assert_eq!(fmt_duration(75.0), "1m15s");
+    }
+
+    #[test]
+    fn repeats_rank_points_by_their_mean_with_the_spread() {
+        let yaml =
+            "name: s\nmethod: grid\nrepeats: 2\nparameters:\n  lr: {values: [0.001, 0.002]}\n";
+        let with_seed = |index: u64, status: TrialStatus, metrics: &[(&str, f64)]| {
+            let mut t = trial(index, status, metrics);
+            let lr = [0.001, 0.002][(index / 2) as usize];
+            t.params = [("lr".to_string(), json!(lr)), ("seed".to_string(), json!(index % 2))]
+                .into_iter()
+                .collect();
+            t
+        };
+        let trials = [
+            with_seed(0, TrialStatus::Completed, &[("fvu", 0.2)]),
+            with_seed(1, TrialStatus::Completed, &[("fvu", 0.4)]),
+            with_seed(2, TrialStatus::Completed, &[("fvu", 0.1)]),
+            with_seed(3, TrialStatus::Failed, &[]),
+        ];
+        let r = Report::for_sweep(&sweep(yaml), &trials, None, None, None).unwrap();
+        assert_eq!(r.points.len(), 2);
+        let (best, second) = (&r.points[0], &r.points[1]);
+        assert_eq!((best.rank, best.point, best.n, best.mean), (1, 1, 1, Some(0.1)));
+        assert_eq!((best.std, best.trials.clone()), (None, vec![2]));
+        assert_eq!((second.point, second.n, second.min, second.max), (0, 2, Some(0.2), Some(0.4)));
+        assert!((second.mean.unwrap() - 0.3).abs() < 1e-12);
+        assert!((second.std.unwrap() - 0.02f64.sqrt()).abs() < 1e-12);
+        assert!(!second.params.contains_key("seed"), "the repeats' seed is not a parameter");
+        let text = r.render(ReportFormat::Table);
+        assert!(text.contains("points ranked by mean fvu (minimize) over their repeats"), "{text}");
+        assert!(text.contains("0,1"), "{text}");
+        // Without repeats there are no points, and the JSON has no points key.
+        let plain = Report::for_sweep(&sweep("name: s\nmethod: grid\n"), &trials, None, None, None)
+            .unwrap();
+        assert!(plain.points.is_empty());
+        assert!(!plain.render(ReportFormat::Json).contains("\"points\""));
     }
 }

@@ -122,10 +122,18 @@ mod tests {
         while let Proposal::Point(p) = s.propose() {
             points.push(p);
         }
-        let seeds: Vec<(u64, Value)> = points.iter().map(|p| (p.index, p.params[SEED].clone())).collect();
+        let seeds: Vec<(u64, Value)> =
+            points.iter().map(|p| (p.index, p.params[SEED].clone())).collect();
         assert_eq!(
             seeds,
-            [(0, 10.into()), (1, 11.into()), (2, 12.into()), (3, 10.into()), (4, 11.into()), (5, 12.into())]
+            [
+                (0, 10.into()),
+                (1, 11.into()),
+                (2, 12.into()),
+                (3, 10.into()),
+                (4, 11.into()),
+                (5, 12.into())
+            ]
         );
         s.observe(0, Some(1.0));
         s.observe(2, Some(3.0));

@@ -267,7 +267,9 @@ impl Parser<'_> {
         let search = self.search(&top, method)?;
         let repeats = self.uint(&top, "repeats", here)?.unwrap_or(1);
         if !(1..=1000).contains(&repeats) {
-            return Err(self.err(&segs!["repeats"], format!("`repeats` must be 1 to 1000, not {repeats}")));
+            return Err(
+                self.err(&segs!["repeats"], format!("`repeats` must be 1 to 1000, not {repeats}"))
+            );
         }
 
         let mut base_leaves: HashMap<String, Vec<Seg>> = HashMap::new();
