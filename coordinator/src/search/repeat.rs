@@ -92,7 +92,7 @@ impl Strategy for Repeated {
         // A point whose repeats were not all proposed before the stop: the rest follow first.
         let stored_count = stored.len() as u64;
         if let Some(last) = inner.values().last()
-            && stored_count % self.n != 0
+            && !stored_count.is_multiple_of(self.n)
         {
             let mut p = Point { index: last.index, params: last.params.clone() };
             let have = stored_count % self.n;
