@@ -949,3 +949,36 @@ async fn a_result_driven_search_resumes_from_the_store_without_rerunning_a_point
         assert!(best < first, "{method}: the search improved ({best} vs {first})");
     }
 }
+
+#[tokio::test]
+async fn a_swarm_is_dispatched_at_once_and_simplex_cells_run_side_by_side() {
+    for (method, extra, in_flight) in [
+        ("particle_swarm", "search: {population: 5}\n", 10),
+        ("nelder_mead", "", 2),
+    ] {
+        let spec = crate::spec::SweepSpec::parse(
+            &format!(
+                "name: s\nmethod: {method}\nrun_cap: 40\n{extra}parameters:\n  lr: {{distribution: uniform, min: 0.001, max: 1}}\n  optimizer: {{values: [adam, sgd]}}\n"
+            ),
+            "s.yaml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("p.redb")).unwrap();
+        let policy = SchedulerPolicy { run_cap: Some(40), ..actor_policy() };
+        let strategy = crate::search::make_strategy(&spec);
+        let h = within(Scheduler::start(store, input("fp"), policy, strategy, make_config()))
+            .await
+            .unwrap();
+        let mut grants = Vec::new();
+        for i in 0..in_flight + 1 {
+            let w = within(h.register(&format!("w{i}"), "cpu", V)).await.unwrap();
+            if let Some(g) = within(h.lease(&w, Duration::ZERO)).await.unwrap().lease {
+                grants.push(g);
+            }
+        }
+        // Every particle of both swarms (one per optimizer) at once; one simplex point per cell.
+        assert_eq!(grants.len(), in_flight, "{method}");
+        within(h.shutdown(Duration::ZERO)).await.unwrap();
+    }
+}
