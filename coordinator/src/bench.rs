@@ -5,8 +5,10 @@
 //! running no-op trials over real gRPC. Reports trials/s and the coordinator's CPU time per
 //! trial, read from the child's own accounting so worker CPU is not counted.
 //!
-//! `msae-coordinator bench report` times the `report` command instead ([`report`]).
+//! `msae-coordinator bench report` times the `report` command instead ([`report`]);
+//! `msae-coordinator bench prune` measures early termination ([`prune`]).
 
+pub mod prune;
 pub mod report;
 
 use anyhow::Context;
@@ -38,6 +40,9 @@ pub enum BenchWhat {
     /// `report` on a large stored sweep: from the database file, and over gRPC from a
     /// coordinator running on it.
     Report(report::ReportBenchArgs),
+    /// Early termination: one sweep without `early_terminate` and under each rule; training
+    /// steps executed and the best metric found.
+    Prune(prune::PruneBenchArgs),
 }
 
 /// One measured run.
@@ -70,8 +75,10 @@ pub fn bench_sweep_yaml(name: &str, trials: usize) -> String {
 
 /// Run every configured worker count; prints the results.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    if let Some(BenchWhat::Report(args)) = &args.what {
-        return report::run(args);
+    match &args.what {
+        Some(BenchWhat::Report(args)) => return report::run(args),
+        Some(BenchWhat::Prune(args)) => return prune::run(args),
+        None => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let exe = std::env::current_exe().context("locating this binary")?;

@@ -170,6 +170,7 @@ pub async fn run_command(args: &RunArgs) -> anyhow::Result<SweepExit> {
         let stats = serde_json::json!({
             "sweep": summary.sweep,
             "completed": summary.counts.completed,
+            "pruned": summary.counts.pruned,
             "failed": summary.counts.failed,
             "wall_s": started.elapsed().as_secs_f64(),
             "cpu_s": msae_shared::signal::process_cpu_seconds(),
@@ -180,7 +181,7 @@ pub async fn run_command(args: &RunArgs) -> anyhow::Result<SweepExit> {
         eprintln!(
             "sweep {} stopped with {} of {} trials done; run the same command again to resume",
             summary.sweep,
-            summary.counts.completed + summary.counts.failed,
+            summary.counts.completed + summary.counts.pruned + summary.counts.failed,
             summary.counts.total
         );
     } else if summary.counts.failed > 0 {
@@ -195,11 +196,11 @@ pub async fn run_command(args: &RunArgs) -> anyhow::Result<SweepExit> {
 /// How a sweep run ended, as the process exit status says it (documented in the README).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SweepExit {
-    /// 0: finished, every trial completed.
+    /// 0: finished, every trial completed (or was pruned by early termination).
     Completed,
-    /// 3: finished, some trials failed and some completed.
+    /// 3: finished, some trials failed and some completed (or were pruned).
     SomeFailed,
-    /// 4: finished, no trial completed.
+    /// 4: finished, no trial completed or was pruned.
     AllFailed,
     /// 5: stopped before the end (Ctrl-C, SIGTERM); run again to resume.
     Stopped,
@@ -213,7 +214,7 @@ impl SweepExit {
             SweepExit::Stopped
         } else if c.failed == 0 {
             SweepExit::Completed
-        } else if c.completed == 0 {
+        } else if c.completed + c.pruned == 0 {
             SweepExit::AllFailed
         } else {
             SweepExit::SomeFailed
@@ -306,10 +307,15 @@ async fn ask_coordinator(url: &str, args: &ReportArgs) -> anyhow::Result<String>
 /// The whole `msae-coordinator` program (the binary and the end-to-end tests call this).
 pub fn main() -> std::process::ExitCode {
     let cli = <Cli as clap::Parser>::parse();
-    if cli.command.is_none()
-        && cli.run.local_workers > 1
-        && std::env::var_os("CANDLE_NUM_THREADS").is_none()
-    {
+    let local_workers = match &cli.command {
+        None => cli.run.local_workers,
+        Some(Command::Bench(crate::bench::BenchArgs {
+            what: Some(crate::bench::BenchWhat::Prune(prune)),
+            ..
+        })) => prune.workers,
+        Some(_) => 0,
+    };
+    if local_workers > 1 && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // Several local workers share the cores; candle's element-wise pool spins on a barrier
         // and collapses when oversubscribed (15 s instead of 1.8 s for a small trial).
         // SAFETY: no other thread exists yet.

@@ -2,7 +2,8 @@
 //! redb, writes TensorBoard logs and ranks results.
 //!
 //! - [`spec`]: the sweep YAML; [`search`]: strategies proposing points.
-//! - [`model`]: stored records; [`store`]: redb; [`scheduler`]: leases, retries, resume.
+//! - [`model`]: stored records; [`store`]: redb; [`scheduler`]: leases, retries, resume;
+//!   [`prune`]: the early termination rules the scheduler applies to evaluations.
 //! - [`service`]: the gRPC service (and the one Report client); [`report`]: ranked results.
 //! - [`tensorboard`]: event files, one run per trial, fed by the scheduler's events.
 //! - [`run`]: running a sweep (all of the above together); [`cli`]: the command line;
@@ -19,6 +20,7 @@ pub mod embedded;
 pub mod model;
 pub mod preflight;
 pub mod progress;
+pub mod prune;
 pub mod report;
 pub mod run;
 pub mod scheduler;

@@ -4,7 +4,7 @@ use msae_shared::{ConfigError, TrialConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Lifecycle of a trial. Completed and Failed are final.
+/// Lifecycle of a trial. Completed, Pruned and Failed are final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TrialStatus {
@@ -12,6 +12,23 @@ pub enum TrialStatus {
     Running,
     Completed,
     Failed,
+    /// Stopped early by the sweep's `early_terminate` rule; its metrics are those it had
+    /// reached. Ranked after every completed trial. (Stored as `pruned`: a database written
+    /// before this state existed reads unchanged.)
+    Pruned,
+}
+
+impl TrialStatus {
+    /// The state's name, as stored and shown.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrialStatus::Queued => "queued",
+            TrialStatus::Running => "running",
+            TrialStatus::Completed => "completed",
+            TrialStatus::Failed => "failed",
+            TrialStatus::Pruned => "pruned",
+        }
+    }
 }
 
 /// Optimisation direction of the sweep metric (the metric table's, stored as `minimize` /
@@ -52,7 +69,13 @@ pub struct TrialRecord {
     /// from `metrics` so a progress value can never pass for a result.
     #[serde(default)]
     pub progress: BTreeMap<String, f64>,
-    /// Why the trial failed, or why earlier attempts did.
+    /// The sweep metric at each evaluation step reported during training, `(step, value)` in
+    /// step order (a later attempt's value replaces an earlier one's at the same step): what
+    /// `early_terminate` judges, rebuilt from here when a sweep resumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curve: Vec<(u64, f64)>,
+    /// Why the trial failed, or why earlier attempts did; also notes on a result (a missing
+    /// sweep metric, dropped values, why and where the trial was pruned).
     pub errors: Vec<String>,
     pub worker: Option<String>,
     pub artifact: Option<String>,

@@ -10,10 +10,19 @@ use tokio::sync::watch;
 
 /// One status line for `counts`, e.g.
 /// `[stripes] 12/36 done, 1 running, 23 queued, 0 failed; best fvu 0.0123 (trial 7)`.
+/// Done counts the trials that ended without failing; those early termination stopped are
+/// told apart, `12/36 done (5 pruned)`, in a sweep that has some. The best is a completed one.
 pub fn status_line(counts: &Counts, metric: &str, elapsed: Duration) -> String {
+    let pruned =
+        if counts.pruned > 0 { format!(" ({} pruned)", counts.pruned) } else { String::new() };
     let mut line = format!(
-        "[{}] {}/{} done, {} running, {} queued, {} failed",
-        counts.sweep, counts.completed, counts.total, counts.running, counts.queued, counts.failed
+        "[{}] {}/{} done{pruned}, {} running, {} queued, {} failed",
+        counts.sweep,
+        counts.completed + counts.pruned,
+        counts.total,
+        counts.running,
+        counts.queued,
+        counts.failed
     );
     if let Some(best) = counts.best {
         line.push_str(&format!("; best {metric} {:.6} (trial {})", best.value, best.index));
@@ -95,6 +104,11 @@ mod tests {
         assert_eq!(
             line,
             "[stripes] 12/36 done, 1 running, 23 queued, 0 failed; best fvu 0.012300 (trial 7); 2 workers; 42s"
+        );
+        let pruned = Counts { completed: 7, pruned: 5, ..counts };
+        assert_eq!(
+            status_line(&pruned, "fvu", Duration::from_secs(42)),
+            "[stripes] 12/36 done (5 pruned), 1 running, 23 queued, 0 failed; best fvu 0.012300 (trial 7); 2 workers; 42s"
         );
     }
 }

@@ -1,5 +1,7 @@
-//! The ranked report of a sweep: completed trials ordered by the sweep metric, failed trials
-//! apart with their reasons, and how many are still queued or running.
+//! The ranked report of a sweep: completed trials ordered by the sweep metric, then the trials
+//! early termination pruned (ranked the same way, below every completed one: their metrics are
+//! from before the end of training), failed trials apart with their reasons, and how many are
+//! still queued or running.
 //!
 //! Built from stored records only, so it works on a database file as well as on a snapshot sent
 //! by a running coordinator. Rendered as an aligned table for people, RFC 4180 CSV for
@@ -21,6 +23,9 @@ pub struct Counts {
     /// The sweep's planned size while it runs (the trials stored once it is finished).
     pub total: usize,
     pub completed: usize,
+    /// Stopped early by the sweep's early termination rule.
+    #[serde(default)]
+    pub pruned: usize,
     pub failed: usize,
     pub running: usize,
     /// Not started yet, whether the search has proposed them or not.
@@ -31,14 +36,16 @@ impl Counts {
     /// Counts of an unfinished sweep of `planned` trials: those not proposed yet are queued.
     pub fn plan(&mut self, planned: u64) {
         self.total = self.total.max(planned as usize);
-        self.queued = self.total.saturating_sub(self.completed + self.failed + self.running);
+        self.queued =
+            self.total.saturating_sub(self.completed + self.pruned + self.failed + self.running);
     }
 }
 
-/// One completed trial, ranked.
+/// One completed or pruned trial, ranked.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReportRow {
-    /// 1-based rank by the sweep metric; trials without a finite value rank last.
+    /// 1-based rank by the sweep metric: completed trials first (those without a finite value
+    /// last among them), then pruned ones the same way.
     pub rank: usize,
     /// Trial index within the sweep.
     pub trial: u64,
@@ -199,7 +206,8 @@ pub fn pick_sweep<'a>(
 }
 
 impl Report {
-    /// Rank the completed `trials` of `sweep` by `metric` towards `goal`; keep the best `top`.
+    /// Rank the completed `trials` of `sweep` by `metric` towards `goal`, then the pruned ones;
+    /// keep the best `top`.
     pub fn build(
         sweep: &SweepRecord,
         metric: &str,
@@ -214,6 +222,10 @@ impl Report {
             match t.status {
                 TrialStatus::Completed => {
                     counts.completed += 1;
+                    completed.push(t);
+                }
+                TrialStatus::Pruned => {
+                    counts.pruned += 1;
                     completed.push(t);
                 }
                 TrialStatus::Failed => {
@@ -235,7 +247,10 @@ impl Report {
         // map lookups were most of the sort's time.
         let mut keyed: Vec<(Option<f64>, &TrialRecord)> =
             completed.into_iter().map(|t| (value(t), t)).collect();
-        keyed.sort_by(|(x, a), (y, b)| compare(*x, *y, goal).then(a.index.cmp(&b.index)));
+        let pruned = |t: &TrialRecord| t.status == TrialStatus::Pruned;
+        keyed.sort_by(|(x, a), (y, b)| {
+            pruned(a).cmp(&pruned(b)).then(compare(*x, *y, goal)).then(a.index.cmp(&b.index))
+        });
         let mut completed: Vec<&TrialRecord> = keyed.into_iter().map(|(_, t)| t).collect();
         if let Some(n) = top {
             completed.truncate(n);
@@ -358,8 +373,10 @@ impl Report {
     fn table(&self) -> String {
         let goal = self.goal.name();
         let c = &self.counts;
+        // Pruned trials are only mentioned in sweeps that have some.
+        let pruned = if c.pruned > 0 { format!(", {} pruned", c.pruned) } else { String::new() };
         let mut out = format!(
-            "sweep {}: {} trials: {} completed, {} failed, {} running, {} queued; ranked by {} ({goal})\n",
+            "sweep {}: {} trials: {} completed{pruned}, {} failed, {} running, {} queued; ranked by {} ({goal})\n",
             self.sweep, c.total, c.completed, c.failed, c.running, c.queued, self.metric
         );
         let metric_cols = self.metric_columns();
@@ -418,6 +435,13 @@ impl Report {
                     if lacking.len() == 1 { "" } else { "s" },
                     lacking.join(", "),
                     self.metric
+                );
+            }
+            if self.rows.iter().any(|r| r.status == TrialStatus::Pruned) {
+                let _ = writeln!(
+                    out,
+                    "note: pruned trials were stopped early by early_terminate; their metrics are \
+                     from the step they reached, and they rank after every completed trial"
                 );
             }
         }
@@ -541,7 +565,7 @@ pub fn check_rank_metric(
     }
     let reported: BTreeSet<&str> = trials
         .iter()
-        .filter(|t| t.status == TrialStatus::Completed)
+        .filter(|t| matches!(t.status, TrialStatus::Completed | TrialStatus::Pruned))
         .flat_map(|t| t.metrics.keys().map(String::as_str))
         .collect();
     if reported.contains(metric) {
@@ -584,12 +608,7 @@ fn metric_block(yaml_text: &str) -> Option<MetricSpec> {
 }
 
 fn status_name(s: TrialStatus) -> &'static str {
-    match s {
-        TrialStatus::Queued => "queued",
-        TrialStatus::Running => "running",
-        TrialStatus::Completed => "completed",
-        TrialStatus::Failed => "failed",
-    }
+    s.name()
 }
 
 /// The last reason, first line only, for the one-line table (the CSV and JSON keep them all).
@@ -767,6 +786,7 @@ mod tests {
             step: 0,
             metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             progress: BTreeMap::new(),
+            curve: Vec::new(),
             errors: Vec::new(),
             worker: Some("w1".into()),
             artifact: None,
@@ -840,7 +860,10 @@ mod tests {
         assert_eq!(r.rows[0].metrics["l0"], Some(4.0));
         assert_eq!(r.rows[4].metrics["fvu"], None, "NaN kept as a non-finite value");
         assert!(!r.rows[3].metrics.contains_key("fvu"), "missing stays missing");
-        assert_eq!(r.counts, Counts { total: 8, completed: 5, failed: 1, running: 1, queued: 1 });
+        assert_eq!(
+            r.counts,
+            Counts { total: 8, completed: 5, pruned: 0, failed: 1, running: 1, queued: 1 }
+        );
         let table = r.render(ReportFormat::Table);
         assert!(
             table.contains(
@@ -856,7 +879,10 @@ mod tests {
         let yaml =
             "name: s\nmethod: grid\nparameters:\n  seed: {values: [0,1,2,3,4,5,6,7,8,9,10,11]}\n";
         let r = Report::for_sweep(&sweep(yaml), &sample(), None, None, None).unwrap();
-        assert_eq!(r.counts, Counts { total: 12, completed: 5, failed: 1, running: 1, queued: 5 });
+        assert_eq!(
+            r.counts,
+            Counts { total: 12, completed: 5, pruned: 0, failed: 1, running: 1, queued: 5 }
+        );
         let mut done = sweep(yaml);
         done.finished = true;
         let r = Report::for_sweep(&done, &sample(), None, None, None).unwrap();
@@ -962,6 +988,38 @@ mod tests {
         let stale = "name: s\nmethod: grid\nmetric: {name: mse, goal: maximize}\nparameters:\n  old_field: {values: [1]}\n";
         let r = Report::for_sweep(&sweep(stale), &sample(), None, None, None).unwrap();
         assert_eq!((r.metric.as_str(), r.goal), ("mse", Goal::Maximize));
+    }
+
+    #[test]
+    fn pruned_trials_rank_below_every_completed_one_and_say_so() {
+        let mut trials = sample();
+        // Pruned at better values than any completed trial: still ranked after them all.
+        trials.push(trial(8, TrialStatus::Pruned, &[("fvu", 0.05)]));
+        trials.push(trial(9, TrialStatus::Pruned, &[("fvu", 0.01)]));
+        trials.push(trial(10, TrialStatus::Pruned, &[]));
+        let r = Report::build(&sweep(""), "fvu", Goal::Minimize, &trials, None);
+        assert_eq!(order(&r), vec![1, 3, 0, 2, 7, 9, 8, 10]);
+        assert_eq!((r.counts.completed, r.counts.pruned, r.counts.total), (5, 3, 11));
+        assert_eq!(r.rows[5].status, TrialStatus::Pruned);
+        let table = r.render(ReportFormat::Table);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].starts_with("sweep s: 11 trials: 5 completed, 3 pruned, 1 failed, 1 running"),
+            "{table}"
+        );
+        assert!(lines[7].contains("pruned") && lines[7].contains("0.01"), "{table}");
+        assert!(table.contains("note: pruned trials were stopped early"), "{table}");
+        let csv = r.render(ReportFormat::Csv);
+        assert!(csv.contains("\r\n6,9,pruned,1,1.5,0.01,"), "{csv}");
+        let back: Report = serde_json::from_str(&r.render(ReportFormat::Json)).unwrap();
+        assert_eq!(back, r);
+        // A report written before pruning existed (no `pruned` count) still reads.
+        let old = r#"{"total":1,"completed":1,"failed":0,"running":0,"queued":0}"#;
+        let counts: Counts = serde_json::from_str(old).unwrap();
+        assert_eq!(counts.pruned, 0);
+        // Top N: pruned trials only fill what completed ones leave.
+        let top = Report::build(&sweep(""), "fvu", Goal::Minimize, &trials, Some(6));
+        assert_eq!(order(&top), vec![1, 3, 0, 2, 7, 9]);
     }
 
     #[test]

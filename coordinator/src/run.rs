@@ -119,6 +119,7 @@ pub async fn run_sweep(
         goal: spec.metric.goal,
         runner: spec.task.kind,
         noop_sleep_ms: spec.task.sleep_ms.min(u32::MAX as u64) as u32,
+        early_terminate: spec.early_terminate.clone(),
     };
     let strategy = crate::search::make_strategy(&spec);
     let input = SweepInput {

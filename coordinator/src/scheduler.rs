@@ -23,6 +23,7 @@ pub(crate) mod tests;
 
 use crate::model::{Goal, SweepRecord, TrialRecord};
 use crate::search::Strategy;
+use crate::spec::EarlyTerminate;
 use crate::store::{Store, StoreError, WriteBatch};
 use msae_shared::RunnerKind;
 use std::collections::BTreeMap;
@@ -64,6 +65,8 @@ pub struct SchedulerPolicy {
     pub runner: RunnerKind,
     /// For the noop runner: how long each trial pretends to work.
     pub noop_sleep_ms: u32,
+    /// Stops trials whose metric falls behind at their evaluations ([`crate::prune`]).
+    pub early_terminate: Option<EarlyTerminate>,
 }
 
 impl Default for SchedulerPolicy {
@@ -79,6 +82,7 @@ impl Default for SchedulerPolicy {
             goal: Goal::Minimize,
             runner: RunnerKind::Sae,
             noop_sleep_ms: 0,
+            early_terminate: None,
         }
     }
 }
@@ -129,6 +133,9 @@ pub struct ProgressAck {
     pub reason: String,
     /// With `stop`: hand the lease back rather than report a result (shutdown).
     pub release: bool,
+    /// With `stop`: the sweep's early termination rule stopped the trial; report its metrics so
+    /// far as a pruned result.
+    pub prune: bool,
 }
 
 /// Scalars of one evaluation during training, at its own step.
@@ -163,6 +170,9 @@ pub struct TrialOutcome {
     pub duration_s: Option<f64>,
     /// Metrics the edge dropped (non-finite values), recorded as a note on the trial.
     pub dropped: Vec<String>,
+    /// With `success`: the trial stopped early because early termination told it to (its
+    /// metrics are those it had reached); it ends Pruned rather than Completed.
+    pub pruned: bool,
 }
 
 /// Answer to a completion: refused for a stale, unknown or already used lease.
@@ -192,7 +202,8 @@ pub struct CompleteOutcome {
     pub next: LeaseOutcome,
 }
 
-/// The best completed trial so far.
+/// The best completed trial so far (pruned trials never are: their metrics are from before
+/// the end of training).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Best {
     pub index: u64,
@@ -205,13 +216,15 @@ pub struct Best {
 pub struct Counts {
     pub sweep: String,
     /// The sweep's size: the planned size while the search runs, what it proposed once it is
-    /// done. Always `completed + failed + running + queued`.
+    /// done. Always `completed + pruned + failed + running + queued`.
     pub total: u64,
     pub proposed: u64,
     /// Trials not started yet, proposed or not.
     pub queued: u64,
     pub running: u64,
     pub completed: u64,
+    /// Stopped early by the sweep's early termination rule (final, as completed ones).
+    pub pruned: u64,
     pub failed: u64,
     /// Workers registered with this coordinator process.
     pub workers: u64,
@@ -232,7 +245,7 @@ pub enum SchedulerEvent {
     TrialStarted { index: u64, attempt: u32, worker: String, record: Box<TrialRecord> },
     /// Sampled scalars (`evaluation: false`) or one evaluation's scalars, at `step`.
     TrialProgress { index: u64, step: u64, scalars: BTreeMap<String, f64>, evaluation: bool },
-    /// A trial reached Completed or Failed (committed).
+    /// A trial reached Completed, Pruned or Failed (committed).
     TrialFinished { record: Box<TrialRecord> },
 }
 
@@ -341,7 +354,9 @@ impl Scheduler {
             core::Core::new(sweep, policy, strategy, make_config)
         } else {
             tracing::info!(sweep = %sweep.name, trials = trials.len(), "resuming sweep");
-            core::Core::resume(sweep, trials, policy, strategy, make_config, now)?
+            let mut core = core::Core::resume(sweep, trials, policy, strategy, make_config, now)?;
+            core.restore_pruning_history();
+            core
         };
         let name = core.sweep().name.clone();
         let (tx, rx) = mpsc::channel(4096);

@@ -227,6 +227,7 @@ impl TryFrom<proto::CompleteRequest> for Completion {
                 artifact: (!r.artifact.is_empty()).then_some(r.artifact),
                 duration_s: Some(r.duration_s),
                 dropped,
+                pruned: r.success && r.pruned,
             },
         })
     }
@@ -301,6 +302,7 @@ impl Coordinator for CoordinatorService {
             stop: ack.stop,
             reason: ack.reason,
             release: ack.release,
+            prune: ack.prune,
         }))
     }
 

@@ -13,6 +13,7 @@
 //! max_attempts: 3               # per trial, retries included
 //! timeout: 30m                  # per attempt: seconds, or "90s", "30m", "2h", "1h30m"
 //! task: {kind: sae}             # sae | noop (analytic no-op runner), with sleep_ms
+//! early_terminate: {type: asha, min_steps: 100}   # hyperband | asha | median (see below)
 //! base:                         # fixed trial-config values, dotted or nested
 //!   steps: 600
 //!   data.synthetic.noise_std: 0.01
@@ -32,6 +33,11 @@
 //! Grid search enumerates `value`, `values` and `categorical`, and expands `int_uniform` and
 //! `q_uniform` into their (at most [`MAX_GRID_EXPANSION`]) values; continuous distributions
 //! are refused, and categorical `probabilities` play no part.
+//!
+//! `early_terminate:` stops trials whose metric falls behind, judged on the sweep metric at the
+//! evaluation steps workers report ([`EarlyTerminate`]; the rules are in [`crate::prune`]):
+//! `{type: hyperband, min_iter, max_iter, s, eta: 3}` (W&B's), `{type: asha, min_steps,
+//! reduction_factor: 3, max_steps}` and `{type: median, warmup_steps: 0, min_trials: 5}`.
 //!
 //! Validation, before anything runs, with the YAML line and column of the culprit:
 //! - unknown keys everywhere, with a "did you mean" suggestion; names of methods, goals,
@@ -217,6 +223,92 @@ pub struct TaskSpec {
     pub sleep_ms: u64,
 }
 
+/// Early termination (`early_terminate:`): which rule stops trials whose sweep metric falls
+/// behind, at the evaluation steps workers report. Steps are training steps. The rules
+/// themselves are in [`crate::prune`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EarlyTerminate {
+    /// W&B's hyperband (its non-strict mode): brackets at `min_iter * eta^k` steps (at most `s`
+    /// of them, all below `max_iter` when given), or, without `min_iter`, at
+    /// `floor(max_iter / eta^k)` for k = 1..=s. At every evaluation a trial is judged at the
+    /// last bracket it reached: it stops when its best value so far is worse than the value
+    /// ranked `floor(n / eta)` (0-based, best first) among the n trials' values at that bracket.
+    Hyperband { min_iter: Option<u64>, max_iter: Option<u64>, s: Option<u64>, eta: u64 },
+    /// Asynchronous successive halving: rungs at `min_steps * reduction_factor^k` (below
+    /// `max_steps` when given); a trial reaching a rung continues only if its value there is
+    /// among the best `max(1, floor(n / reduction_factor))` of the n trials that reached it so
+    /// far (itself included).
+    Asha { min_steps: u64, reduction_factor: u64, max_steps: Option<u64> },
+    /// Optuna's MedianPruner: at a step past `warmup_steps`, a trial stops when its best value so
+    /// far is worse than the median of the other trials' values at that same step, once at
+    /// least `min_trials` other trials have reported there.
+    Median { warmup_steps: u64, min_trials: u64 },
+}
+
+/// Bracket and rung lists stop before this many entries (the steps grow geometrically, so
+/// more would overflow long before).
+pub const MAX_RUNGS: usize = 64;
+
+impl EarlyTerminate {
+    /// The names accepted in `early_terminate.type`.
+    pub const NAMES: &'static [&'static str] = &["hyperband", "asha", "median"];
+
+    /// The YAML name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EarlyTerminate::Hyperband { .. } => "hyperband",
+            EarlyTerminate::Asha { .. } => "asha",
+            EarlyTerminate::Median { .. } => "median",
+        }
+    }
+
+    /// The steps at which hyperband brackets or ASHA rungs judge trials, ascending (empty for
+    /// the median rule, which judges at every evaluation step).
+    pub fn rungs(&self) -> Vec<u64> {
+        match *self {
+            EarlyTerminate::Hyperband { min_iter: Some(min), max_iter, s, eta } => {
+                geometric(min, eta, max_iter, s)
+            }
+            EarlyTerminate::Hyperband { min_iter: None, max_iter, s, eta } => {
+                // W&B: band = max_iter; s times: band /= eta, kept while >= 1.
+                let (Some(max), Some(s)) = (max_iter, s) else { return Vec::new() };
+                let mut out = Vec::new();
+                let mut band = max as f64;
+                for _ in 0..s.min(MAX_RUNGS as u64) {
+                    band /= eta as f64;
+                    if band < 1.0 {
+                        break;
+                    }
+                    out.push(band as u64);
+                }
+                out.sort_unstable();
+                out.dedup();
+                out
+            }
+            EarlyTerminate::Asha { min_steps, reduction_factor, max_steps } => {
+                geometric(min_steps, reduction_factor, max_steps, None)
+            }
+            EarlyTerminate::Median { .. } => Vec::new(),
+        }
+    }
+}
+
+/// `first * factor^k` for k = 0, 1, ...: below `below` when given, at most `count` of them.
+fn geometric(first: u64, factor: u64, below: Option<u64>, count: Option<u64>) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut step = Some(first);
+    let limit = count.map_or(MAX_RUNGS, |c| (c as usize).min(MAX_RUNGS));
+    while let Some(s) = step {
+        if out.len() >= limit || below.is_some_and(|b| s >= b) {
+            break;
+        }
+        out.push(s);
+        step = s.checked_mul(factor);
+    }
+    out
+}
+
 /// A random distribution (W&B Sweeps semantics).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "distribution", rename_all = "snake_case")]
@@ -386,6 +478,10 @@ pub struct SweepSpec {
     /// of the fingerprint when 1).
     #[serde(skip_serializing_if = "is_one")]
     pub repeats: u64,
+    /// Early termination of trials that fall behind (None: every trial runs to its end).
+    /// Absent from the fingerprint when not set, so sweeps stored before it keep theirs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_terminate: Option<EarlyTerminate>,
 }
 
 fn is_one(n: &u64) -> bool {

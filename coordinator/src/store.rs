@@ -418,6 +418,7 @@ mod tests {
             step: 0,
             metrics: BTreeMap::from([("loss".into(), 0.5)]),
             progress: BTreeMap::new(),
+            curve: Vec::new(),
             errors: vec![],
             worker: None,
             artifact: None,
@@ -469,6 +470,34 @@ mod tests {
             self.created_ms = created_ms;
             self
         }
+    }
+
+    #[test]
+    fn records_written_before_pruning_read_and_pruned_ones_round_trip() {
+        // A trial as this version's predecessor stored it: no `curve`, no `pruned` state.
+        let old = br#"{"sweep":"a","index":0,"params":{"lr":0.001},"config":{"lr":0.001},
+            "status":"completed","attempt":1,"lease":null,"step":600,"metrics":{"fvu":0.1},
+            "progress":{},"errors":[],"worker":"w","artifact":null,"created_ms":1,
+            "finished_ms":2,"duration_s":0.5}"#;
+        let t: TrialRecord = serde_json::from_slice(old).unwrap();
+        assert_eq!((t.status, t.curve.len()), (TrialStatus::Completed, 0));
+        // A trial without a curve is stored as before, without the key.
+        let text = serde_json::to_string(&trial("a", 0)).unwrap();
+        assert!(!text.contains("curve"), "{text}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("p.redb")).unwrap();
+        let mut pruned = trial("a", 1);
+        pruned.status = TrialStatus::Pruned;
+        pruned.curve = vec![(100, 0.9), (200, 0.8)];
+        let mut b = WriteBatch::new();
+        b.put_sweep(&sweep("a"));
+        b.put_trial(&pruned);
+        store.write(&b).unwrap();
+        assert_eq!(store.trials("a").unwrap()[0], pruned);
+        let lean = &store.trials_without_configs("a").unwrap()[0];
+        assert_eq!((lean.status, lean.curve.as_slice()), (TrialStatus::Pruned, &pruned.curve[..]));
+        assert!(serde_json::to_string(&pruned).unwrap().contains(r#""status":"pruned""#));
     }
 
     #[test]

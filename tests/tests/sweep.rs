@@ -264,3 +264,87 @@ fn local_workers_on_a_gpu_need_a_cuda_build() {
     );
     assert!(!db.exists(), "refused before anything was stored");
 }
+
+/// Early termination end to end: a real coordinator process with its embedded worker runs a
+/// noop sweep under ASHA. Trials whose curve falls behind at a rung are stopped through their
+/// progress replies and end pruned with the metrics they had reached; the best trial trains to
+/// its end; the sweep finishes with exit status 0 and the report shows the pruned trials as
+/// such, below the completed ones.
+#[test]
+fn early_terminate_prunes_trials_and_the_sweep_finishes_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("prune.yaml");
+    std::fs::write(
+        &sweep,
+        "name: prune\nmethod: grid\nmetric: {name: fvu, goal: minimize}\n\
+         task: {kind: noop, sleep_ms: 500}\n\
+         early_terminate: {type: asha, min_steps: 100, reduction_factor: 3}\n\
+         base: {steps: 1000, eval_every: 100}\n\
+         parameters:\n  lr: {values: [1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2]}\n\
+         \x20 layer_k: {values: [4, 16]}\n",
+    )
+    .unwrap();
+    let db = dir.path().join("prune.redb");
+    let out = std::process::Command::new(bin("e2e-coordinator"))
+        .arg(&sweep)
+        .arg("--db")
+        .arg(&db)
+        .args(["--listen", "127.0.0.1:0", "--quiet", "--logdir", "none"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}\n{stdout}");
+    let trials = stored_trials(&db);
+    assert_eq!(trials.len(), 10);
+    let pruned: Vec<_> = trials.iter().filter(|t| t.status == TrialStatus::Pruned).collect();
+    let completed: Vec<_> = trials.iter().filter(|t| t.status == TrialStatus::Completed).collect();
+    assert_eq!(pruned.len() + completed.len(), 10, "nothing failed or left: {trials:#?}");
+    assert!(!pruned.is_empty() && !completed.is_empty(), "{trials:#?}");
+    for t in &pruned {
+        // Stopped after its first rung (100), before its end, with the metrics it had then.
+        assert!((100..1000).contains(&t.step), "trial {} pruned at {}", t.index, t.step);
+        assert_eq!(t.metrics["steps"], t.step as f64, "{t:?}");
+        let config = t.trial_config().unwrap().unwrap();
+        let fvu = msae_worker::noop::metrics_at(&config, t.step)["fvu"];
+        assert_eq!(t.metrics["fvu"], fvu, "the curve's value where it stopped: {t:?}");
+        assert!(t.curve.first().is_some_and(|p| p.0 == 100), "{:?}", t.curve);
+        assert!(t.errors.iter().any(|e| e.contains("pruned at step")), "{:?}", t.errors);
+    }
+    for t in &completed {
+        assert_eq!(t.step, 1000, "{t:?}");
+    }
+    // The noop curves never cross, so the best point always survives its rungs.
+    let analytic = |t: &msae_coordinator::model::TrialRecord| t.trial_config().unwrap().unwrap();
+    let best = trials
+        .iter()
+        .min_by(|a, b| {
+            let (a, b) = (analytic(a), analytic(b));
+            msae_worker::noop::analytic_fvu(&a).total_cmp(&msae_worker::noop::analytic_fvu(&b))
+        })
+        .unwrap();
+    assert_eq!(best.status, TrialStatus::Completed, "{best:?}");
+    let steps: u64 = trials.iter().map(|t| t.step).sum();
+    assert!(steps < 10 * 1000, "pruning saved steps: {steps}");
+    // The final table: the counts and the pruned rows, below every completed one.
+    assert!(
+        stdout.contains(&format!(
+            "{} completed, {} pruned, 0 failed",
+            completed.len(),
+            pruned.len()
+        )),
+        "{stdout}"
+    );
+    let report = std::process::Command::new(bin("e2e-coordinator"))
+        .args(["report", "--format", "json", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let statuses: Vec<&str> =
+        report["rows"].as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap()).collect();
+    let first_pruned = statuses.iter().position(|s| *s == "pruned").unwrap();
+    assert_eq!(first_pruned, completed.len(), "{statuses:?}");
+    assert!(statuses[first_pruned..].iter().all(|s| *s == "pruned"), "{statuses:?}");
+    assert_eq!(report["counts"]["pruned"], pruned.len());
+}

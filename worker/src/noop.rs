@@ -21,6 +21,24 @@
 //! or `num_stripes`, `val_loss = train_loss = fvu + l1_weight`, `steps = config.steps`,
 //! `dead_neurons = dead_stripes = 0`. The function is a pure function of the config, so
 //! repeated runs agree bit for bit.
+//!
+//! # The learning curve
+//! A trial that takes time (`sleep` > 0) follows a scripted curve on its way there: a fraction
+//! `d = step / steps` of the way through,
+//!
+//! ```text
+//! fvu(d) = fvu + (1 - fvu) * (1 - d)^2
+//! ```
+//!
+//! (`mse` alike, the losses `fvu(d) + l1_weight`), so it starts at 1 (an empty reconstruction)
+//! and reaches its analytic value at the last step. Curves never cross: at every step trials
+//! rank as they will at the end (a stand-in for training, not a model of it). Like training it
+//! reports
+//! an evaluation (`fvu`, `mse`, `val_loss`, `l0`, `train_loss`) every `eval_every` steps before
+//! the last, each at its own step and its share of `sleep`, besides a sample (`train_loss`)
+//! after every slice of at most 20 ms. A trial stopped on request returns the curve's metrics
+//! at the step it reached. A trial with zero `sleep` reports once, at the end, and nothing
+//! else (the orchestration benchmark's trial).
 
 use crate::runner::{Control, Progress, ProgressKind, RunOptions, TrialOutcome, TrialRunner};
 use msae_shared::config::StripeSparsityMode;
@@ -88,9 +106,61 @@ pub fn analytic_metrics(config: &TrialConfig) -> BTreeMap<String, f64> {
     .collect()
 }
 
-/// The training loss a fraction `done` of the way through: decays from 1 to the final loss.
-fn loss_at(final_loss: f64, done: f64) -> f64 {
-    final_loss + (1.0 - final_loss).max(0.0) * (1.0 - done).powi(2)
+/// A loss-like metric a fraction `done` of the way through: falls from 1 (or stays, when the
+/// final value is above 1) to `final_value` at `done = 1`.
+pub fn curve_at(final_value: f64, done: f64) -> f64 {
+    final_value + (1.0 - final_value).max(0.0) * (1.0 - done.clamp(0.0, 1.0)).powi(2)
+}
+
+/// The metrics of the analytic trial at `step` (see the module docs): its final metrics with
+/// `fvu`, `mse`, `val_loss`, `train_loss` on their curves and `steps = step`.
+pub fn metrics_at(config: &TrialConfig, step: u64) -> BTreeMap<String, f64> {
+    let mut m = analytic_metrics(config);
+    let done = if config.steps == 0 { 1.0 } else { step as f64 / config.steps as f64 };
+    let fvu = curve_at(m[metrics::FVU], done);
+    let loss = fvu + config.l1_weight.max(0.0);
+    for (k, v) in [
+        (metrics::FVU, fvu),
+        (metrics::MSE, fvu),
+        (metrics::VAL_LOSS, loss),
+        (metrics::TRAIN_LOSS, loss),
+        (metrics::STEPS, step as f64),
+    ] {
+        m.insert(k.to_string(), v);
+    }
+    m
+}
+
+/// One report of a trial that takes time: at `step`, after `at` of its sleep.
+struct Report {
+    step: u64,
+    at: Duration,
+    kind: ProgressKind,
+}
+
+/// The reports of a trial of `total` steps over `sleep`: a sample after every slice, an
+/// evaluation every `eval_every` steps before the last (an evaluation at a slice's step stands
+/// for both, as in training), in time order.
+fn timeline(total: u64, eval_every: u64, sleep: Duration) -> Vec<Report> {
+    let slices = sleep.as_nanos().div_ceil(SLICE.as_nanos()).max(1) as u64;
+    let at = |done: f64| sleep.mul_f64(done.clamp(0.0, 1.0));
+    let mut out: Vec<Report> = (1..=slices)
+        .map(|slice| {
+            let done = slice as f64 / slices as f64;
+            let step = (total as f64 * done).round() as u64;
+            Report { step, at: at(done), kind: ProgressKind::Sample }
+        })
+        .collect();
+    if eval_every > 0 && total > 0 {
+        let evals = (1..).map(|k| k * eval_every).take_while(|s| *s < total);
+        for step in evals {
+            out.retain(|r| r.step != step);
+            let at = at(step as f64 / total as f64);
+            out.push(Report { step, at, kind: ProgressKind::Evaluation });
+        }
+        out.sort_by_key(|r| (r.at, r.step));
+    }
+    out
 }
 
 impl TrialRunner for NoopRunner {
@@ -101,43 +171,39 @@ impl TrialRunner for NoopRunner {
         progress: &mut dyn FnMut(&Progress) -> Control,
     ) -> anyhow::Result<TrialOutcome> {
         let final_metrics = analytic_metrics(config);
-        let final_loss = final_metrics[metrics::TRAIN_LOSS];
         let total_steps = config.steps as u64;
-        let slices = self.sleep.as_nanos().div_ceil(SLICE.as_nanos()).max(1) as u64;
+        // Zero sleep: one report at the end (the orchestration benchmark's trial).
+        let eval_every = if self.sleep.is_zero() { 0 } else { config.eval_every as u64 };
         let start = Instant::now();
-        for slice in 1..=slices {
-            // Sleep until this slice's share of the total (absolute targets do not drift).
-            let target = self.sleep.mul_f64(slice as f64 / slices as f64);
-            if let Some(rest) = target.checked_sub(start.elapsed()) {
+        for r in timeline(total_steps, eval_every, self.sleep) {
+            // Sleep until this report's share of the total (absolute targets do not drift).
+            if let Some(rest) = r.at.checked_sub(start.elapsed()) {
                 std::thread::sleep(rest);
             }
-            let done = slice as f64 / slices as f64;
-            let step = (total_steps as f64 * done).round() as u64;
+            let now = metrics_at(config, r.step);
+            let names: &[&str] = match r.kind {
+                ProgressKind::Evaluation => &[
+                    metrics::TRAIN_LOSS,
+                    metrics::VAL_LOSS,
+                    metrics::FVU,
+                    metrics::MSE,
+                    metrics::L0,
+                ],
+                _ => &[metrics::TRAIN_LOSS],
+            };
             let report = Progress {
-                step,
+                step: r.step,
                 total_steps,
-                scalars: BTreeMap::from([(
-                    metrics::TRAIN_LOSS.to_string(),
-                    loss_at(final_loss, done),
-                )]),
-                kind: ProgressKind::Sample,
+                scalars: names.iter().map(|n| (n.to_string(), now[*n])).collect(),
+                kind: r.kind,
             };
             // A stop asked for at the last report comes after the work is done: the result
             // stands (as in training).
             if let Control::Stop(reason) = progress(&report)
-                && done < 1.0
+                && r.step < total_steps
             {
-                tracing::debug!(step, %reason, "noop trial stopped on request");
-                let mut partial = final_metrics.clone();
-                let loss = loss_at(final_loss, done);
-                partial.insert(metrics::TRAIN_LOSS.to_string(), loss);
-                partial.insert(metrics::VAL_LOSS.to_string(), loss);
-                partial.insert(metrics::STEPS.to_string(), step as f64);
-                return Ok(TrialOutcome {
-                    metrics: partial,
-                    artifact: None,
-                    stopped: Some(reason),
-                });
+                tracing::debug!(step = r.step, %reason, "noop trial stopped on request");
+                return Ok(TrialOutcome { metrics: now, artifact: None, stopped: Some(reason) });
             }
         }
         Ok(TrialOutcome { metrics: final_metrics, artifact: None, stopped: None })
@@ -220,7 +286,9 @@ mod tests {
         let start = Instant::now();
         let mut steps = Vec::new();
         let out = run(&runner, &optimum(), |p| {
-            steps.push(p.step);
+            if p.kind == ProgressKind::Sample {
+                steps.push(p.step);
+            }
             Control::Continue
         });
         assert!(start.elapsed() >= Duration::from_millis(100));
@@ -228,6 +296,75 @@ mod tests {
         assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
         assert_eq!(*steps.last().unwrap(), optimum().steps as u64);
         assert_eq!(out.metrics[metrics::FVU], NOOP_OPTIMUM_FVU);
+    }
+
+    #[test]
+    fn evaluations_follow_the_curve_every_eval_every_steps_to_the_analytic_value() {
+        let runner = NoopRunner::new(Duration::from_millis(60));
+        let cfg = TrialConfig { steps: 1000, eval_every: 200, lr: 1e-2, ..optimum() };
+        let mut evals: Vec<(u64, f64)> = Vec::new();
+        let mut samples = Vec::new();
+        let out = run(&runner, &cfg, |p| {
+            match p.kind {
+                ProgressKind::Evaluation => {
+                    for m in [metrics::VAL_LOSS, metrics::MSE, metrics::L0, metrics::TRAIN_LOSS] {
+                        assert!(p.scalars.contains_key(m), "{m} in {:?}", p.scalars);
+                    }
+                    evals.push((p.step, p.scalars[metrics::FVU]));
+                }
+                _ => samples.push(p.step),
+            }
+            Control::Continue
+        });
+        // Every 200 steps before the last; the final metrics travel as the result.
+        assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [200, 400, 600, 800]);
+        assert_eq!(samples.last(), Some(&1000));
+        let fvu = analytic_fvu(&cfg);
+        assert!((fvu - 0.12).abs() < 1e-12, "lr a decade off: 0.1 above the optimum");
+        // fvu(d) = 0.12 + 0.88 * (1 - d)^2.
+        for (step, value) in &evals {
+            let d = *step as f64 / 1000.0;
+            let want = fvu + (1.0 - fvu) * (1.0 - d).powi(2);
+            assert!((value - want).abs() < 1e-12, "step {step}: {value} vs {want}");
+        }
+        assert!(evals.windows(2).all(|w| w[1].1 < w[0].1), "decreasing: {evals:?}");
+        assert_eq!(out.metrics, analytic_metrics(&cfg), "the last step reaches the analytic value");
+        assert!(out.stopped.is_none());
+    }
+
+    #[test]
+    fn curves_start_at_one_and_keep_the_final_order_at_every_step() {
+        let best = optimum(); // fvu 0.02 at the end
+        let worse = TrialConfig { lr: 1e-2, ..optimum() }; // fvu 0.12
+        let at = |c: &TrialConfig, step| metrics_at(c, step)[metrics::FVU];
+        let steps = best.steps as u64;
+        for step in (1..=10).map(|i| i * steps / 10) {
+            assert!(at(&best, step) < at(&worse, step), "step {step}");
+        }
+        assert!(
+            (at(&best, 0) - 1.0).abs() < 1e-12,
+            "every curve starts at an empty reconstruction"
+        );
+        let m = metrics_at(&best, steps / 2);
+        assert_eq!(m[metrics::STEPS], (steps / 2) as f64);
+        assert_eq!((m[metrics::MSE], m[metrics::VAL_LOSS]), (m[metrics::FVU], m[metrics::FVU]));
+        assert_eq!(m[metrics::L0], 16.0, "metrics without a curve keep their final value");
+    }
+
+    #[test]
+    fn a_trial_stopped_at_an_evaluation_returns_the_curve_there() {
+        let runner = NoopRunner::new(Duration::from_millis(40));
+        let cfg = TrialConfig { steps: 400, eval_every: 100, ..optimum() };
+        let out = run(&runner, &cfg, |p| {
+            if p.kind == ProgressKind::Evaluation && p.step == 200 {
+                Control::Stop("pruned".into())
+            } else {
+                Control::Continue
+            }
+        });
+        assert_eq!(out.stopped.as_deref(), Some("pruned"));
+        assert_eq!(out.metrics, metrics_at(&cfg, 200));
+        assert_eq!(out.metrics[metrics::FVU], curve_at(NOOP_OPTIMUM_FVU, 0.5));
     }
 
     #[test]

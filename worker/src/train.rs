@@ -15,7 +15,8 @@
 //!   `distort_prob_decay`);
 //! - Gaussian noise of std `input_noise_std` is added to every training batch (the trainer
 //!   reconstructs the noisy batch: the [`Trainer`] seam passes one batch);
-//! - every `eval_every` steps (and at the end) the validation split is evaluated (`val_loss`);
+//! - every `eval_every` steps (and at the end) the validation split is evaluated (`val_loss`
+//!   and the per-row metrics of [`crate::eval::evaluate`]: `fvu`, `mse`, `l0`, ...);
 //!   with `validation_fraction: 0` the training split stands in for it;
 //! - early stopping: an evaluation improves when `val_loss < best - early_stopping_min_delta`;
 //!   after `early_stopping_patience` evaluations without improvement the loop ends;
@@ -229,11 +230,23 @@ pub fn train_with(
         if is_eval {
             let inf = trainer.infer(eval_x)?;
             let val_loss = inf.loss;
-            let l0 = inf.codes.iter().filter(|v| **v != 0.0).count() as f64
-                / (eval_x.len() / dim).max(1) as f64;
+            // The per-row metrics of the final evaluation (mse, fvu, l0, active_stripes, ...),
+            // so a sweep metric among them has a curve (early termination judges it); MMCS and
+            // per-class usage are left for the end.
+            scalars.extend(eval::evaluate(&EvalInputs {
+                x: eval_x,
+                recon: &inf.recon,
+                codes: &inf.codes,
+                dim,
+                num_stripes: cfg.num_stripes,
+                stripe_dim: cfg.stripe_dim,
+                atoms: &[],
+                labels: None,
+                truth: None,
+            }));
             scalars.insert(metrics::VAL_LOSS.to_string(), val_loss);
-            scalars.insert(metrics::L0.to_string(), l0);
-            tracing::debug!(step = steps_done, train_loss, val_loss, l0, "evaluation");
+            let (l0, fvu) = (scalars[metrics::L0], scalars[metrics::FVU]);
+            tracing::debug!(step = steps_done, train_loss, val_loss, l0, fvu, "evaluation");
             if val_loss < best - cfg.early_stopping_min_delta {
                 best = val_loss;
                 since_best = 0;
@@ -539,7 +552,10 @@ mod tests {
         let mut evals = Vec::new();
         train(&cfg, &RunOptions::default(), &mut |p: &Progress| {
             if p.kind == ProgressKind::Evaluation {
-                assert!(p.scalars.contains_key(metrics::VAL_LOSS), "{p:?}");
+                for m in [metrics::VAL_LOSS, metrics::FVU, metrics::MSE, metrics::L0] {
+                    assert!(p.scalars[m].is_finite(), "{m} in {p:?}");
+                }
+                assert!(!p.scalars.contains_key(metrics::MMCS), "left for the end: {p:?}");
                 evals.push(p.step);
             }
             Control::Continue

@@ -254,6 +254,7 @@ fn trial(
         step: 600,
         metrics,
         progress: Default::default(),
+        curve: Vec::new(),
         errors: Vec::new(),
         worker: Some(format!("bench-{}", index % 16)),
         artifact: None,

@@ -13,7 +13,9 @@ use super::{
     SchedulerError, SchedulerEvent, SchedulerPolicy, TrialOutcome,
 };
 use crate::model::{Goal, LeaseInfo, SweepRecord, TrialRecord, TrialStatus};
+use crate::prune::{self, Decision, History};
 use crate::search::{Outcome, Proposal, Stored, Strategy};
+use crate::spec::EarlyTerminate;
 use crate::store::WriteBatch;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -46,6 +48,12 @@ pub(crate) struct Core {
     shutting_down: bool,
     completed: u64,
     failed: u64,
+    pruned: u64,
+    /// The early termination rule and every trial's sweep metric at its evaluations.
+    pruner: Option<(EarlyTerminate, History)>,
+    /// Running trials the rule stopped, with why: their progress replies keep saying so until
+    /// the worker reports the result.
+    pruning: HashMap<u64, String>,
     /// Best so far: (oriented value, index, raw value).
     best: Option<(f64, u64, f64)>,
     dirty: Vec<u64>,
@@ -64,6 +72,7 @@ impl Core {
         strategy: Box<dyn Strategy>,
         make_config: MakeConfig,
     ) -> Core {
+        let pruner = policy.early_terminate.clone().map(|rule| (rule, History::new(policy.goal)));
         Core {
             sweep,
             trials: Vec::new(),
@@ -77,6 +86,9 @@ impl Core {
             shutting_down: false,
             completed: 0,
             failed: 0,
+            pruned: 0,
+            pruner,
+            pruning: HashMap::new(),
             best: None,
             dirty: Vec::new(),
             is_dirty: Vec::new(),
@@ -163,6 +175,13 @@ impl Core {
                         core.strategy.observe(index, None);
                     }
                 }
+                TrialStatus::Pruned => {
+                    core.pruned += 1;
+                    if !restores {
+                        let v = core.oriented(&t);
+                        core.strategy.observe(index, v);
+                    }
+                }
                 TrialStatus::Queued => core.queue.push_back(index),
                 TrialStatus::Running => match t.lease.as_mut() {
                     Some(lease) => {
@@ -178,7 +197,10 @@ impl Core {
             }
             if restores {
                 let outcome = match t.status {
-                    TrialStatus::Completed => Outcome::Finished(core.oriented(&t)),
+                    // A pruned trial answers with its last metric.
+                    TrialStatus::Completed | TrialStatus::Pruned => {
+                        Outcome::Finished(core.oriented(&t))
+                    }
                     TrialStatus::Failed => Outcome::Finished(None),
                     TrialStatus::Queued | TrialStatus::Running => Outcome::Pending,
                 };
@@ -250,9 +272,10 @@ impl Core {
             proposed,
             // Not yet started: the proposed ones waiting in the queue and the ones the search
             // has still to propose.
-            queued: total.saturating_sub(self.completed + self.failed + running),
+            queued: total.saturating_sub(self.completed + self.pruned + self.failed + running),
             running,
             completed: self.completed,
+            pruned: self.pruned,
             failed: self.failed,
             workers: self.workers.len() as u64,
             best: self.best.map(|(_, index, value)| Best { index, value }),
@@ -287,6 +310,7 @@ impl Core {
             tracing::info!(
                 sweep = %self.sweep.name,
                 completed = self.completed,
+                pruned = self.pruned,
                 failed = self.failed,
                 "sweep finished"
             );
@@ -368,6 +392,7 @@ impl Core {
             step: 0,
             metrics: BTreeMap::new(),
             progress: BTreeMap::new(),
+            curve: Vec::new(),
             errors: Vec::new(),
             worker: None,
             artifact: None,
@@ -499,7 +524,7 @@ impl Core {
             return ProgressAck {
                 stop: true,
                 reason: "lease is not current (expired, completed or unknown)".into(),
-                release: false,
+                ..ProgressAck::default()
             };
         };
         let ttl = self.ttl_ms();
@@ -510,6 +535,8 @@ impl Core {
         let started = lease.started_ms;
         let ProgressReport { step, scalars, evaluations } = report;
         t.step = t.step.max(step);
+        // The sweep metric at each evaluation: the trial's curve, judged by early termination.
+        let mut judged: Vec<(u64, f64)> = Vec::new();
         // Evaluations first (they precede the sample in step order); each is an event of its
         // own so none is lost to sampling.
         for e in evaluations {
@@ -517,6 +544,10 @@ impl Core {
             t.progress.extend(
                 e.scalars.iter().filter(|(_, v)| v.is_finite()).map(|(k, v)| (k.clone(), *v)),
             );
+            if let Some(v) = e.scalars.get(&self.policy.metric).filter(|v| v.is_finite()) {
+                set_curve_point(&mut t.curve, e.step, *v);
+                judged.push((e.step, *v));
+            }
             self.events.push(SchedulerEvent::TrialProgress {
                 index,
                 step: e.step,
@@ -540,16 +571,60 @@ impl Core {
         {
             let reason = format!("timed out after {:.1}s", limit.as_secs_f64());
             self.fail_attempt(index, &reason, now);
-            return ProgressAck { stop: true, reason, release: false };
+            return ProgressAck { stop: true, reason, ..ProgressAck::default() };
+        }
+        // A pruned trial ends now, for good: better than handing it back at a shutdown.
+        if let Some(ack) = self.prune_check(index, &judged) {
+            return ack;
         }
         if self.shutting_down {
             return ProgressAck {
                 stop: true,
                 release: true,
                 reason: "the coordinator is shutting down; release the trial".into(),
+                ..ProgressAck::default()
             };
         }
         ProgressAck::default()
+    }
+
+    /// Early termination after a progress report: records the trial's new evaluations of the
+    /// sweep metric and judges each in step order. A stop to prune for a trial the rule
+    /// rejects now, and again for one it rejected before (a report crossing the reply, or a
+    /// resent one); None otherwise or without a rule.
+    fn prune_check(&mut self, index: u64, judged: &[(u64, f64)]) -> Option<ProgressAck> {
+        let (rule, history) = self.pruner.as_mut()?;
+        for &(step, value) in judged {
+            history.record(index, step, value);
+        }
+        if !self.pruning.contains_key(&index) {
+            for &(step, _) in judged {
+                if let Decision::Stop(reason) = prune::decide(rule, history, index, step) {
+                    let t = &self.trials[index as usize];
+                    tracing::info!(trial = %t.trial_id(), step, %reason, "pruning trial");
+                    self.pruning.insert(index, reason);
+                    break;
+                }
+            }
+        }
+        let reason = self.pruning.get(&index)?;
+        Some(ProgressAck {
+            stop: true,
+            prune: true,
+            release: false,
+            reason: format!("pruned by early termination ({reason})"),
+        })
+    }
+
+    /// Rebuilds the early termination history from the stored curves (a resumed sweep), so
+    /// trials run after a restart are judged against every trial before it.
+    pub(crate) fn restore_pruning_history(&mut self) {
+        let Some((_, history)) = self.pruner.as_mut() else { return };
+        for t in &self.trials {
+            for &(step, value) in &t.curve {
+                history.record(t.index, step, value);
+            }
+        }
     }
 
     pub(crate) fn complete(
@@ -577,8 +652,13 @@ impl Core {
         }
         self.leases.remove(lease_id);
         let metric = self.policy.metric.clone();
+        // Pruned as the worker says: it knows whether the stop cut the run short (a trial that
+        // had just finished when told is a completed one), and says so across a restart of
+        // this coordinator, which forgets whom it told.
+        let pruned = outcome.pruned;
+        let prune_reason = self.pruning.remove(&index);
         let t = &mut self.trials[index as usize];
-        t.status = TrialStatus::Completed;
+        t.status = if pruned { TrialStatus::Pruned } else { TrialStatus::Completed };
         t.lease = None;
         // Exactly what the completing attempt reported: nothing from progress or from an
         // earlier attempt.
@@ -594,6 +674,13 @@ impl Core {
         for d in &outcome.dropped {
             t.errors.push(format!("attempt {}: dropped {d}", t.attempt));
         }
+        if pruned {
+            let why = prune_reason.map(|r| format!(" ({r})")).unwrap_or_default();
+            t.errors.push(format!(
+                "attempt {}: pruned at step {} by early termination{why}",
+                t.attempt, t.step
+            ));
+        }
         if !t.metrics.contains_key(&metric) {
             t.errors.push(format!(
                 "attempt {}: completed without the sweep metric {metric} (absent or not \
@@ -601,12 +688,18 @@ impl Core {
                 t.attempt
             ));
         }
-        self.completed += 1;
         let v = self.oriented(&self.trials[index as usize]);
-        if let Some(v) = v {
-            let t = self.trials[index as usize].clone();
-            self.consider_best(index, v, &t);
+        if pruned {
+            // Its metrics are from before the end of training: never the best.
+            self.pruned += 1;
+        } else {
+            self.completed += 1;
+            if let Some(v) = v {
+                let t = self.trials[index as usize].clone();
+                self.consider_best(index, v, &t);
+            }
         }
+        // A pruned trial gives the search its last metric, as a completed one its final one.
         self.strategy.observe(index, v);
         self.progress_dirty.remove(&index);
         self.mark(index);
@@ -623,6 +716,7 @@ impl Core {
     /// [`Self::fail_attempt`], or Failed at once when `permanent` (a retry cannot help).
     fn end_attempt(&mut self, index: u64, reason: &str, permanent: bool, now: u64) {
         let max = self.policy.max_attempts;
+        self.pruning.remove(&index);
         let t = &mut self.trials[index as usize];
         if let Some(lease) = t.lease.take() {
             self.leases.remove(&lease.lease_id);
@@ -655,6 +749,7 @@ impl Core {
         let Some(index) = self.leases.remove(lease_id) else {
             return false;
         };
+        self.pruning.remove(&index);
         let t = &mut self.trials[index as usize];
         t.lease = None;
         t.status = TrialStatus::Queued;
@@ -716,6 +811,14 @@ impl Core {
 
     pub(crate) fn take_events(&mut self) -> Vec<SchedulerEvent> {
         std::mem::take(&mut self.events)
+    }
+}
+
+/// Sets the curve's value at `step` (kept in step order; a later attempt replaces a value).
+fn set_curve_point(curve: &mut Vec<(u64, f64)>, step: u64, value: f64) {
+    match curve.binary_search_by_key(&step, |(s, _)| *s) {
+        Ok(i) => curve[i].1 = value,
+        Err(i) => curve.insert(i, (step, value)),
     }
 }
 

@@ -190,6 +190,129 @@ fn evaluations_are_events_at_their_steps_and_final_metrics_at_the_final_step() {
     );
 }
 
+/// A progress report of the `loss` evaluations `(step, value)`.
+fn evaluations(points: &[(u64, f64)]) -> ProgressReport {
+    ProgressReport {
+        step: points.last().map_or(0, |p| p.0),
+        scalars: BTreeMap::new(),
+        evaluations: points
+            .iter()
+            .map(|&(step, v)| Evaluation { step, scalars: BTreeMap::from([("loss".into(), v)]) })
+            .collect(),
+    }
+}
+
+fn pruned_outcome(loss: f64, step: u64) -> TrialOutcome {
+    TrialOutcome { pruned: true, final_step: step, ..success(loss) }
+}
+
+fn asha() -> SchedulerPolicy {
+    let rule = EarlyTerminate::Asha { min_steps: 100, reduction_factor: 2, max_steps: None };
+    SchedulerPolicy { early_terminate: Some(rule), ..policy() }
+}
+
+#[test]
+fn a_pruned_trial_is_told_in_its_progress_reply_and_ends_pruned_with_its_last_metrics() {
+    let (mut c, observed) = core(3, asha());
+    let w = c.register("a", "cpu", V).unwrap();
+    // Trial 0 sets the bar at rung 100 (0.5) and completes.
+    let g0 = grant(&mut c, &w, 0);
+    let ack = c.progress(&g0.lease_id, evaluations(&[(100, 0.5), (200, 0.4)]), 1);
+    assert_eq!(ack, ProgressAck::default());
+    assert!(c.complete(&g0.lease_id, success(0.3), 2).accepted);
+    assert_eq!(c.trials()[0].curve, [(100, 0.5), (200, 0.4)]);
+    // Trial 1 reaches rung 100 worse: keep max(1, 2 / 2) = 1 of [0.5, 0.9].
+    let g1 = grant(&mut c, &w, 3);
+    let ack = c.progress(&g1.lease_id, evaluations(&[(100, 0.9)]), 4);
+    assert!(ack.stop && ack.prune && !ack.release, "{ack:?}");
+    assert!(
+        ack.reason.starts_with("pruned by early termination (asha: 0.9 at rung 100"),
+        "{ack:?}"
+    );
+    assert_eq!(c.trials()[1].status, TrialStatus::Running, "running until the worker reports");
+    // A report that crossed the reply hears it again.
+    let again = c.progress(&g1.lease_id, evaluations(&[(150, 0.85)]), 5);
+    assert_eq!(again, ack);
+    c.take_events();
+    assert!(c.complete(&g1.lease_id, pruned_outcome(0.85, 150), 6).accepted);
+    let t = &c.trials()[1];
+    assert_eq!(t.status, TrialStatus::Pruned);
+    assert_eq!((t.metrics["loss"], t.step, t.lease.is_none()), (0.85, 150, true));
+    assert!(
+        t.errors
+            .iter()
+            .any(|e| e.starts_with("attempt 1: pruned at step 150 by early termination (asha:")),
+        "{:?}",
+        t.errors
+    );
+    let finished = c.take_events();
+    assert!(matches!(&finished[..], [SchedulerEvent::TrialFinished { record }]
+        if record.status == TrialStatus::Pruned));
+    let counts = c.counts();
+    assert_eq!((counts.completed, counts.pruned, counts.failed, counts.running), (1, 1, 0, 0));
+    assert_eq!(counts.best, Some(Best { index: 0, value: 0.3 }), "a pruned trial is never best");
+    assert_eq!(observed.lock().unwrap()[1], (1, Some(0.85)), "the search hears its last metric");
+    // Trial 2 is the best of [0.45, 0.5, 0.9] at rung 100 and runs to its end.
+    let g2 = grant(&mut c, &w, 7);
+    assert_eq!(c.progress(&g2.lease_id, evaluations(&[(100, 0.45)]), 8), ProgressAck::default());
+    assert!(c.complete(&g2.lease_id, success(0.2), 9).accepted);
+    // Pruned is final: nothing requeued, and the sweep is finished.
+    c.fill_queue(1, 10);
+    assert_eq!(c.queued(), 0);
+    assert!(c.check_finished());
+    assert_eq!((c.counts().completed, c.counts().pruned, c.counts().total), (2, 1, 3));
+}
+
+#[test]
+fn a_told_trial_that_finished_anyway_is_completed_and_a_resumed_sweep_judges_on_stored_curves() {
+    let (mut c, _) = core(3, asha());
+    let w = c.register("a", "cpu", V).unwrap();
+    let g0 = grant(&mut c, &w, 0);
+    c.progress(&g0.lease_id, evaluations(&[(100, 0.5)]), 1);
+    assert!(c.complete(&g0.lease_id, success(0.3), 2).accepted);
+    // Told to stop, but its worker had finished: it reports a full result, not a pruned one.
+    let g1 = grant(&mut c, &w, 3);
+    assert!(c.progress(&g1.lease_id, evaluations(&[(100, 0.9)]), 4).prune);
+    assert!(c.complete(&g1.lease_id, success(0.6), 5).accepted);
+    assert_eq!(c.trials()[1].status, TrialStatus::Completed);
+    assert!(c.trials()[1].errors.is_empty());
+    // Restart: trial 2, never run, is judged against the stored curves of 0 and 1.
+    let stored = c.trials().to_vec();
+    let sweep = c.sweep().clone();
+    let strategy = Box::new(ListStrategy::new(3));
+    let mut b = Core::resume(sweep, stored, asha(), strategy, make_config(), 10).unwrap();
+    b.restore_pruning_history();
+    let w = b.register("a", "cpu", V).unwrap();
+    let g2 = grant(&mut b, &w, 11);
+    assert_eq!(g2.index, 2);
+    // [0.5, 0.7, 0.9] at rung 100, keep 1: 0.7 is out. Alone (no history) it would go on.
+    let ack = b.progress(&g2.lease_id, evaluations(&[(100, 0.7)]), 12);
+    assert!(ack.stop && ack.prune, "{ack:?}");
+    assert!(b.complete(&g2.lease_id, pruned_outcome(0.7, 100), 13).accepted);
+    let counts = b.counts();
+    assert_eq!((counts.completed, counts.pruned), (2, 1));
+    // ... and a resumed sweep counts its pruned trials.
+    let strategy = Box::new(ListStrategy::new(3));
+    let again =
+        Core::resume(b.sweep().clone(), b.trials().to_vec(), asha(), strategy, make_config(), 20);
+    let again = again.unwrap();
+    assert_eq!((again.counts().completed, again.counts().pruned), (2, 1));
+    assert_eq!(again.queued(), 0, "a pruned trial is not run again");
+}
+
+#[test]
+fn without_early_terminate_nothing_is_pruned_but_curves_are_kept() {
+    let (mut c, _) = core(2, policy());
+    let w = c.register("a", "cpu", V).unwrap();
+    let g0 = grant(&mut c, &w, 0);
+    c.progress(&g0.lease_id, evaluations(&[(100, 0.1)]), 1);
+    assert!(c.complete(&g0.lease_id, success(0.1), 2).accepted);
+    let g1 = grant(&mut c, &w, 3);
+    let ack = c.progress(&g1.lease_id, evaluations(&[(100, 9.0), (200, f64::NAN)]), 4);
+    assert_eq!(ack, ProgressAck::default());
+    assert_eq!(c.trials()[1].curve, [(100, 9.0)], "non-finite values are no point of a curve");
+}
+
 #[test]
 fn a_permanent_failure_is_not_retried() {
     let mut p = policy();
@@ -952,10 +1075,9 @@ async fn a_result_driven_search_resumes_from_the_store_without_rerunning_a_point
 
 #[tokio::test]
 async fn a_swarm_is_dispatched_at_once_and_simplex_cells_run_side_by_side() {
-    for (method, extra, in_flight) in [
-        ("particle_swarm", "search: {population: 5}\n", 10),
-        ("nelder_mead", "", 2),
-    ] {
+    for (method, extra, in_flight) in
+        [("particle_swarm", "search: {population: 5}\n", 10), ("nelder_mead", "", 2)]
+    {
         let spec = crate::spec::SweepSpec::parse(
             &format!(
                 "name: s\nmethod: {method}\nrun_cap: 40\n{extra}parameters:\n  lr: {{distribution: uniform, min: 0.001, max: 1}}\n  optimizer: {{values: [adam, sgd]}}\n"
@@ -964,7 +1086,7 @@ async fn a_swarm_is_dispatched_at_once_and_simplex_cells_run_side_by_side() {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("p.redb")).unwrap();
+        let store = Store::open(dir.path().join("p.redb")).unwrap();
         let policy = SchedulerPolicy { run_cap: Some(40), ..actor_policy() };
         let strategy = crate::search::make_strategy(&spec);
         let h = within(Scheduler::start(store, input("fp"), policy, strategy, make_config()))

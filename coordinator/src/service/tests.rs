@@ -5,7 +5,7 @@ use super::*;
 use crate::model::TrialStatus;
 use crate::report::ReportFormat;
 use crate::scheduler::tests::{ListStrategy, actor_policy, make_config};
-use crate::scheduler::{Scheduler, SweepInput};
+use crate::scheduler::{Scheduler, SchedulerPolicy, SweepInput};
 use crate::store::Store;
 use msae_shared::proto::coordinator_client::CoordinatorClient;
 use std::collections::HashSet;
@@ -26,6 +26,10 @@ struct Server {
 }
 
 async fn server(n: usize, token: Option<&str>) -> Server {
+    server_with(n, token, actor_policy()).await
+}
+
+async fn server_with(n: usize, token: Option<&str>, policy: SchedulerPolicy) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().join("svc.redb")).unwrap();
     let input = SweepInput {
@@ -34,15 +38,10 @@ async fn server(n: usize, token: Option<&str>) -> Server {
         fingerprint: "fp".into(),
         new_sweep: false,
     };
-    let scheduler = Scheduler::start(
-        store,
-        input,
-        actor_policy(),
-        Box::new(ListStrategy::new(n)),
-        make_config(),
-    )
-    .await
-    .unwrap();
+    let scheduler =
+        Scheduler::start(store, input, policy, Box::new(ListStrategy::new(n)), make_config())
+            .await
+            .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -307,6 +306,83 @@ async fn completion_from_an_unknown_worker_is_accepted_without_a_lease() {
 }
 
 #[tokio::test]
+async fn a_pruning_decision_reaches_the_worker_and_its_result_ends_the_trial_pruned() {
+    // The median rule over `loss`, judged from the first trial on.
+    let rule = crate::spec::EarlyTerminate::Median { warmup_steps: 0, min_trials: 1 };
+    let s = server_with(2, None, SchedulerPolicy { early_terminate: Some(rule), ..actor_policy() })
+        .await;
+    let mut c = s.client().await;
+    let id = register(&mut c, "w").await;
+    let evaluation = |lease_id: &str, loss: f64| proto::ProgressRequest {
+        lease_id: lease_id.into(),
+        step: 10,
+        scalars: HashMap::new(),
+        evaluations: vec![proto::Evaluation {
+            step: 10,
+            scalars: HashMap::from([("loss".into(), loss), ("mse".into(), 1.0)]),
+        }],
+    };
+    let lease = |c: &mut CoordinatorClient<Channel>, id: String| {
+        let mut c = c.clone();
+        async move {
+            within(c.lease(proto::LeaseRequest { worker_id: id, wait_ms: 0 }))
+                .await
+                .unwrap()
+                .into_inner()
+                .lease
+                .unwrap()
+        }
+    };
+    let first = lease(&mut c, id.clone()).await;
+    let reply = within(c.progress(evaluation(&first.lease_id, 0.5))).await.unwrap().into_inner();
+    assert!(!reply.stop && !reply.prune, "{reply:?}");
+    let done = proto::CompleteRequest {
+        lease_id: first.lease_id.clone(),
+        success: true,
+        metrics: HashMap::from([("loss".into(), 0.3)]),
+        final_step: 20,
+        ..Default::default()
+    };
+    assert!(within(c.complete(done)).await.unwrap().into_inner().accepted);
+    // Worse than the median (0.5) of the other trial at step 10: pruned, in the reply.
+    let second = lease(&mut c, id.clone()).await;
+    let reply = within(c.progress(evaluation(&second.lease_id, 0.9))).await.unwrap().into_inner();
+    assert!(reply.stop && reply.prune && !reply.release, "{reply:?}");
+    assert!(reply.reason.contains("median"), "{}", reply.reason);
+    // The worker ends it with its last metrics, marked pruned, and asks for its next lease.
+    let pruned = proto::CompleteRequest {
+        lease_id: second.lease_id.clone(),
+        success: true,
+        pruned: true,
+        metrics: HashMap::from([("loss".into(), 0.9), ("steps".into(), 10.0)]),
+        final_step: 10,
+        lease_next: true,
+        worker_id: id.clone(),
+        wait_ms: 0,
+        ..Default::default()
+    };
+    let ack = within(c.complete(pruned)).await.unwrap().into_inner();
+    assert!(ack.accepted && ack.next.is_none(), "nothing left to lease: {ack:?}");
+    let trials = within(s.scheduler.records("grid")).await.unwrap();
+    let t = &trials[1];
+    assert_eq!(t.status, TrialStatus::Pruned);
+    assert_eq!(t.metrics, BTreeMap::from([("loss".into(), 0.9), ("steps".into(), 10.0)]));
+    assert_eq!((t.step, t.curve.as_slice()), (10, &[(10, 0.9)][..]));
+    assert_eq!(trials[0].status, TrialStatus::Completed);
+    let counts = s.scheduler.counts().borrow().clone();
+    assert_eq!((counts.completed, counts.pruned, counts.finished), (1, 1, true));
+    // `pruned` without success is a plain failure, never a pruned trial.
+    let c2 = Completion::try_from(proto::CompleteRequest {
+        lease_id: "l".into(),
+        pruned: true,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(!c2.outcome.pruned);
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn invalid_arguments_are_refused_at_the_edge() {
     let s = server(3, None).await;
     let mut c = s.client().await;
@@ -553,6 +629,7 @@ async fn server_with_completed(n: u64) -> Server {
                 // Ranked in reverse index order, so order is checked, not assumed.
                 metrics: BTreeMap::from([("loss".to_string(), (n - i) as f64)]),
                 progress: BTreeMap::new(),
+                curve: Vec::new(),
                 errors: Vec::new(),
                 worker: Some("w".into()),
                 artifact: None,

@@ -36,11 +36,15 @@ const TOP_KEYS: &[&str] = &[
     "task",
     "search",
     "repeats",
+    "early_terminate",
 ];
 const SEARCH_KEYS: &[&str] =
     &["population", "initial_simplex_scale", "iterations", "temperature", "startup_trials", "seed"];
 const METRIC_KEYS: &[&str] = &["name", "goal", "custom"];
 const TASK_KEYS: &[&str] = &["kind", "sleep_ms"];
+const HYPERBAND_KEYS: &[&str] = &["type", "min_iter", "max_iter", "s", "eta"];
+const ASHA_KEYS: &[&str] = &["type", "min_steps", "reduction_factor", "max_steps"];
+const MEDIAN_KEYS: &[&str] = &["type", "warmup_steps", "min_trials"];
 const PARAM_KEYS: &[&str] =
     &["value", "values", "distribution", "min", "max", "q", "probabilities"];
 
@@ -271,6 +275,10 @@ impl Parser<'_> {
                 self.err(&segs!["repeats"], format!("`repeats` must be 1 to 1000, not {repeats}"))
             );
         }
+        let early_terminate = match self.object(&top, "early_terminate", here)? {
+            Some(e) => Some(self.early_terminate(e)?),
+            None => None,
+        };
 
         let mut base_leaves: HashMap<String, Vec<Seg>> = HashMap::new();
         let mut base = Value::Object(Map::new());
@@ -321,6 +329,7 @@ impl Parser<'_> {
             task,
             search,
             repeats,
+            early_terminate,
         };
         if repeats > 1 && spec.parameters.contains_key(crate::search::repeat::SEED) {
             return Err(self.err(
@@ -330,6 +339,7 @@ impl Parser<'_> {
         }
         self.check_search(&spec)?;
         self.check_points(&spec, &base_leaves)?;
+        self.check_evaluations(&spec, &base_leaves)?;
         Ok(spec)
     }
 
@@ -415,6 +425,119 @@ impl Parser<'_> {
                     spec.method.name(),
                     crate::search::space::MAX_CELLS
                 ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `early_terminate:` block: its `type` first, then that type's keys and values.
+    fn early_terminate(&self, e: &Obj) -> Result<EarlyTerminate, SpecError> {
+        let at = segs!["early_terminate"];
+        let kind = self
+            .choice(e, "type", &at, EarlyTerminate::NAMES, |s| {
+                EarlyTerminate::NAMES.iter().copied().find(|n| *n == s)
+            })?
+            .ok_or_else(|| {
+                self.err(&at, "early_terminate needs `type` (hyperband, asha or median)")
+            })?;
+        let keys = match kind {
+            "hyperband" => HYPERBAND_KEYS,
+            "asha" => ASHA_KEYS,
+            _ => MEDIAN_KEYS,
+        };
+        self.check_keys(e, keys, &at, &format!("early_terminate (type {kind})"))?;
+        // A step count or a number of brackets or trials: an integer, at least `min`.
+        let at_least = |key: &str, min: u64| -> Result<Option<u64>, SpecError> {
+            match self.uint(e, key, &at)? {
+                Some(v) if v < min => Err(self.err(
+                    &child(&at, key),
+                    format!("early_terminate: `{key}` must be at least {min}, not {v}"),
+                )),
+                v => Ok(v),
+            }
+        };
+        let rule = match kind {
+            "hyperband" => {
+                let eta = at_least("eta", 2)?.unwrap_or(3);
+                let min_iter = at_least("min_iter", 1)?;
+                let max_iter = at_least("max_iter", 1)?;
+                let s = at_least("s", 1)?;
+                match (min_iter, max_iter, s) {
+                    (None, None, _) => {
+                        return Err(self.err(
+                            &at,
+                            "hyperband needs `min_iter` (the first bracket), or `max_iter` \
+                             with `s` (the number of brackets)",
+                        ));
+                    }
+                    (None, Some(_), None) => {
+                        return Err(self.err(
+                            &child(&at, "max_iter"),
+                            "hyperband with `max_iter` and no `min_iter` needs `s` (the number \
+                             of brackets below max_iter)",
+                        ));
+                    }
+                    (Some(min), Some(max), _) if min >= max => {
+                        return Err(self.err(
+                            &child(&at, "min_iter"),
+                            format!(
+                                "hyperband: min_iter ({min}) must be less than max_iter ({max})"
+                            ),
+                        ));
+                    }
+                    _ => {}
+                }
+                let rule = EarlyTerminate::Hyperband { min_iter, max_iter, s, eta };
+                if rule.rungs().is_empty() {
+                    return Err(self.err(
+                        &child(&at, "max_iter"),
+                        format!("hyperband: no bracket, max_iter / eta is below 1 (eta {eta})"),
+                    ));
+                }
+                rule
+            }
+            "asha" => {
+                let min_steps = at_least("min_steps", 1)?.ok_or_else(|| {
+                    self.err(&at, "asha needs `min_steps` (the step of the first rung)")
+                })?;
+                let reduction_factor = at_least("reduction_factor", 2)?.unwrap_or(3);
+                let max_steps = at_least("max_steps", 1)?;
+                if let Some(max) = max_steps
+                    && max <= min_steps
+                {
+                    return Err(self.err(
+                        &child(&at, "max_steps"),
+                        format!(
+                            "asha: max_steps ({max}) must be greater than min_steps ({min_steps})"
+                        ),
+                    ));
+                }
+                EarlyTerminate::Asha { min_steps, reduction_factor, max_steps }
+            }
+            _ => EarlyTerminate::Median {
+                warmup_steps: self.uint(e, "warmup_steps", &at)?.unwrap_or(0),
+                min_trials: at_least("min_trials", 1)?.unwrap_or(5),
+            },
+        };
+        Ok(rule)
+    }
+
+    /// Early termination judges the evaluations made during training: a sweep whose trials
+    /// make none (`eval_every: 0` in base, not swept) would prune nothing, silently.
+    fn check_evaluations(
+        &self,
+        spec: &SweepSpec,
+        base_leaves: &HashMap<String, Vec<Seg>>,
+    ) -> Result<(), SpecError> {
+        if spec.early_terminate.is_none() || spec.parameters.contains_key("eval_every") {
+            return Ok(());
+        }
+        if spec.base.get("eval_every").and_then(Value::as_u64) == Some(0) {
+            let at = base_leaves.get("eval_every").cloned().unwrap_or_default();
+            return Err(self.err(
+                &at,
+                "early_terminate judges the evaluations made during training, and \
+                 `eval_every: 0` makes none: set eval_every to a step count",
             ));
         }
         Ok(())

@@ -532,6 +532,106 @@ fn example_sweeps_parse_and_validate() {
     while let crate::search::Proposal::Point(p) = strategy.propose() {
         s.trial_config(&p.params).unwrap_or_else(|e| panic!("point {}: {e}", p.index));
     }
+    let et = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../sweeps/early_terminate.yaml"));
+    let et = SweepSpec::parse(et, "sweeps/early_terminate.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(et.early_terminate, Some(EarlyTerminate::Asha { .. })), "{et:?}");
+}
+
+#[test]
+fn early_terminate_types_parse_with_their_defaults() {
+    let et = |block: &str| {
+        parse(&format!("name: x\nmethod: grid\nearly_terminate: {block}\n"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .early_terminate
+            .unwrap()
+    };
+    assert_eq!(
+        et("{type: hyperband, min_iter: 3}"),
+        EarlyTerminate::Hyperband { min_iter: Some(3), max_iter: None, s: None, eta: 3 }
+    );
+    assert_eq!(
+        et("{type: hyperband, max_iter: 27, s: 2, eta: 3}"),
+        EarlyTerminate::Hyperband { min_iter: None, max_iter: Some(27), s: Some(2), eta: 3 }
+    );
+    assert_eq!(
+        et("{type: asha, min_steps: 100}"),
+        EarlyTerminate::Asha { min_steps: 100, reduction_factor: 3, max_steps: None }
+    );
+    assert_eq!(
+        et("{type: asha, min_steps: 100, reduction_factor: 2, max_steps: 1600}"),
+        EarlyTerminate::Asha { min_steps: 100, reduction_factor: 2, max_steps: Some(1600) }
+    );
+    assert_eq!(et("{type: median}"), EarlyTerminate::Median { warmup_steps: 0, min_trials: 5 });
+    assert_eq!(
+        et("{type: median, warmup_steps: 500, min_trials: 2}"),
+        EarlyTerminate::Median { warmup_steps: 500, min_trials: 2 }
+    );
+    assert_eq!(parse("name: x\nmethod: grid\n").unwrap().early_terminate, None);
+}
+
+#[test]
+fn early_terminate_errors_are_located_and_suggest() {
+    let e = parse_err("name: x\nmethod: grid\nearly_terminate:\n  min_iter: 3\n");
+    assert_eq!(e.line, Some(3), "{e}");
+    assert!(e.message.contains("needs `type` (hyperband, asha or median)"), "{e}");
+
+    let e = parse_err("name: x\nmethod: grid\nearly_terminate: {type: asah, min_steps: 1}\n");
+    assert_eq!((e.line, e.column), (Some(3), Some(19)), "{e}");
+    assert!(e.message.contains("did you mean `asha`?"), "{e}");
+
+    // Each type takes its own keys only.
+    let e = parse_err("name: x\nmethod: grid\nearly_terminate:\n  type: asha\n  min_step: 10\n");
+    assert_eq!((e.line, e.column), (Some(5), Some(3)), "{e}");
+    assert!(e.message.contains("unknown key `min_step` in early_terminate (type asha)"), "{e}");
+    assert!(e.message.contains("did you mean `min_steps`?"), "{e}");
+    let e = parse_err("name: x\nmethod: grid\nearly_terminate: {type: median, min_iter: 3}\n");
+    assert!(e.message.contains("unknown key `min_iter` in early_terminate (type median)"), "{e}");
+
+    let cases: &[(&str, usize, &str)] = &[
+        ("{type: hyperband}", 3, "hyperband needs `min_iter`"),
+        ("{type: hyperband, max_iter: 27}", 3, "needs `s`"),
+        ("{type: hyperband, min_iter: 3, eta: 1}", 3, "`eta` must be at least 2, not 1"),
+        ("{type: hyperband, min_iter: 0}", 3, "`min_iter` must be at least 1, not 0"),
+        ("{type: hyperband, min_iter: 30, max_iter: 27}", 3, "must be less than max_iter"),
+        ("{type: hyperband, max_iter: 2, s: 1, eta: 3}", 3, "no bracket"),
+        ("{type: asha}", 3, "asha needs `min_steps`"),
+        ("{type: asha, min_steps: 100, max_steps: 100}", 3, "must be greater than min_steps"),
+        ("{type: asha, min_steps: 10, reduction_factor: 1}", 3, "at least 2"),
+        ("{type: median, min_trials: 0}", 3, "`min_trials` must be at least 1"),
+        ("{type: median, warmup_steps: -5}", 3, "non-negative integer"),
+        ("[asha]", 3, "must be a mapping"),
+    ];
+    for (block, line, want) in cases {
+        let e = parse_err(&format!("name: x\nmethod: grid\nearly_terminate: {block}\n"));
+        assert_eq!(e.line, Some(*line), "{block}: {e}");
+        assert!(e.message.contains(want), "{block}: {e}");
+    }
+
+    // Without evaluations during training there is nothing to judge.
+    let e = parse_err(
+        "name: x\nmethod: grid\nearly_terminate: {type: median}\nbase:\n  steps: 100\n  eval_every: 0\n",
+    );
+    assert_eq!((e.line, e.column), (Some(6), Some(3)), "{e}");
+    assert!(e.message.contains("`eval_every: 0` makes none"), "{e}");
+    // Swept, it is the sweep's business.
+    parse(
+        "name: x\nmethod: grid\nearly_terminate: {type: median}\nparameters:\n  eval_every: {values: [0, 50]}\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn early_terminate_changes_the_fingerprint_only_when_present() {
+    let plain = parse("name: x\nmethod: grid\n").unwrap();
+    let json = serde_json::to_value(&plain).unwrap();
+    assert!(json.get("early_terminate").is_none(), "sweeps stored before keep their fingerprint");
+    let asha = parse("name: x\nmethod: grid\nearly_terminate: {type: asha, min_steps: 10}\n");
+    let asha = asha.unwrap();
+    assert_ne!(plain.fingerprint(), asha.fingerprint());
+    let defaults_spelt =
+        parse("name: x\nmethod: grid\nearly_terminate: {type: asha, min_steps: 10, reduction_factor: 3}\n")
+            .unwrap();
+    assert_eq!(asha.fingerprint(), defaults_spelt.fingerprint());
 }
 
 #[test]

@@ -8,7 +8,7 @@ use super::event_file::EventWriter;
 use super::messages::{
     EXPERIMENT_TAG, Experiment, HParamInfo, HParamsPluginData, MetricInfo, MetricName, ProtoValue,
     SESSION_END_INFO_TAG, SESSION_START_INFO_TAG, STATUS_FAILURE, STATUS_RUNNING, STATUS_SUCCESS,
-    SessionEndInfo, SessionStartInfo, Summary, hparams_value,
+    STATUS_UNKNOWN, SessionEndInfo, SessionStartInfo, Summary, hparams_value,
 };
 use super::{Result, TensorBoardError, sanitize, unix_secs_f64};
 use crate::model::{TrialRecord, TrialStatus};
@@ -152,10 +152,12 @@ impl TensorBoardLogger {
     }
 
     /// A trial reached a final state: its final metrics as scalars at its last step, then the
-    /// HParams session end (success for completed, failure otherwise); closes its file.
+    /// HParams session end (success for completed, unknown for pruned, failure otherwise: see
+    /// [`STATUS_UNKNOWN`]); closes its file.
     pub fn trial_finished(&self, record: &TrialRecord) -> Result<()> {
         let status = match record.status {
             TrialStatus::Completed => STATUS_SUCCESS,
+            TrialStatus::Pruned => STATUS_UNKNOWN,
             TrialStatus::Failed => STATUS_FAILURE,
             TrialStatus::Queued | TrialStatus::Running => STATUS_RUNNING,
         };
@@ -303,6 +305,7 @@ mod tests {
             step: 0,
             metrics: BTreeMap::new(),
             progress: BTreeMap::new(),
+            curve: Vec::new(),
             errors: Vec::new(),
             worker: Some("w1".into()),
             artifact: None,
@@ -378,6 +381,25 @@ mod tests {
         let dir = logger.trial_dir(&rec);
         let files = std::fs::read_dir(&dir).unwrap().count();
         assert_eq!(files, 2, "one file per writer in the same run directory");
+    }
+
+    #[test]
+    fn pruned_trial_ends_with_its_metrics_and_unknown_status() {
+        let root = tempfile::tempdir().unwrap();
+        let logger = TensorBoardLogger::new(root.path());
+        let mut rec = record(5);
+        rec.status = TrialStatus::Pruned;
+        rec.step = 300;
+        rec.metrics.insert("fvu".to_string(), 0.4);
+        logger.trial_finished(&rec).unwrap();
+        let events = read_events(&only_event_file(&logger.trial_dir(&rec))).unwrap();
+        let last = events.last().unwrap();
+        assert_eq!(last.step, 300);
+        let value = &last.summary.as_ref().unwrap().value[0];
+        assert_eq!(value.tag, SESSION_END_INFO_TAG);
+        assert_eq!(plugin_data(value).session_end_info.unwrap().status, STATUS_UNKNOWN);
+        let fvu = &events[events.len() - 2].summary.as_ref().unwrap().value[0];
+        assert_eq!((fvu.tag.as_str(), fvu.simple_value), ("fvu", Some(0.4)));
     }
 
     #[test]

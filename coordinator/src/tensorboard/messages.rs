@@ -160,7 +160,14 @@ pub struct SessionEndInfo {
     pub end_time_secs: f64,
 }
 
-/// HParams session status values (api.proto `Status`).
+/// HParams session status values (api.proto `Status`: unknown, success, failure, running; it
+/// has no "aborted" or "pruned").
+///
+/// Unknown: what a trial stopped by early termination ends with. Neither success (it did not
+/// train to its end) nor failure (nothing went wrong), so the HParams status filter keeps
+/// pruned sessions apart from both.
+pub const STATUS_UNKNOWN: i32 = 0;
+/// Successful session.
 pub const STATUS_SUCCESS: i32 = 1;
 /// Failed session.
 pub const STATUS_FAILURE: i32 = 2;

@@ -2,7 +2,7 @@
 //! result (kept and re-sent until the coordinator accepts or refuses it), or the lease itself,
 //! handed back.
 
-use super::edge::{LeaseRef, NextLease, TrialResult, complete_request};
+use super::edge::{LeaseRef, NextLease, TrialResult, Verdict, complete_request};
 use super::retry::{is_transient, timed};
 use super::stop::{StopCause, StopFlag};
 use super::worker::{After, Worker};
@@ -83,6 +83,10 @@ impl Worker {
                 tracing::info!(trial = %lease.trial_id, reason = %reply.reason, "the coordinator asked for the lease back");
                 stop.set(StopCause::Release(reply.reason));
             }
+            Ok(reply) if reply.stop && reply.prune => {
+                tracing::info!(trial = %lease.trial_id, reason = %reply.reason, "the coordinator pruned the trial");
+                stop.set(StopCause::Pruned(reply.reason));
+            }
             Ok(reply) if reply.stop => {
                 tracing::info!(trial = %lease.trial_id, reason = %reply.reason, "the coordinator asked to stop the trial");
                 stop.set(StopCause::Coordinator(reply.reason));
@@ -152,6 +156,9 @@ impl Worker {
                         error = %result.error(), "result accepted");
                     if result.success() {
                         self.summary.succeeded += 1;
+                        if result.verdict == Verdict::Pruned {
+                            self.summary.pruned += 1;
+                        }
                     } else {
                         self.summary.failed += 1;
                     }

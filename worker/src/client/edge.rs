@@ -96,6 +96,9 @@ pub(super) enum Verdict {
     /// Stopped on request (early stopping, a lost lease) with the metrics so far: reported as
     /// a success, and the coordinator decides what a stopped trial counts as.
     Stopped,
+    /// Stopped because the coordinator's early termination pruned it, with the metrics so
+    /// far: reported as a success marked pruned (the trial ends as pruned).
+    Pruned,
     /// `permanent`: retrying cannot help (a diverged run, a config or data error).
     Failed { error: String, permanent: bool },
 }
@@ -130,7 +133,7 @@ impl TrialResult {
     pub(super) fn error(&self) -> &str {
         match &self.verdict {
             Verdict::Failed { error, .. } => error,
-            Verdict::Completed | Verdict::Stopped => "",
+            Verdict::Completed | Verdict::Stopped | Verdict::Pruned => "",
         }
     }
 }
@@ -149,7 +152,7 @@ pub(super) fn complete_request(
     next: Option<&NextLease>,
 ) -> CompleteRequest {
     let (success, error, permanent) = match &result.verdict {
-        Verdict::Completed | Verdict::Stopped => (true, String::new(), false),
+        Verdict::Completed | Verdict::Stopped | Verdict::Pruned => (true, String::new(), false),
         Verdict::Failed { error, permanent } => (false, error.clone(), *permanent),
     };
     CompleteRequest {
@@ -164,6 +167,7 @@ pub(super) fn complete_request(
         lease_next: next.is_some(),
         worker_id: next.map(|n| n.worker_id.clone()).unwrap_or_default(),
         wait_ms: next.map_or(0, |n| n.wait_ms),
+        pruned: result.verdict == Verdict::Pruned,
     }
 }
 
@@ -277,8 +281,19 @@ mod tests {
             lease_next: false,
             worker_id: String::new(),
             wait_ms: 0,
+            pruned: false,
         };
         assert_eq!(r, expected);
+    }
+
+    #[test]
+    fn a_pruned_result_is_a_success_marked_pruned_with_the_metrics_so_far() {
+        let pruned = result(Verdict::Pruned);
+        assert!(pruned.success() && pruned.error().is_empty());
+        let r = complete_request(&lease_ref(), &pruned, None);
+        assert!(r.success && r.pruned && !r.permanent && r.error.is_empty());
+        assert_eq!((r.final_step, r.metrics["fvu"]), (7, 0.25));
+        assert!(!complete_request(&lease_ref(), &result(Verdict::Stopped), None).pruned);
     }
 
     #[test]

@@ -87,8 +87,11 @@ pub struct WorkerSummary {
     pub worker_id: String,
     /// Leases received.
     pub leases: usize,
-    /// Results accepted by the coordinator, successful trials.
+    /// Results accepted by the coordinator, successful trials (pruned ones included).
     pub succeeded: usize,
+    /// Of `succeeded`: trials the coordinator's early termination stopped, reported with the
+    /// metrics they had reached.
+    pub pruned: usize,
     /// Results accepted by the coordinator, failed trials.
     pub failed: usize,
     /// Results the coordinator refused (stale leases).

@@ -26,6 +26,9 @@ impl ShutdownSignal {
 pub(super) enum StopCause {
     /// The coordinator said stop (early stopping, cancellation).
     Coordinator(String),
+    /// The coordinator's early termination rule pruned the trial: its metrics so far are
+    /// reported as a pruned result.
+    Pruned(String),
     /// The coordinator no longer knows the lease.
     LeaseLost(String),
     /// The trial's time limit passed.
@@ -40,6 +43,7 @@ impl std::fmt::Display for StopCause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StopCause::Coordinator(reason) => write!(f, "stopped by the coordinator: {reason}"),
+            StopCause::Pruned(reason) => write!(f, "pruned by the coordinator: {reason}"),
             StopCause::LeaseLost(reason) => write!(f, "lease lost: {reason}"),
             StopCause::Timeout(limit) => {
                 write!(f, "trial exceeded its timeout of {} s", limit.as_secs_f64())

@@ -105,7 +105,12 @@ impl Worker {
                         progress_open = false; // the runner returned; `handle` resolves next
                         continue;
                     }
-                    if last_sent.is_none_or(|t| t.elapsed() >= self.opts.progress_min_interval) {
+                    // Samples at most every `progress_min_interval`; an evaluation at once
+                    // (the coordinator's early termination judges it: a late verdict is
+                    // training spent on a trial already lost).
+                    if last_sent.is_none_or(|t| t.elapsed() >= self.opts.progress_min_interval)
+                        || !evaluations.is_empty()
+                    {
                         let latest = progress_rx.borrow_and_update().clone();
                         self.send_progress(lease, latest, &evaluations, &stop).await;
                         last_sent = Some(Instant::now());
@@ -154,8 +159,10 @@ impl Worker {
 }
 
 /// The result of a runner that returned (or panicked). A local timeout that cut the run short
-/// is a failure (with the metrics reached); any other stop (coordinator early stopping, lost
-/// lease) is reported with the metrics so far, and the coordinator decides what it counts as.
+/// is a failure (with the metrics reached); a prune that cut it short is a pruned result; any
+/// other stop (coordinator early stopping, lost lease) is reported with the metrics so far, and
+/// the coordinator decides what it counts as. A run that ended before the stop took effect is
+/// completed, whatever the stop was.
 fn result_of(
     joined: Result<anyhow::Result<TrialOutcome>, JoinError>,
     cause: Option<&StopCause>,
@@ -180,6 +187,7 @@ fn result_of(
         Some(cause @ StopCause::Timeout(_)) if outcome.stopped.is_some() => {
             Verdict::Failed { error: cause.to_string(), permanent: false }
         }
+        Some(StopCause::Pruned(_)) if outcome.stopped.is_some() => Verdict::Pruned,
         _ if outcome.stopped.is_some() => Verdict::Stopped,
         _ => Verdict::Completed,
     };
@@ -233,6 +241,17 @@ mod tests {
         assert_eq!(r.final_step, 40);
         let lost = StopCause::LeaseLost("gone".into());
         assert_eq!(result_of(Ok(Ok(outcome(Some("x")))), Some(&lost), D).verdict, Verdict::Stopped);
+    }
+
+    #[test]
+    fn a_prune_that_cut_the_run_short_is_pruned_with_the_metrics_so_far() {
+        let prune = StopCause::Pruned("asha".into());
+        let r = result_of(Ok(Ok(outcome(Some("pruned")))), Some(&prune), D);
+        assert_eq!(r.verdict, Verdict::Pruned);
+        assert_eq!((r.final_step, r.metrics["fvu"]), (40, 0.5));
+        // Told after its last step: the finished run is a completed one.
+        let late = result_of(Ok(Ok(outcome(None))), Some(&prune), D);
+        assert_eq!(late.verdict, Verdict::Completed);
     }
 
     #[test]

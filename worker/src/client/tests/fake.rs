@@ -33,6 +33,8 @@ pub(super) struct FakeState {
     pub(super) stop: HashSet<String>,
     /// Leases whose stop reply asks for the lease back (coordinator shutting down).
     pub(super) release_on_stop: HashSet<String>,
+    /// Leases whose stop reply says early termination pruned the trial.
+    pub(super) prune_on_stop: HashSet<String>,
     /// Lease calls from these worker ids get NotFound (a coordinator that forgot them).
     pub(super) forget: HashSet<String>,
     /// Reply shutdown = true once the queue is empty.
@@ -110,11 +112,13 @@ impl Coordinator for Fake {
         let mut state = self.state();
         let stop = state.stop.contains(&request.lease_id);
         let release = state.release_on_stop.contains(&request.lease_id);
+        let prune = stop && state.prune_on_stop.contains(&request.lease_id);
         state.progress.push(request);
         Ok(Response::new(ProgressReply {
             stop,
             reason: if stop { "early stop".into() } else { String::new() },
             release,
+            prune,
         }))
     }
 

@@ -233,6 +233,39 @@ async fn stop_reply_stops_the_trial() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pruned_trial_is_reported_pruned_and_the_next_one_taken_at_once() {
+    let fake = Fake::default();
+    {
+        let mut s = fake.state();
+        s.leases.push_back(lease("p", "sae", 0));
+        s.leases.push_back(lease("n", "noop", 0));
+        s.stop.insert("p".into());
+        s.prune_on_stop.insert("p".into());
+        s.shutdown_when_empty = true;
+    }
+    let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let summary = tokio::time::timeout(
+        LIMIT,
+        run_worker(options(server.addr), Arc::new(UntilStopped), std::future::pending()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!((summary.succeeded, summary.pruned, summary.failed), (2, 1, 0));
+    let s = fake.snapshot();
+    assert!(s.releases.is_empty(), "a pruned trial is reported, not handed back");
+    let (p, n) = (&s.completes[0], &s.completes[1]);
+    assert_eq!(p.lease_id, "p");
+    assert!(p.success && p.pruned, "{p:?}");
+    assert!(p.metrics["steps"] >= 1.0, "with the metrics it had reached");
+    assert!(p.lease_next, "the result asks for the next trial");
+    assert_eq!(s.lease_calls, 1, "the next lease came with the pruned result's reply");
+    assert_eq!(n.lease_id, "n");
+    assert!(n.success && !n.pruned);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_with_release_hands_the_lease_back_and_reports_nothing() {
     let fake = Fake::default();
     {
