@@ -83,6 +83,69 @@ fn coordinator_restart_resumes_without_rerunning_or_losing_trials() {
 }
 
 #[test]
+fn a_killed_coordinator_resumes_a_nelder_mead_search_without_rerunning_a_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("nm.yaml");
+    std::fs::write(
+        &sweep,
+        "name: nm\nmethod: nelder_mead\nrun_cap: 16\nmax_attempts: 3\n\
+         task: {kind: noop, sleep_ms: 250}\nmetric: {name: fvu, goal: minimize}\n\
+         parameters:\n  lr: {distribution: log_uniform_values, min: 0.00001, max: 0.1}\n\
+         \x20 layer_k: {distribution: int_uniform, min: 2, max: 64}\n\
+         \x20 optimizer: {values: [adam, sgd]}\n",
+    )
+    .unwrap();
+    let db = dir.path().join("nm.redb");
+    let port = free_port();
+    let mut coordinator =
+        spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
+    let mut workers: Vec<_> =
+        ["w1", "w2"].iter().map(|n| spawn_worker(dir.path(), port, n)).collect();
+    wait_until(Duration::from_secs(60), "5 completed trials", || {
+        let r = report_rpc(port)?;
+        (count(&r, TrialStatus::Completed) >= 5).then_some(())
+    });
+    kill9(&mut coordinator);
+    let before: Vec<_> =
+        stored_trials(&db).into_iter().filter(|t| t.status == TrialStatus::Completed).collect();
+    assert!(before.len() >= 5 && before.len() < 16, "{} completed before the kill", before.len());
+
+    let mut coordinator =
+        spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
+    let status = wait_exit(&mut coordinator, Duration::from_secs(120), "restarted coordinator");
+    assert!(status.success(), "restarted coordinator failed: {status}");
+    for w in &mut workers {
+        let _ = wait_exit(w, Duration::from_secs(30), "worker");
+    }
+    let after = stored_trials(&db);
+    assert_eq!(after.len(), 16, "run_cap trials in all");
+    assert!(after.iter().all(|t| t.status == TrialStatus::Completed));
+    let points: BTreeSet<String> =
+        after.iter().map(|t| serde_json::to_string(&t.params).unwrap()).collect();
+    let listing: Vec<String> = after
+        .iter()
+        .map(|t| {
+            format!("{} {} {:?}", t.index, serde_json::to_string(&t.params).unwrap(), t.finished_ms)
+        })
+        .collect();
+    assert_eq!(
+        points.len(),
+        16,
+        "no point was proposed twice: before {}: {listing:#?}",
+        before.len()
+    );
+    for done in &before {
+        let now = after.iter().find(|t| t.index == done.index).unwrap();
+        assert_eq!(now.finished_ms, done.finished_ms, "trial {} was rerun", done.index);
+        assert_eq!(now.params, done.params);
+    }
+    // The search went on improving after the restart.
+    let best_before = before.iter().map(|t| t.metrics["fvu"]).fold(f64::MAX, f64::min);
+    let best_after = after.iter().map(|t| t.metrics["fvu"]).fold(f64::MAX, f64::min);
+    assert!(best_after <= best_before);
+}
+
+#[test]
 fn sigterm_hands_the_lease_back() {
     let dir = tempfile::tempdir().unwrap();
     let sweep = dir.path().join("term.yaml");

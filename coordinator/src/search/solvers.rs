@@ -249,10 +249,23 @@ impl Strategy for SolverSearch {
     }
 }
 
-/// The canonical text of a parameter point (keys sorted by the map; numbers as serde_json
-/// prints them, which round-trips f64 exactly).
+/// The identity of a parameter point: its JSON with every non-integer number written to 12
+/// significant digits. Stored points come back through a JSON parse that may move a float by
+/// an ulp, so exact text would miss them.
 fn canonical(params: &BTreeMap<String, Value>) -> String {
-    serde_json::to_string(params).unwrap_or_default()
+    let mut out = String::new();
+    for (k, v) in params {
+        out.push_str(k);
+        out.push('=');
+        match v {
+            Value::Number(n) if n.is_f64() => {
+                out.push_str(&format!("{:.11e}", n.as_f64().unwrap_or(f64::NAN)));
+            }
+            other => out.push_str(&other.to_string()),
+        }
+        out.push(';');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -381,5 +394,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_point_is_known_again_after_a_json_round_trip_that_moves_a_float() {
+        let a: BTreeMap<String, Value> =
+            [("lr".to_string(), serde_json::json!(0.000_099_999_999_999_999_92))].into();
+        let b: BTreeMap<String, Value> =
+            [("lr".to_string(), serde_json::json!(0.000_099_999_999_999_999_93))].into();
+        assert_eq!(canonical(&a), canonical(&b));
+        let c: BTreeMap<String, Value> = [("lr".to_string(), serde_json::json!(0.0001001))].into();
+        assert_ne!(canonical(&a), canonical(&c));
+        let k: BTreeMap<String, Value> = [("layer_k".to_string(), serde_json::json!(7))].into();
+        assert_eq!(canonical(&k), "layer_k=7;");
     }
 }
