@@ -32,6 +32,10 @@ pub struct Cli {
 pub enum Command {
     /// Ranked results of a sweep (reads the database, or asks the running coordinator).
     Report(ReportArgs),
+    /// The sweeps in a database, with their trials per state.
+    List(crate::manage::ListArgs),
+    /// Delete a sweep and all its trials from a database (asks for --yes).
+    Delete(crate::manage::DeleteArgs),
     /// Orchestration benchmark: no-op trials through real gRPC and durable redb commits.
     Bench(crate::bench::BenchArgs),
 }
@@ -108,6 +112,35 @@ pub struct ReportArgs {
     /// Token of the running coordinator.
     #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Only the Pareto frontier of two metrics, each in its natural direction (e.g. `fvu,l0`:
+    /// no listed trial has both a lower FVU and a lower L0 than another), sorted by the second.
+    #[arg(long, value_name = "X,Y", value_parser = parse_pair)]
+    pub pareto: Option<(String, String)>,
+    /// Rank only trials whose L0 lies in [LO, HI]: SAEs compare at matched sparsity.
+    #[arg(long, value_name = "LO:HI", value_parser = parse_band)]
+    pub l0_band: Option<(f64, f64)>,
+}
+
+/// `--pareto X,Y`: two metric names.
+fn parse_pair(text: &str) -> Result<(String, String), String> {
+    match text.split_once(',') {
+        Some((x, y)) if !x.trim().is_empty() && !y.trim().is_empty() && x.trim() != y.trim() => {
+            Ok((x.trim().to_string(), y.trim().to_string()))
+        }
+        _ => Err(format!("`{text}` is not two different metric names as X,Y (e.g. fvu,l0)")),
+    }
+}
+
+/// `--l0-band LO:HI`: finite bounds with LO <= HI.
+fn parse_band(text: &str) -> Result<(f64, f64), String> {
+    let bad = || format!("`{text}` is not a band LO:HI of L0 values (e.g. 8:16)");
+    let (lo, hi) = text.split_once(':').ok_or_else(bad)?;
+    let (lo, hi): (f64, f64) =
+        (lo.trim().parse().map_err(|_| bad())?, hi.trim().parse().map_err(|_| bad())?);
+    if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+        return Err(bad());
+    }
+    Ok((lo, hi))
 }
 
 /// `--top N`: a count of at least one (`--top 0` would show no trial at all).
@@ -235,6 +268,28 @@ impl SweepExit {
 /// `msae-coordinator report`: the rendered report, from the database file, or from the
 /// coordinator that holds it (which renders it).
 pub async fn report_command(args: &ReportArgs) -> anyhow::Result<String> {
+    if args.pareto.is_some() || args.l0_band.is_some() {
+        // Narrowed here from the whole report (as JSON, wherever it comes from), then ranked.
+        let whole = ReportArgs {
+            top: None,
+            format: ReportFormat::Json,
+            pareto: None,
+            l0_band: None,
+            ..args.clone()
+        };
+        let json = Box::pin(report_command(&whole)).await?;
+        let mut report: Report = serde_json::from_str(&json).context("reading the report")?;
+        if let Some((lo, hi)) = args.l0_band {
+            report.within(crate::report::L0, lo, hi).map_err(anyhow::Error::msg)?;
+        }
+        if let Some((x, y)) = &args.pareto {
+            report.pareto(x, y).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(n) = args.top {
+            report.rows.truncate(n);
+        }
+        return Ok(report.render(args.format));
+    }
     if let Some(url) = &args.coordinator {
         return ask_coordinator(url, args).await;
     }
@@ -332,6 +387,12 @@ pub fn main() -> std::process::ExitCode {
     }
     let result = match &cli.command {
         Some(Command::Bench(args)) => crate::bench::run(args).map(|()| SweepExit::Completed),
+        Some(Command::List(args)) => crate::manage::list(args)
+            .and_then(|text| print_stdout(text.trim_end()).map_err(anyhow::Error::from))
+            .map(|()| SweepExit::Completed),
+        Some(Command::Delete(args)) => crate::manage::delete(args)
+            .and_then(|text| print_stdout(text.trim_end()).map_err(anyhow::Error::from))
+            .map(|()| SweepExit::Completed),
         other => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -418,6 +479,27 @@ mod tests {
             format: ReportFormat::Table,
             coordinator: None,
             token: None,
+            pareto: None,
+            l0_band: None,
+        }
+    }
+
+    #[test]
+    fn pareto_and_band_flags_are_checked() {
+        use clap::Parser;
+        let ok = Cli::try_parse_from(["m", "report", "--pareto", "fvu, l0", "--l0-band", "8:16"])
+            .unwrap();
+        let Some(Command::Report(r)) = ok.command else { panic!("not a report") };
+        assert_eq!(r.pareto, Some(("fvu".into(), "l0".into())));
+        assert_eq!(r.l0_band, Some((8.0, 16.0)));
+        for bad in [
+            ["--pareto", "fvu"],
+            ["--pareto", "fvu,fvu"],
+            ["--l0-band", "16:8"],
+            ["--l0-band", "a:b"],
+        ] {
+            let e = Cli::try_parse_from(["m", "report", bad[0], bad[1]]).unwrap_err().to_string();
+            assert!(e.contains(bad[1]), "{e}");
         }
     }
 

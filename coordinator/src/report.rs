@@ -82,7 +82,13 @@ pub struct Report {
     /// With `repeats: N`: each parameter point, ranked by the mean of its repeats.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub points: Vec<PointRow>,
+    /// How the rows were narrowed (`--l0-band`, `--pareto`), said under the table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
+
+/// The L0 metric's name (`--l0-band`).
+pub const L0: &str = metrics::L0;
 
 /// One parameter point of a sweep with `repeats`, over its completed repeats.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -288,6 +294,7 @@ impl Report {
             failed,
             counts,
             points: Vec::new(),
+            note: None,
         }
     }
 
@@ -337,6 +344,81 @@ impl Report {
         Ok(report)
     }
 
+    /// Keeps the ranked rows whose `metric` lies in [lo, hi] (rows without it go), ranked again;
+    /// refuses a metric no row reports.
+    pub fn within(&mut self, metric: &str, lo: f64, hi: f64) -> Result<(), String> {
+        self.require(metric)?;
+        self.rows
+            .retain(|r| matches!(r.metrics.get(metric), Some(Some(v)) if (lo..=hi).contains(v)));
+        self.rerank();
+        self.note = Some(format!("only trials with {metric} in [{lo}, {hi}]"));
+        Ok(())
+    }
+
+    /// Keeps the Pareto frontier of metrics `x` and `y`, each in its natural direction: the rows
+    /// no other row beats on both (ties are not beaten), sorted by `y` then `x`.
+    pub fn pareto(&mut self, x: &str, y: &str) -> Result<(), String> {
+        self.require(x)?;
+        self.require(y)?;
+        let orient = |m: &str, v: f64| match metrics::natural_goal(m) {
+            Goal::Minimize => v,
+            Goal::Maximize => -v,
+        };
+        let mut points: Vec<(f64, f64, ReportRow)> = self
+            .rows
+            .drain(..)
+            .filter_map(|r| {
+                let (Some(Some(a)), Some(Some(b))) = (r.metrics.get(x), r.metrics.get(y)) else {
+                    return None;
+                };
+                Some((orient(x, *a), orient(y, *b), r))
+            })
+            .collect();
+        // Sorted by y, then x: a row is on the frontier when its x beats every earlier row's.
+        points.sort_by(|a, b| {
+            a.1.total_cmp(&b.1).then(a.0.total_cmp(&b.0)).then(a.2.trial.cmp(&b.2.trial))
+        });
+        let mut best_x = f64::INFINITY;
+        let mut last: Option<(f64, f64)> = None;
+        for (px, py, row) in points {
+            let tie = last == Some((px, py));
+            if px < best_x || tie {
+                best_x = best_x.min(px);
+                last = Some((px, py));
+                self.rows.push(row);
+            }
+        }
+        for (i, r) in self.rows.iter_mut().enumerate() {
+            r.rank = i + 1;
+        }
+        let arrow =
+            |m: &str| if metrics::natural_goal(m) == Goal::Minimize { "lower" } else { "higher" };
+        self.note = Some(format!(
+            "Pareto frontier of {x} ({} is better) and {y} ({} is better), sorted by {y}",
+            arrow(x),
+            arrow(y)
+        ));
+        Ok(())
+    }
+
+    fn require(&self, metric: &str) -> Result<(), String> {
+        if self.rows.iter().any(|r| r.metrics.contains_key(metric)) || self.rows.is_empty() {
+            return Ok(());
+        }
+        let known: BTreeSet<&str> =
+            self.rows.iter().flat_map(|r| r.metrics.keys().map(String::as_str)).collect();
+        Err(format!(
+            "no ranked trial reports `{metric}`; the report's metrics are {}",
+            known.into_iter().collect::<Vec<_>>().join(", ")
+        ))
+    }
+
+    fn rerank(&mut self) {
+        for (i, r) in self.rows.iter_mut().enumerate() {
+            r.rank = i + 1;
+        }
+    }
+
     /// The report as text in `format`.
     pub fn render(&self, format: ReportFormat) -> String {
         match format {
@@ -379,6 +461,9 @@ impl Report {
             "sweep {}: {} trials: {} completed{pruned}, {} failed, {} running, {} queued; ranked by {} ({goal})\n",
             self.sweep, c.total, c.completed, c.failed, c.running, c.queued, self.metric
         );
+        if let Some(note) = &self.note {
+            let _ = writeln!(out, "{note}:");
+        }
         let metric_cols = self.metric_columns();
         let param_cols = self.param_columns();
         if self.rows.is_empty() {
@@ -670,7 +755,7 @@ fn fmt_duration(s: f64) -> String {
 
 /// The cells of a table body, row after row, in one buffer: a 100,000-row report has 1.6
 /// million cells, and a `String` each made up most of rendering's time and memory.
-struct Cells {
+pub(crate) struct Cells {
     text: String,
     /// End offset of each cell in `text`.
     ends: Vec<usize>,
@@ -678,7 +763,7 @@ struct Cells {
 }
 
 impl Cells {
-    fn new(columns: usize, rows: usize) -> Cells {
+    pub(crate) fn new(columns: usize, rows: usize) -> Cells {
         Cells {
             text: String::with_capacity(rows * columns * 6),
             ends: Vec::with_capacity(rows * columns),
@@ -686,7 +771,7 @@ impl Cells {
         }
     }
 
-    fn push(&mut self, cell: impl std::fmt::Display) {
+    pub(crate) fn push(&mut self, cell: impl std::fmt::Display) {
         let _ = write!(self.text, "{cell}");
         self.ends.push(self.text.len());
     }
@@ -702,7 +787,7 @@ impl Cells {
 }
 
 /// Columns separated by two spaces, padded to the widest cell (in characters).
-fn write_aligned(out: &mut String, header: &[String], body: &Cells, right: &[bool]) {
+pub(crate) fn write_aligned(out: &mut String, header: &[String], body: &Cells, right: &[bool]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in body.rows() {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -1067,5 +1152,43 @@ mod tests {
             .unwrap();
         assert!(plain.points.is_empty());
         assert!(!plain.render(ReportFormat::Json).contains("\"points\""));
+    }
+
+    #[test]
+    fn pareto_frontier_and_l0_band_of_a_hand_made_set() {
+        // (fvu, l0): 0 (0.10, 20) 1 (0.20, 10) 2 (0.15, 15) 3 (0.30, 12) dominated by 1,
+        // 4 (0.12, 25) dominated by 0, 5 (0.40, 5), 6 (0.20, 10) ties 1.
+        let data = [
+            (0.10, 20.0),
+            (0.20, 10.0),
+            (0.15, 15.0),
+            (0.30, 12.0),
+            (0.12, 25.0),
+            (0.40, 5.0),
+            (0.20, 10.0),
+        ];
+        let trials: Vec<TrialRecord> = data
+            .iter()
+            .enumerate()
+            .map(|(i, (f, l))| trial(i as u64, TrialStatus::Completed, &[("fvu", *f), ("l0", *l)]))
+            .collect();
+        let base = Report::for_sweep(&sweep("name: s\nmethod: grid\n"), &trials, None, None, None)
+            .unwrap();
+        let mut p = base.clone();
+        p.pareto("fvu", "l0").unwrap();
+        let order: Vec<u64> = p.rows.iter().map(|r| r.trial).collect();
+        assert_eq!(order, [5, 1, 6, 2, 0], "sorted by l0; 3 and 4 are dominated");
+        assert_eq!(p.rows.iter().map(|r| r.rank).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        assert!(
+            p.render(ReportFormat::Table)
+                .contains("Pareto frontier of fvu (lower is better) and l0")
+        );
+        let mut band = base.clone();
+        band.within(L0, 10.0, 15.0).unwrap();
+        let order: Vec<u64> = band.rows.iter().map(|r| r.trial).collect();
+        assert_eq!(order, [2, 1, 6, 3], "l0 in [10, 15], ranked by fvu");
+        assert!(band.render(ReportFormat::Table).contains("only trials with l0 in [10, 15]"));
+        let e = base.clone().pareto("fvu", "nonsense").unwrap_err();
+        assert!(e.contains("no ranked trial reports `nonsense`"), "{e}");
     }
 }

@@ -262,6 +262,36 @@ impl Store {
         Ok(())
     }
 
+    /// Removes sweep `name` and every one of its trials in one durable transaction; returns
+    /// how many trials went (None: no such sweep, nothing changed).
+    pub fn delete_sweep(&self, name: &str) -> Result<Option<usize>> {
+        let Db::ReadWrite(db) = &self.db else {
+            return Err(StoreError::ReadOnly { path: self.path.clone() });
+        };
+        let txn = db.begin_write().map_err(|e| self.redb("starting a write", e))?;
+        let removed = {
+            let mut sweeps =
+                txn.open_table(SWEEPS).map_err(|e| self.redb("opening table sweeps", e))?;
+            if sweeps.remove(name).map_err(|e| self.redb("deleting a sweep", e))?.is_none() {
+                return Ok(None);
+            }
+            let mut trials =
+                txn.open_table(TRIALS).map_err(|e| self.redb("opening table trials", e))?;
+            let keys: Vec<u64> = trials
+                .range((name, 0u64)..=(name, u64::MAX))
+                .map_err(|e| self.redb("listing trials", e))?
+                .map(|entry| entry.map(|(k, _)| k.value().1))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| self.redb("listing trials", e))?;
+            for index in &keys {
+                trials.remove((name, *index)).map_err(|e| self.redb("deleting a trial", e))?;
+            }
+            keys.len()
+        };
+        txn.commit().map_err(|e| self.redb("committing", e))?;
+        Ok(Some(removed))
+    }
+
     /// The sweep named `name`, if stored.
     pub fn sweep(&self, name: &str) -> Result<Option<SweepRecord>> {
         let txn = self.begin_read()?;

@@ -111,6 +111,8 @@ fn run_in(dir: &Path, args: &ReportBenchArgs) -> anyhow::Result<Vec<ReportBenchR
         format: ReportFormat::Table,
         coordinator,
         token: None,
+        pareto: None,
+        l0_band: None,
     };
     let mut results = vec![time_path(&runtime, "file", &report_args(None), args)?];
 
