@@ -149,7 +149,11 @@ pub async fn run_sweep(
         tokio::spawn(async move { crate::service::serve(listener, scheduler, token, stop).await })
     };
     let tensorboard = opts.logdir.clone().map(|root| {
-        let params: Vec<&String> = spec.parameters.keys().collect();
+        let params: Vec<_> = spec
+            .parameters
+            .iter()
+            .map(|(name, p)| crate::tensorboard::messages::HParamInfo::of(name, p))
+            .collect();
         crate::tensorboard::follow::spawn(&scheduler, root, &sweep, &params, &spec.metric.name)
     });
     let display = opts.progress.then(|| {

@@ -23,7 +23,7 @@ pub fn spawn(
     scheduler: &SchedulerHandle,
     root: PathBuf,
     sweep: &str,
-    params: &[&String],
+    params: &[super::messages::HParamInfo],
     metric: &str,
 ) -> tokio::task::JoinHandle<()> {
     let logger = Arc::new(TensorBoardLogger::new(root));

@@ -81,20 +81,17 @@ impl TensorBoardLogger {
 
     /// Writes the HParams experiment of a sweep (hyperparameter and metric names) into
     /// `{root}/{sweep}`. Call once per sweep start; TensorBoard keeps the first it sees.
-    pub fn sweep_experiment<P: AsRef<str>, M: AsRef<str>>(
+    pub fn sweep_experiment<M: AsRef<str>>(
         &self,
         sweep: &str,
-        params: &[P],
+        params: &[HParamInfo],
         metrics: &[M],
     ) -> Result<()> {
         let experiment = Experiment {
             name: sweep.to_string(),
             description: format!("msae sweep {sweep}"),
             time_created_secs: unix_secs_f64(),
-            hparam_infos: params
-                .iter()
-                .map(|p| HParamInfo { name: p.as_ref().to_string() })
-                .collect(),
+            hparam_infos: params.to_vec(),
             metric_infos: metrics
                 .iter()
                 .map(|m| MetricInfo {
@@ -442,7 +439,8 @@ mod tests {
     fn sweep_experiment_lists_params_and_metrics() {
         let root = tempfile::tempdir().unwrap();
         let logger = TensorBoardLogger::new(root.path());
-        logger.sweep_experiment("../evil/name", &["lr", "layer_k"], &["fvu"]).unwrap();
+        let params = [HParamInfo::named("lr"), HParamInfo::named("layer_k")];
+        logger.sweep_experiment("../evil/name", &params, &["fvu"]).unwrap();
         // The sweep name cannot escape the root.
         let dir = root.path().join(".._evil_name");
         let events = read_events(&only_event_file(&dir)).unwrap();
@@ -452,5 +450,44 @@ mod tests {
         let names: Vec<&str> = exp.hparam_infos.iter().map(|h| h.name.as_str()).collect();
         assert_eq!(names, vec!["lr", "layer_k"]);
         assert_eq!(exp.metric_infos[0].name.as_ref().unwrap().tag, "fvu");
+    }
+
+    #[test]
+    fn hparams_domains_decode_to_the_sweeps_values() {
+        use crate::tensorboard::messages::{Domain, ProtoKind};
+        let spec = crate::spec::SweepSpec::parse(
+            "name: d\nmethod: random\nrun_cap: 2\nparameters:\n  lr: {distribution: log_uniform_values, min: 0.0001, max: 0.01}\n  layer_k: {values: [4, 8]}\n  optimizer: {distribution: categorical, values: [adam, sgd]}\n  tied_weights: {value: true}\n",
+            "d.yaml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let infos: Vec<HParamInfo> =
+            spec.parameters.iter().map(|(n, p)| HParamInfo::of(n, p)).collect();
+        let root = tempfile::tempdir().unwrap();
+        let logger = TensorBoardLogger::new(root.path());
+        logger.sweep_experiment("d", &infos, &["fvu"]).unwrap();
+        let events = read_events(&only_event_file(&root.path().join("d"))).unwrap();
+        let exp = plugin_data(&events[1].summary.as_ref().unwrap().value[0]).experiment.unwrap();
+        let by_name = |n: &str| exp.hparam_infos.iter().find(|h| h.name == n).unwrap().clone();
+        let discrete = |h: HParamInfo| match h.domain {
+            Some(Domain::Discrete(l)) => {
+                l.values.into_iter().map(|v| v.kind.unwrap()).collect::<Vec<_>>()
+            }
+            other => panic!("{}: {other:?}", h.name),
+        };
+        let lr = by_name("lr");
+        assert_eq!(lr.r#type, 3);
+        match lr.domain {
+            Some(Domain::Interval(i)) => assert_eq!((i.min_value, i.max_value), (0.0001, 0.01)),
+            other => panic!("lr: {other:?}"),
+        }
+        assert_eq!(by_name("layer_k").r#type, 3);
+        assert_eq!(discrete(by_name("layer_k")), [ProtoKind::Number(4.0), ProtoKind::Number(8.0)]);
+        assert_eq!(by_name("optimizer").r#type, 1);
+        assert_eq!(
+            discrete(by_name("optimizer")),
+            [ProtoKind::String("adam".into()), ProtoKind::String("sgd".into())]
+        );
+        assert_eq!(by_name("tied_weights").r#type, 2);
+        assert_eq!(discrete(by_name("tied_weights")), [ProtoKind::Bool(true)]);
     }
 }

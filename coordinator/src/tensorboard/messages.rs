@@ -114,12 +114,88 @@ pub struct Experiment {
     pub name: String,
 }
 
-/// `tensorboard.hparams.HParamInfo`. The type is left unset (the plugin infers it from the
-/// session values).
+/// `tensorboard.hparams.HParamInfo`, with its type and domain so TensorBoard's filters offer
+/// the sweep's values (discrete) or range (interval).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct HParamInfo {
     #[prost(string, tag = "1")]
     pub name: String,
+    /// `tensorboard.hparams.DataType`: 0 unset, 1 string, 2 bool, 3 float64.
+    #[prost(int32, tag = "4")]
+    pub r#type: i32,
+    #[prost(oneof = "Domain", tags = "5, 6")]
+    pub domain: Option<Domain>,
+}
+
+/// The `domain` oneof of `HParamInfo`.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Domain {
+    /// `google.protobuf.ListValue` of the allowed values.
+    #[prost(message, tag = "5")]
+    Discrete(ListValue),
+    #[prost(message, tag = "6")]
+    Interval(Interval),
+}
+
+/// `google.protobuf.ListValue`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListValue {
+    #[prost(message, repeated, tag = "1")]
+    pub values: Vec<ProtoValue>,
+}
+
+/// `tensorboard.hparams.Interval`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Interval {
+    #[prost(double, tag = "1")]
+    pub min_value: f64,
+    #[prost(double, tag = "2")]
+    pub max_value: f64,
+}
+
+const DATA_TYPE_STRING: i32 = 1;
+const DATA_TYPE_BOOL: i32 = 2;
+const DATA_TYPE_FLOAT64: i32 = 3;
+
+impl HParamInfo {
+    /// A hyperparameter with neither type nor domain (TensorBoard infers them).
+    pub fn named(name: &str) -> HParamInfo {
+        HParamInfo { name: name.to_string(), r#type: 0, domain: None }
+    }
+
+    /// The hyperparameter of a swept parameter: numeric distributions as an interval, lists
+    /// (and constants) as their values when all are of one type; a mixed list gets no domain.
+    pub fn of(name: &str, spec: &crate::spec::ParamSpec) -> HParamInfo {
+        use crate::spec::{Distribution, ParamSpec};
+        let values: Vec<serde_json::Value> = match spec {
+            ParamSpec::Value(v) => vec![v.clone()],
+            ParamSpec::Values(vs)
+            | ParamSpec::Distribution(Distribution::Categorical { values: vs, .. }) => vs.clone(),
+            ParamSpec::Distribution(d) => {
+                let (min_value, max_value) = d.bounds().unwrap_or((f64::NAN, f64::NAN));
+                return HParamInfo {
+                    name: name.to_string(),
+                    r#type: DATA_TYPE_FLOAT64,
+                    domain: Some(Domain::Interval(Interval { min_value, max_value })),
+                };
+            }
+        };
+        let r#type = if values.iter().all(serde_json::Value::is_number) {
+            DATA_TYPE_FLOAT64
+        } else if values.iter().all(serde_json::Value::is_string) {
+            DATA_TYPE_STRING
+        } else if values.iter().all(serde_json::Value::is_boolean) {
+            DATA_TYPE_BOOL
+        } else {
+            return HParamInfo::named(name);
+        };
+        let values = values.iter().map(ProtoValue::from_json).collect();
+        HParamInfo {
+            name: name.to_string(),
+            r#type,
+            domain: Some(Domain::Discrete(ListValue { values })),
+        }
+    }
 }
 
 /// `tensorboard.hparams.MetricInfo`.
