@@ -101,6 +101,9 @@ pub struct PointRow {
     pub params: BTreeMap<String, Value>,
     /// Completed repeats with a finite value of the metric.
     pub n: usize,
+    /// Repeats without one (failed, pruned, still running or not run): such a point ranks
+    /// after every point whose repeats all completed.
+    pub missing: u64,
     pub mean: Option<f64>,
     /// Sample standard deviation (None below two values).
     pub std: Option<f64>,
@@ -124,6 +127,7 @@ fn rank_points(trials: &[TrialRecord], metric: &str, goal: Goal, repeats: u64) -
                 point,
                 params,
                 n: 0,
+                missing: 0,
                 mean: None,
                 std: None,
                 min: None,
@@ -142,6 +146,7 @@ fn rank_points(trials: &[TrialRecord], metric: &str, goal: Goal, repeats: u64) -
             let vs = values.remove(&row.point).unwrap_or_default();
             let n = vs.len();
             row.n = n;
+            row.missing = repeats.saturating_sub(n as u64);
             if n > 0 {
                 let mean = vs.iter().sum::<f64>() / n as f64;
                 row.mean = Some(mean);
@@ -155,7 +160,12 @@ fn rank_points(trials: &[TrialRecord], metric: &str, goal: Goal, repeats: u64) -
             row
         })
         .collect();
-    rows.sort_by(|a, b| compare(a.mean, b.mean, goal).then(a.point.cmp(&b.point)));
+    rows.sort_by(|a, b| {
+        (a.missing > 0)
+            .cmp(&(b.missing > 0))
+            .then(compare(a.mean, b.mean, goal))
+            .then(a.point.cmp(&b.point))
+    });
     for (i, r) in rows.iter_mut().enumerate() {
         r.rank = i + 1;
     }
@@ -557,10 +567,12 @@ impl Report {
         );
         let names: BTreeSet<&String> = self.points.iter().flat_map(|p| p.params.keys()).collect();
         let mut header: Vec<String> =
-            ["rank", "point", "mean", "std", "min", "max", "n"].map(String::from).to_vec();
+            ["rank", "point", "mean", "std", "min", "max", "n", "missing"]
+                .map(String::from)
+                .to_vec();
         header.extend(names.iter().map(|n| n.to_string()));
         header.push("trials".into());
-        let mut right = vec![true; 7];
+        let mut right = vec![true; 8];
         right.extend(
             names
                 .iter()
@@ -577,6 +589,7 @@ impl Report {
             body.push(num(p.min));
             body.push(num(p.max));
             body.push(p.n);
+            body.push(p.missing);
             for n in &names {
                 match p.params.get(*n) {
                     Some(v) => body.push(show_value(v)),
@@ -1137,13 +1150,15 @@ mod tests {
         ];
         let r = Report::for_sweep(&sweep(yaml), &trials, None, None, None).unwrap();
         assert_eq!(r.points.len(), 2);
+        // Point 1 has the better mean (0.1) but a failed repeat: it ranks after point 0.
         let (best, second) = (&r.points[0], &r.points[1]);
-        assert_eq!((best.rank, best.point, best.n, best.mean), (1, 1, 1, Some(0.1)));
-        assert_eq!((best.std, best.trials.clone()), (None, vec![2]));
-        assert_eq!((second.point, second.n, second.min, second.max), (0, 2, Some(0.2), Some(0.4)));
-        assert!((second.mean.unwrap() - 0.3).abs() < 1e-12);
-        assert!((second.std.unwrap() - 0.02f64.sqrt()).abs() < 1e-12);
-        assert!(!second.params.contains_key("seed"), "the repeats' seed is not a parameter");
+        assert_eq!((best.rank, best.point, best.n, best.missing), (1, 0, 2, 0));
+        assert_eq!((best.min, best.max), (Some(0.2), Some(0.4)));
+        assert!((best.mean.unwrap() - 0.3).abs() < 1e-12);
+        assert!((best.std.unwrap() - 0.02f64.sqrt()).abs() < 1e-12);
+        assert_eq!((second.point, second.n, second.missing, second.mean), (1, 1, 1, Some(0.1)));
+        assert_eq!((second.std, second.trials.clone()), (None, vec![2]));
+        assert!(!best.params.contains_key("seed"), "the repeats' seed is not a parameter");
         let text = r.render(ReportFormat::Table);
         assert!(text.contains("points ranked by mean fvu (minimize) over their repeats"), "{text}");
         assert!(text.contains("0,1"), "{text}");

@@ -42,10 +42,9 @@ pub enum Solver {
 struct Oracle {
     asks: Sender<Ask>,
     answers: Receiver<Vec<f64>>,
-    /// The annealer's perturbations: `step` box units at the initial temperature `t0`.
+    /// The annealer's perturbations: normal steps of `step` box units.
     rng: RefCell<StdRng>,
     step: f64,
-    t0: f64,
     /// Questions asked so far, and how many the solver's start-up asks: argmin's Nelder-Mead
     /// unwraps its start-up costs, so a search that goes away then gets placeholder values
     /// (the solver's later questions fail and end it).
@@ -90,14 +89,15 @@ impl Anneal for Oracle {
     type Output = Vec<f64>;
     type Float = f64;
 
-    /// Moves every coordinate by a normal step that shrinks with the temperature (`extent`),
-    /// folded back into the box.
-    fn anneal(&self, p: &Vec<f64>, extent: f64) -> Result<Vec<f64>, Error> {
+    /// Moves every coordinate by a normal step of a fixed size, folded back into the box. The
+    /// temperature only decides which moves are accepted: steps that shrank with it left the
+    /// annealer near its start.
+    fn anneal(&self, p: &Vec<f64>, _extent: f64) -> Result<Vec<f64>, Error> {
         let mut rng = self.rng.borrow_mut();
         Ok(p.iter()
             .map(|&u| {
                 let z: f64 = rng.sample(StandardNormal);
-                reflect(u + self.step * (extent / self.t0) * z)
+                reflect(u + self.step * z)
             })
             .collect())
     }
@@ -107,20 +107,22 @@ fn stopped() -> Error {
     Error::msg("the search stopped")
 }
 
-/// Runs `solver` over a `dims`-dimensional box for at most `iterations` iterations, asking
-/// through `asks` and reading answers from `answers`; says [`Ask::Done`] when it ends.
+/// Runs `solver` over the box of `shares` (one per dimension: the width of one distinct value,
+/// 0 if continuous) for at most `iterations` iterations, asking through `asks` and reading
+/// answers from `answers`; says [`Ask::Done`] when it ends.
 pub fn run(
     solver: Solver,
-    dims: usize,
+    shares: &[f64],
     iterations: u64,
     seed: u64,
     asks: Sender<Ask>,
     answers: Receiver<Vec<f64>>,
 ) {
-    let (step, t0) = match solver {
-        Solver::SimulatedAnnealing { step, temperature } => (step, temperature),
-        _ => (0.0, 1.0),
+    let step = match solver {
+        Solver::SimulatedAnnealing { step, .. } => step,
+        _ => 0.0,
     };
+    let dims = shares.len();
     let startup_asks = match solver {
         Solver::NelderMead { .. } => dims as u64 + 1,
         _ => 1,
@@ -130,7 +132,6 @@ pub fn run(
         answers,
         rng: RefCell::new(StdRng::seed_from_u64(seed ^ 0x00A1_1EA1)),
         step,
-        t0,
         asked: std::cell::Cell::new(0),
         startup_asks,
     };
@@ -138,9 +139,11 @@ pub fn run(
         Solver::NelderMead { simplex_scale } => {
             let centre = vec![0.5; dims];
             let mut simplex = vec![centre.clone()];
-            for d in 0..dims {
+            // Each vertex moves one coordinate down from the centre by at least one value's
+            // share, so an integer dimension's vertices are different points.
+            for (d, share) in shares.iter().enumerate() {
                 let mut v = centre.clone();
-                v[d] += simplex_scale;
+                v[d] -= simplex_scale.max(*share);
                 simplex.push(v);
             }
             let nm = NelderMead::new(simplex).with_sd_tolerance(1e-9);
@@ -186,7 +189,9 @@ mod tests {
     fn drive(solver: Solver, dims: usize, iterations: u64, seed: u64) -> (Vec<Vec<f64>>, f64) {
         let (ask_tx, ask_rx) = channel();
         let (ans_tx, ans_rx) = channel();
-        let t = std::thread::spawn(move || run(solver, dims, iterations, seed, ask_tx, ans_rx));
+        let t = std::thread::spawn(move || {
+            run(solver, &vec![0.0; dims], iterations, seed, ask_tx, ans_rx)
+        });
         let (mut asked, mut best) = (Vec::new(), f64::MAX);
         while let Ok(Ask::Points(points)) = ask_rx.recv() {
             let values: Vec<f64> = points
@@ -225,7 +230,7 @@ mod tests {
         let (ask_tx, ask_rx) = channel();
         let (_ans_tx, ans_rx) = channel::<Vec<f64>>();
         std::thread::spawn(move || {
-            run(Solver::ParticleSwarm { population: 5 }, 3, 4, 1, ask_tx, ans_rx)
+            run(Solver::ParticleSwarm { population: 5 }, &[0.0; 3], 4, 1, ask_tx, ans_rx)
         });
         match ask_rx.recv().unwrap() {
             Ask::Points(p) => assert_eq!(p.len(), 5),
@@ -238,7 +243,7 @@ mod tests {
         let (ask_tx, ask_rx) = channel();
         let (ans_tx, ans_rx) = channel::<Vec<f64>>();
         let t = std::thread::spawn(move || {
-            run(Solver::NelderMead { simplex_scale: 0.25 }, 2, 100, 1, ask_tx, ans_rx)
+            run(Solver::NelderMead { simplex_scale: 0.25 }, &[0.0; 2], 100, 1, ask_tx, ans_rx)
         });
         assert!(matches!(ask_rx.recv().unwrap(), Ask::Points(_)));
         drop(ans_tx);

@@ -3,8 +3,8 @@
 //!
 //! Point `i` of the inner search becomes trials `i N .. i N + N - 1` (the `seed` parameter
 //! added), so the mapping is arithmetic and survives a restart. The inner search observes point
-//! `i` once all of its repeats are final: the mean of the finite results, or nothing when every
-//! repeat failed.
+//! `i` once all of its repeats are final: the mean of their results, or nothing (a failure,
+//! which the searches answer with the worst value) when any repeat failed.
 
 use super::{Outcome, Point, Proposal, Stored, Strategy};
 use serde_json::Value;
@@ -45,8 +45,11 @@ impl Repeated {
         if (rs.len() as u64) < self.n {
             return None;
         }
+        // A repeat without a finite result makes the point a failure for the search (which then
+        // answers with the worst value): a configuration that diverges on some seeds is bad.
         let finite: Vec<f64> = rs.iter().flatten().copied().filter(|v| v.is_finite()).collect();
-        let mean = (!finite.is_empty()).then(|| finite.iter().sum::<f64>() / finite.len() as f64);
+        let mean =
+            (finite.len() == rs.len()).then(|| finite.iter().sum::<f64>() / finite.len() as f64);
         Some((point, mean))
     }
 }
@@ -138,11 +141,15 @@ mod tests {
         s.observe(0, Some(1.0));
         s.observe(2, Some(3.0));
         assert!(observed.lock().unwrap().is_empty(), "not before every repeat is in");
-        s.observe(1, None);
-        s.observe(3, None);
+        s.observe(1, Some(2.0));
+        s.observe(3, Some(1.0));
         s.observe(4, None);
-        s.observe(5, None);
-        assert_eq!(*observed.lock().unwrap(), vec![(0, Some(2.0)), (1, None)]);
+        s.observe(5, Some(1.0));
+        assert_eq!(
+            *observed.lock().unwrap(),
+            vec![(0, Some(2.0)), (1, None)],
+            "the mean of (1, 2, 3); a point with a failed repeat is a failure"
+        );
     }
 
     #[test]

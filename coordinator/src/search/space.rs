@@ -64,6 +64,16 @@ impl Dim {
         }
     }
 
+    /// The width of one distinct value's share of the box (0 for a continuous dimension): a
+    /// solver step shorter than this may not change the value.
+    pub fn share(&self) -> f64 {
+        match self.kind {
+            Kind::Int { lo, hi } => 1.0 / (hi as f64 - lo as f64 + 1.0),
+            Kind::Quantized { lo, hi, q } if hi > lo => (q / (hi - lo)).min(1.0),
+            _ => 0.0,
+        }
+    }
+
     /// The box coordinate of a value this dimension produced (the centre of an integer's
     /// share); None for a non-number.
     pub fn coord(&self, v: &Value) -> Option<f64> {

@@ -331,6 +331,21 @@ impl Parser<'_> {
             repeats,
             early_terminate,
         };
+        if repeats > 1 && spec.early_terminate.is_some() {
+            return Err(self.err(
+                &segs!["early_terminate"],
+                "early_terminate with repeats would prune a point's seeds against each other: use one of them",
+            ));
+        }
+        if let Some(cap) = spec.run_cap
+            && repeats > 1
+            && !cap.is_multiple_of(repeats)
+        {
+            return Err(self.err(
+                &segs!["run_cap"],
+                format!("`run_cap` ({cap}) must be a multiple of `repeats` ({repeats}), so every point trains all its repeats"),
+            ));
+        }
         if repeats > 1 && spec.parameters.contains_key(crate::search::repeat::SEED) {
             return Err(self.err(
                 &segs!["parameters", "seed"],
@@ -369,8 +384,11 @@ impl Parser<'_> {
             s.population = n as usize;
         }
         if let Some(n) = self.uint(b, "iterations", &at)? {
-            if n == 0 {
-                return Err(self.err(&child(&at, "iterations"), "`iterations` must be at least 1"));
+            if !(1..=100_000).contains(&n) {
+                return Err(self.err(
+                    &child(&at, "iterations"),
+                    format!("`iterations` must be 1 to 100000, not {n}"),
+                ));
             }
             s.iterations = n;
         }
@@ -417,6 +435,18 @@ impl Parser<'_> {
             ));
         }
         let cells = space.cells();
+        if spec.method == Method::ParticleSwarm
+            && let Some(cap) = spec.run_cap
+            && cap < cells * spec.search.population as u64
+        {
+            return Err(self.err(
+                &segs!["run_cap"],
+                format!(
+                    "`run_cap` ({cap}) is less than one generation of every swarm ({cells} cells x population {}): raise run_cap or lower search.population",
+                    spec.search.population
+                ),
+            ));
+        }
         if cells > crate::search::space::MAX_CELLS {
             return Err(self.err(
                 &segs!["parameters"],

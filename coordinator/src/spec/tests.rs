@@ -648,3 +648,24 @@ fn repeats_multiply_the_planned_trials_and_exclude_sweeping_the_seed() {
     let none = SweepSpec::parse("name: x\nmethod: grid\n", "x.yaml").unwrap();
     assert_eq!(one.fingerprint(), none.fingerprint());
 }
+
+#[test]
+fn search_combinations_that_would_mislead_are_refused() {
+    let lr = "parameters:\n  lr: {distribution: uniform, min: 0.001, max: 0.1}\n  optimizer: {values: [adam, sgd]}\n";
+    let e = parse_err(&format!(
+        "name: x\nmethod: random\nrun_cap: 6\nrepeats: 3\nbase: {{eval_every: 10}}\nearly_terminate: {{type: asha, min_steps: 10}}\n{lr}"
+    ));
+    assert!(e.message.contains("prune a point's seeds against each other"), "{e}");
+    let e = parse_err(&format!("name: x\nmethod: random\nrun_cap: 7\nrepeats: 3\n{lr}"));
+    assert!(e.message.contains("must be a multiple of `repeats`"), "{e}");
+    let e = parse_err(&format!(
+        "name: x\nmethod: particle_swarm\nrun_cap: 8\nsearch: {{population: 8}}\n{lr}"
+    ));
+    assert!(
+        e.message.contains("less than one generation of every swarm (2 cells x population 8)"),
+        "{e}"
+    );
+    let e =
+        parse_err(&format!("name: x\nmethod: nelder_mead\nsearch: {{iterations: 1000000}}\n{lr}"));
+    assert!(e.message.contains("`iterations` must be 1 to 100000"), "{e}");
+}
