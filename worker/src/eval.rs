@@ -33,6 +33,30 @@ pub struct EvalInputs<'a> {
     pub truth: Option<&'a GroundTruth>,
 }
 
+impl<'a> EvalInputs<'a> {
+    /// The per-row metrics' inputs of a trial config's SAE: no atoms, labels or ground truth
+    /// (what an evaluation during training reads; the final one adds them).
+    pub fn rows(
+        x: &'a [f32],
+        recon: &'a [f32],
+        codes: &'a [f32],
+        dim: usize,
+        cfg: &msae_shared::TrialConfig,
+    ) -> Self {
+        EvalInputs {
+            x,
+            recon,
+            codes,
+            dim,
+            num_stripes: cfg.num_stripes,
+            stripe_dim: cfg.stripe_dim,
+            atoms: &[],
+            labels: None,
+            truth: None,
+        }
+    }
+}
+
 /// Largest label + 1 for which per-class stripe usage is reported.
 pub const MAX_CLASSES: usize = 10_000;
 

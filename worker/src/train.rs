@@ -233,17 +233,9 @@ pub fn train_with(
             // The per-row metrics of the final evaluation (mse, fvu, l0, active_stripes, ...),
             // so a sweep metric among them has a curve (early termination judges it); MMCS and
             // per-class usage are left for the end.
-            scalars.extend(eval::evaluate(&EvalInputs {
-                x: eval_x,
-                recon: &inf.recon,
-                codes: &inf.codes,
-                dim,
-                num_stripes: cfg.num_stripes,
-                stripe_dim: cfg.stripe_dim,
-                atoms: &[],
-                labels: None,
-                truth: None,
-            }));
+            scalars.extend(eval::evaluate(&EvalInputs::rows(
+                eval_x, &inf.recon, &inf.codes, dim, cfg,
+            )));
             scalars.insert(metrics::VAL_LOSS.to_string(), val_loss);
             let (l0, fvu) = (scalars[metrics::L0], scalars[metrics::FVU]);
             tracing::debug!(step = steps_done, train_loss, val_loss, l0, fvu, "evaluation");
@@ -282,15 +274,10 @@ pub fn train_with(
     let val_loss = inf.loss;
     let atoms = trainer.atoms()?;
     let mut out = eval::evaluate(&EvalInputs {
-        x: eval_x,
-        recon: &inf.recon,
-        codes: &inf.codes,
-        dim,
-        num_stripes: cfg.num_stripes,
-        stripe_dim: cfg.stripe_dim,
         atoms: &atoms,
         labels: eval_labels,
         truth: data.truth.as_ref(),
+        ..EvalInputs::rows(eval_x, &inf.recon, &inf.codes, dim, cfg)
     });
     out.insert(metrics::VAL_LOSS.to_string(), val_loss);
     out.insert(metrics::TRAIN_LOSS.to_string(), train_loss);
