@@ -82,8 +82,9 @@ impl BayesSearch {
         }
     }
 
-    /// The point of proposal `index` given the trials finished now.
-    fn point(&self, index: u64) -> Params {
+    /// The point of proposal `index` given the trials finished now; `attempt` > 0 draws again
+    /// (a new random stream) when an earlier draw repeated a known point.
+    fn point(&self, index: u64, attempt: u64) -> Params {
         let mut done: Vec<(&Params, f64)> = self
             .history
             .values()
@@ -92,12 +93,14 @@ impl BayesSearch {
             })
             .collect();
         if (done.len() as u64) < self.startup.max(1) {
-            return self.random.point_at(index);
+            return self.random.point_at(index + attempt * self.len.max(1));
         }
         done.sort_by(|a, b| a.1.total_cmp(&b.1));
         let n_good = done.len().div_ceil(10).clamp(1, 25);
         let (good, bad) = done.split_at(n_good);
-        let mut rng = StdRng::seed_from_u64(super::random::point_seed(self.seed ^ 0x7BE5, index));
+        let stream =
+            super::random::point_seed(self.seed ^ 0x7BE5, index) ^ attempt.wrapping_mul(0x9E37);
+        let mut rng = StdRng::seed_from_u64(stream);
         let mut out = Params::new();
         for (name, param) in &self.params {
             let value = match param {
@@ -152,7 +155,23 @@ impl Strategy for BayesSearch {
         }
         let index = self.next;
         self.next += 1;
-        let params = self.point(index);
+        // A point already tried (or in flight) teaches nothing new: draw again, a few times
+        // (a small discrete space may have nothing new left, and then a repeat is proposed).
+        let known = |p: &Params| self.history.values().any(|(q, _)| q == p);
+        let mut params = self.point(index, 0);
+        for attempt in 1..=8 {
+            if !known(&params) {
+                break;
+            }
+            params = self.point(index, attempt);
+        }
+        // The model keeps choosing known points (a small discrete space): explore at random.
+        for attempt in 1..=32 {
+            if !known(&params) {
+                break;
+            }
+            params = self.random.point_at(index + attempt * self.len.max(1));
+        }
         self.history.insert(index, (params.clone(), None));
         Proposal::Point(Point { index, params })
     }
@@ -359,5 +378,22 @@ mod tests {
         for (z, want) in [(0.0, 0.5), (1.0, 0.841_344_7), (-1.96, 0.024_997_9)] {
             assert!((phi(z) - want).abs() < 1e-6, "phi({z})");
         }
+    }
+
+    #[test]
+    fn a_small_discrete_space_is_covered_before_points_repeat() {
+        // 3 x 4 = 12 points; 12 proposals should try most of them, not retrain a few.
+        let spec = SweepSpec::parse(
+            "name: d\nmethod: bayes\nrun_cap: 12\nsearch: {startup_trials: 3}\nparameters:\n  layer_k: {distribution: int_uniform, min: 1, max: 4}\n  optimizer: {values: [adam, sgd, adamw]}\n",
+            "d.yaml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut s = BayesSearch::from_spec(&spec);
+        let mut seen = std::collections::BTreeSet::new();
+        while let Proposal::Point(p) = s.propose() {
+            seen.insert(serde_json::to_string(&p.params).unwrap());
+            s.observe(p.index, Some(p.params["layer_k"].as_f64().unwrap()));
+        }
+        assert!(seen.len() >= 10, "{} distinct points of 12", seen.len());
     }
 }
