@@ -398,9 +398,7 @@ impl Report {
                 self.rows.push(row);
             }
         }
-        for (i, r) in self.rows.iter_mut().enumerate() {
-            r.rank = i + 1;
-        }
+        self.rerank();
         let arrow =
             |m: &str| if metrics::natural_goal(m) == Goal::Minimize { "lower" } else { "higher" };
         self.note = Some(format!(

@@ -63,6 +63,19 @@ pub fn spawn_coordinator(dir: &Path, sweep: &Path, db: &Path, port: u16, extra: 
         .expect("starting e2e-coordinator")
 }
 
+/// Runs a coordinator process on `sweep` and `db` (an ephemeral port, one embedded worker) to
+/// its end, with `extra` flags, and returns what it printed and its exit status.
+pub fn run_to_end(sweep: &Path, db: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(bin("e2e-coordinator"))
+        .arg(sweep)
+        .arg("--db")
+        .arg(db)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
+        .output()
+        .expect("running e2e-coordinator")
+}
+
 /// Start a worker process against `127.0.0.1:port`.
 pub fn spawn_worker(dir: &Path, port: u16, name: &str) -> Child {
     let log = std::fs::File::create(dir.join(format!("worker-{name}.log"))).unwrap();

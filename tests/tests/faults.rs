@@ -218,13 +218,7 @@ fn bad_sweep_files_are_refused_with_their_line_and_nothing_is_stored() {
     for (yaml, location, needle) in cases {
         let sweep = dir.path().join("bad.yaml");
         std::fs::write(&sweep, yaml).unwrap();
-        let out = std::process::Command::new(bin("e2e-coordinator"))
-            .arg(&sweep)
-            .arg("--db")
-            .arg(&db)
-            .args(["--listen", "127.0.0.1:0", "--quiet"])
-            .output()
-            .unwrap();
+        let out = run_to_end(&sweep, &db, &["--quiet"]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "accepted:\n{yaml}");
         assert!(stderr.contains(&format!("bad.yaml:{location}")), "no location in: {stderr}");
@@ -239,14 +233,7 @@ fn changed_sweep_under_the_same_name_is_refused_unless_asked() {
     let sweep = dir.path().join("s.yaml");
     let db = dir.path().join("s.redb");
     let run = |extra: &[&str]| {
-        std::process::Command::new(bin("e2e-coordinator"))
-            .arg(&sweep)
-            .arg("--db")
-            .arg(&db)
-            .args(["--listen", "127.0.0.1:0", "--quiet", "--no-report", "--logdir", "none"])
-            .args(extra)
-            .output()
-            .unwrap()
+        run_to_end(&sweep, &db, &[&["--quiet", "--no-report", "--logdir", "none"], extra].concat())
     };
     std::fs::write(&sweep, noop_sweep("same", 2, 0, 1)).unwrap();
     assert!(run(&[]).status.success());
@@ -314,13 +301,7 @@ fn a_corrupt_database_is_named_and_left_untouched() {
     let db = dir.path().join("corrupt.redb");
     let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
     std::fs::write(&db, &garbage).unwrap();
-    let out = std::process::Command::new(bin("e2e-coordinator"))
-        .arg(&sweep)
-        .arg("--db")
-        .arg(&db)
-        .args(["--listen", "127.0.0.1:0", "--quiet"])
-        .output()
-        .unwrap();
+    let out = run_to_end(&sweep, &db, &["--quiet"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -473,13 +454,7 @@ fn deterministic_failures_fail_at_once_and_the_exit_status_says_so() {
         )
         .unwrap();
         let db = dir.path().join(format!("{name}.redb"));
-        let out = std::process::Command::new(bin("e2e-coordinator"))
-            .arg(&sweep)
-            .arg("--db")
-            .arg(&db)
-            .args(["--listen", "127.0.0.1:0", "--quiet", "--logdir", "none"])
-            .output()
-            .unwrap();
+        let out = run_to_end(&sweep, &db, &["--quiet", "--logdir", "none"]);
         (out, db)
     };
     // A diverging configuration: every trial fails on its first attempt, and the exit status

@@ -249,13 +249,7 @@ fn local_workers_on_a_gpu_need_a_cuda_build() {
     let sweep = dir.path().join("g.yaml");
     std::fs::write(&sweep, noop_sweep("g", 1, 0, 1)).unwrap();
     let db = dir.path().join("g.redb");
-    let out = std::process::Command::new(bin("e2e-coordinator"))
-        .arg(&sweep)
-        .arg("--db")
-        .arg(&db)
-        .args(["--listen", "127.0.0.1:0", "--gpu", "0"])
-        .output()
-        .unwrap();
+    let out = run_to_end(&sweep, &db, &["--gpu", "0"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -285,13 +279,7 @@ fn early_terminate_prunes_trials_and_the_sweep_finishes_cleanly() {
     )
     .unwrap();
     let db = dir.path().join("prune.redb");
-    let out = std::process::Command::new(bin("e2e-coordinator"))
-        .arg(&sweep)
-        .arg("--db")
-        .arg(&db)
-        .args(["--listen", "127.0.0.1:0", "--quiet", "--logdir", "none"])
-        .output()
-        .unwrap();
+    let out = run_to_end(&sweep, &db, &["--quiet", "--logdir", "none"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}\n{stdout}");
