@@ -36,6 +36,10 @@ pub enum Command {
     List(crate::manage::ListArgs),
     /// Delete a sweep and all its trials from a database (asks for --yes).
     Delete(crate::manage::DeleteArgs),
+    /// Write a completed trial's weights, config and metrics into a directory.
+    Export(crate::export::ExportArgs),
+    /// What a running coordinator is doing: workers, trials per state, best so far.
+    Status(crate::manage::StatusArgs),
     /// Orchestration benchmark: no-op trials through real gRPC and durable redb commits.
     Bench(crate::bench::BenchArgs),
 }
@@ -61,9 +65,14 @@ pub struct RunArgs {
     /// TensorBoard log directory (`tensorboard --logdir runs`); `none` disables it.
     #[arg(long, default_value = "runs")]
     pub logdir: String,
-    /// Local workers keep each trial's weights and config under DIR/<sweep>/<trial>.
+    /// Local workers also keep each trial's files on their side under DIR/<sweep>/<trial>
+    /// (the coordinator keeps them beside the database either way; see keep_weights).
     #[arg(long, value_name = "DIR")]
     pub artifacts: Option<PathBuf>,
+    /// The largest trial file (weights) a worker may upload, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = crate::run::DEFAULT_MAX_UPLOAD_MB,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_upload_mb: u64,
     /// Start a new sweep even if one of the same name with another definition exists
     /// (stored as NAME-2, NAME-3, ...).
     #[arg(long)]
@@ -195,6 +204,7 @@ pub async fn run_command(args: &RunArgs) -> anyhow::Result<SweepExit> {
     opts.new_sweep = args.new_sweep;
     opts.token = args.token.clone();
     opts.lease_ttl = args.lease_ttl;
+    opts.max_upload = args.max_upload_mb << 20;
     opts.progress = !args.quiet;
     opts.report = !args.no_report;
     let started = std::time::Instant::now();
@@ -400,6 +410,14 @@ pub fn main() -> std::process::ExitCode {
             .and_then(|rt| {
                 rt.block_on(async {
                     match other {
+                        Some(Command::Export(args)) => {
+                            print_stdout(&crate::export::export(args).await?)?;
+                            Ok(SweepExit::Completed)
+                        }
+                        Some(Command::Status(args)) => {
+                            print_stdout(crate::manage::status(args).await?.trim_end())?;
+                            Ok(SweepExit::Completed)
+                        }
                         Some(Command::Report(args)) => {
                             let text = crate::cli::report_command(args).await?;
                             // Not println!: `report | head -1` closes the pipe early.

@@ -17,6 +17,7 @@
 pub mod bench;
 pub mod cli;
 pub mod embedded;
+pub mod export;
 pub mod manage;
 pub mod model;
 pub mod preflight;
@@ -30,3 +31,4 @@ pub mod service;
 pub mod spec;
 pub mod store;
 pub mod tensorboard;
+pub mod weights;

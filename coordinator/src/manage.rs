@@ -1,4 +1,5 @@
-//! `msae-coordinator list` and `delete`: the sweeps a database holds, and removing one.
+//! `msae-coordinator list`, `delete` and `status`: the sweeps a database holds, removing one,
+//! and what a running coordinator is doing.
 
 use crate::model::TrialStatus;
 use crate::report::{Cells, write_aligned};
@@ -26,6 +27,106 @@ pub struct DeleteArgs {
     /// Database file.
     #[arg(long, env = "MSAE_DB", default_value = "msae.redb")]
     pub db: PathBuf,
+}
+
+/// Options of `status`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// The running coordinator (default: the one holding --db, found by the address file it
+    /// writes beside the database).
+    #[arg(long, value_name = "URL")]
+    pub coordinator: Option<String>,
+    /// Database file of the running coordinator.
+    #[arg(long, env = "MSAE_DB", default_value = "msae.redb")]
+    pub db: PathBuf,
+    /// Token of the running coordinator.
+    #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// The coordinator `args` names, or the one whose address file lies beside `--db`.
+fn coordinator_url(args: &StatusArgs) -> anyhow::Result<String> {
+    if let Some(url) = &args.coordinator {
+        return Ok(if url.contains("://") { url.clone() } else { format!("http://{url}") });
+    }
+    let file = crate::run::address_file(&args.db);
+    let addr = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "no coordinator is running on {} ({} is missing); pass --coordinator http://HOST:PORT",
+            args.db.display(),
+            file.display()
+        )
+    })?;
+    Ok(format!("http://{}", addr.trim()))
+}
+
+/// `msae-coordinator status`: the running coordinator's sweep, workers and throughput.
+pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
+    use msae_shared::proto;
+    let url = coordinator_url(args)?;
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .with_context(|| format!("invalid coordinator URL {url:?}"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(10))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {url} (is it running?)"))?;
+    let mut client = proto::coordinator_client::CoordinatorClient::new(channel);
+    let mut request = tonic::Request::new(proto::StatusRequest {});
+    if let Some(token) = &args.token {
+        request
+            .metadata_mut()
+            .insert(msae_shared::auth::AUTHORIZATION, msae_shared::auth::bearer(token)?);
+    }
+    let reply = client
+        .status(request)
+        .await
+        .map_err(|s| anyhow::anyhow!("the coordinator at {url} refused status: {}", s.message()))?
+        .into_inner();
+    Ok(render_status(&reply, crate::model::now_ms()))
+}
+
+/// The status reply as text (`now_ms` dates "last seen").
+pub fn render_status(r: &msae_shared::proto::StatusReply, now_ms: u64) -> String {
+    let done = r.completed + r.pruned + r.failed;
+    let mut out = format!(
+        "sweep {}: {done}/{} trials final ({} completed, {} pruned, {} failed), {} running, {} queued{}\n",
+        r.sweep,
+        r.total,
+        r.completed,
+        r.pruned,
+        r.failed,
+        r.running,
+        r.queued,
+        if r.finished { "; finished" } else { "" }
+    );
+    match r.best_index {
+        Some(i) => out
+            .push_str(&format!("best: trial {i}, {} {:.6} ({})\n", r.metric, r.best_value, r.goal)),
+        None => out.push_str(&format!("best: none yet ({} {})\n", r.goal, r.metric)),
+    }
+    out.push_str(&format!(
+        "throughput: {:.3} trials/s over {:.1} s\n",
+        r.trials_per_second, r.uptime_s
+    ));
+    if r.workers.is_empty() {
+        out.push_str("workers: none registered\n");
+        return out;
+    }
+    out.push_str(&format!("workers ({}):\n", r.workers.len()));
+    let header: Vec<String> =
+        ["worker", "id", "device", "trial", "last seen"].map(String::from).to_vec();
+    let mut body = Cells::new(header.len(), r.workers.len());
+    for w in &r.workers {
+        body.push(&w.name);
+        body.push(&w.worker_id);
+        body.push(if w.device.is_empty() { "-" } else { &w.device });
+        body.push(if w.trial.is_empty() { "idle" } else { &w.trial });
+        let ago = now_ms.saturating_sub(w.last_seen_ms) as f64 / 1000.0;
+        body.push(format!("{ago:.1} s ago"));
+    }
+    write_aligned(&mut out, &header, &body, &[false, false, false, false, true]);
+    out
 }
 
 fn existing(db: &std::path::Path) -> anyhow::Result<()> {
@@ -115,8 +216,14 @@ pub fn delete(args: &DeleteArgs) -> anyhow::Result<String> {
         .with_context(|| format!("deleting sweep `{}`", args.sweep))?
         .with_context(|| format!("sweep `{}` went away while deleting", args.sweep))?;
     let left = names.len() - 1;
+    // The records are gone first: a file without a record is only litter, never a result.
+    let weights =
+        crate::weights::WeightStore::reader(crate::weights::WeightStore::beside(&args.db));
+    weights.remove_sweep(&args.sweep).with_context(|| {
+        format!("deleting the trial files of `{}` in {}", args.sweep, weights.root().display())
+    })?;
     Ok(format!(
-        "deleted sweep `{}` and its {removed} trials from {} ({left} sweep{} left)\n",
+        "deleted sweep `{}`, its {removed} trials and their files from {} ({left} sweep{} left)\n",
         args.sweep,
         args.db.display(),
         if left == 1 { "" } else { "s" }
@@ -209,13 +316,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no sweep `alpah`") && e.contains("did you mean `alpha`?"), "{e}");
+        let files = crate::weights::WeightStore::beside(&path);
+        for d in ["alpha/0", "beta/0"] {
+            std::fs::create_dir_all(files.join(d)).unwrap();
+            std::fs::write(files.join(d).join("weights.safetensors"), "w").unwrap();
+        }
         let done =
             delete(&DeleteArgs { sweep: "alpha".into(), yes: true, db: path.clone() }).unwrap();
         assert!(
-            done.contains("deleted sweep `alpha` and its 3 trials")
+            done.contains("deleted sweep `alpha`, its 3 trials and their files")
                 && done.contains("1 sweep left"),
             "{done}"
         );
+        assert!(!files.join("alpha").exists(), "the sweep's files go with it");
+        assert!(files.join("beta/0/weights.safetensors").exists(), "other sweeps' files stay");
         let store = Store::open_read_only(&path).unwrap();
         assert!(store.sweep("alpha").unwrap().is_none());
         assert!(store.trials("alpha").unwrap().is_empty());

@@ -1,5 +1,6 @@
 //! Domain records of the coordinator: sweeps and trials as stored in redb and shown in reports.
 
+use crate::weights::StoredWeights;
 use msae_shared::{ConfigError, TrialConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -78,7 +79,12 @@ pub struct TrialRecord {
     /// sweep metric, dropped values, why and where the trial was pruned).
     pub errors: Vec<String>,
     pub worker: Option<String>,
+    /// Where the worker wrote its files on its own disk (`msae-worker --out`), as it said.
     pub artifact: Option<String>,
+    /// The trial's files kept by the coordinator ([`crate::weights`]); None when not uploaded
+    /// or no longer kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<StoredWeights>,
     pub created_ms: u64,
     pub finished_ms: Option<u64>,
     /// Duration of the successful attempt in seconds, as reported by the worker.

@@ -886,6 +886,7 @@ mod tests {
             errors: Vec::new(),
             worker: Some("w1".into()),
             artifact: None,
+            weights: None,
             created_ms: 0,
             finished_ms: None,
             duration_s: Some(1.5),

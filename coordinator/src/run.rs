@@ -10,10 +10,12 @@ use crate::report::{Report, ReportFormat};
 use crate::scheduler::{Counts, Scheduler, SchedulerPolicy, SweepInput};
 use crate::spec::SweepSpec;
 use crate::store::Store;
+use crate::weights::WeightStore;
 use anyhow::Context;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -23,6 +25,9 @@ const DISMISS_GRACE: Duration = Duration::from_secs(3);
 /// How long a stopping coordinator waits for remote workers to hand running trials back (they
 /// hear it on their next progress report, at most a heartbeat away).
 const REMOTE_RELEASE_GRACE: Duration = Duration::from_secs(10);
+
+/// The default `--max-upload-mb`.
+pub const DEFAULT_MAX_UPLOAD_MB: u64 = 4096;
 
 /// Everything `run_sweep` needs besides the sweep file.
 #[derive(Debug, Clone)]
@@ -41,6 +46,8 @@ pub struct RunOptions {
     pub new_sweep: bool,
     pub token: Option<String>,
     pub lease_ttl: Duration,
+    /// The most bytes of one uploaded trial file.
+    pub max_upload: u64,
     /// Show live progress on stderr.
     pub progress: bool,
     /// Print the ranked report when the sweep ends.
@@ -61,6 +68,7 @@ impl RunOptions {
             new_sweep: false,
             token: None,
             lease_ttl: Duration::from_secs(30),
+            max_upload: DEFAULT_MAX_UPLOAD_MB << 20,
             progress: true,
             report: true,
         }
@@ -108,6 +116,16 @@ pub async fn run_sweep(
     let addr = listener.local_addr()?;
     let db = opts.db.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;
+    // Opened only once the database is ours: its lock keeps a second coordinator from
+    // emptying this one's staging area.
+    let weights = if spec.keep_weights.uploads() {
+        let root = WeightStore::beside(&opts.db);
+        let store = WeightStore::open(root.clone(), opts.max_upload)
+            .with_context(|| format!("cannot use the weights directory {}", root.display()))?;
+        Some(Arc::new(store))
+    } else {
+        None
+    };
     let policy = SchedulerPolicy {
         max_attempts: spec.max_attempts,
         lease_ttl: opts.lease_ttl,
@@ -120,6 +138,8 @@ pub async fn run_sweep(
         runner: spec.task.kind,
         noop_sleep_ms: spec.task.sleep_ms.min(u32::MAX as u64) as u32,
         early_terminate: spec.early_terminate.clone(),
+        keep_weights: spec.keep_weights,
+        weights,
     };
     let strategy = crate::search::make_strategy(&spec);
     let input = SweepInput {

@@ -25,6 +25,7 @@ use crate::model::{Goal, SweepRecord, TrialRecord};
 use crate::search::Strategy;
 use crate::spec::EarlyTerminate;
 use crate::store::{Store, StoreError, WriteBatch};
+use crate::weights::{KeepWeights, WeightStore};
 use msae_shared::RunnerKind;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -67,6 +68,17 @@ pub struct SchedulerPolicy {
     pub noop_sleep_ms: u32,
     /// Stops trials whose metric falls behind at their evaluations ([`crate::prune`]).
     pub early_terminate: Option<EarlyTerminate>,
+    /// Which completed trials keep their uploaded files.
+    pub keep_weights: KeepWeights,
+    /// Where uploaded files are kept; None: workers are not asked for them.
+    pub weights: Option<Arc<WeightStore>>,
+}
+
+impl SchedulerPolicy {
+    /// The per-file limit workers are told when their files are wanted.
+    pub fn upload_limit(&self) -> Option<u64> {
+        self.weights.as_ref().filter(|_| self.keep_weights.uploads()).map(|w| w.limit)
+    }
 }
 
 impl Default for SchedulerPolicy {
@@ -83,6 +95,8 @@ impl Default for SchedulerPolicy {
             runner: RunnerKind::Sae,
             noop_sleep_ms: 0,
             early_terminate: None,
+            keep_weights: KeepWeights::default(),
+            weights: None,
         }
     }
 }
@@ -115,6 +129,8 @@ pub struct LeaseGrant {
     pub timeout: Option<Duration>,
     pub runner: RunnerKind,
     pub noop_sleep_ms: u32,
+    /// Upload the trial's files before a successful result, each at most this many bytes.
+    pub upload_limit: Option<u64>,
 }
 
 /// Answer to a lease request: a lease, nothing (the wait elapsed), or shutdown.
@@ -236,6 +252,18 @@ pub struct Counts {
     pub error: Option<String>,
 }
 
+/// A registered worker as `msae-coordinator status` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerState {
+    pub id: String,
+    pub name: String,
+    pub device: String,
+    /// `{sweep}/{index}` of its running trial.
+    pub trial: Option<String>,
+    /// Unix ms of its last request.
+    pub last_seen_ms: u64,
+}
+
 /// Events for the progress display and the TensorBoard writer (a `broadcast`; slow receivers
 /// may lag and miss events, the records in the store stay authoritative).
 #[derive(Debug, Clone, PartialEq)]
@@ -312,6 +340,13 @@ enum Command {
         reason: String,
         reply: Reply<bool>,
     },
+    Renew {
+        lease_id: String,
+        reply: Reply<Option<(String, u64)>>,
+    },
+    Status {
+        reply: Reply<Vec<WorkerState>>,
+    },
     Snapshot {
         reply: Reply<(SweepRecord, Vec<TrialRecord>)>,
     },
@@ -343,6 +378,8 @@ impl Scheduler {
             return Err(SchedulerError::Policy("lease_ttl must be positive".into()));
         }
         let store = Arc::new(store);
+        let weights = policy.upload_limit().and(policy.weights.clone());
+        let metric = (policy.metric.clone(), policy.goal);
         let (sweep, trials, created) = {
             let store = store.clone();
             tokio::task::spawn_blocking(move || load_or_create(&store, &input))
@@ -382,6 +419,8 @@ impl Scheduler {
             store,
             sweep: name,
             commits,
+            weights,
+            metric,
         })
     }
 }
@@ -487,6 +526,9 @@ pub struct SchedulerHandle {
     store: Arc<Store>,
     sweep: String,
     commits: Arc<AtomicU64>,
+    weights: Option<Arc<WeightStore>>,
+    /// The sweep metric and its goal.
+    metric: (String, Goal),
 }
 
 /// Subscribers that must see every event (the TensorBoard writer: an evaluation is a point on
@@ -537,6 +579,28 @@ impl SchedulerHandle {
     pub async fn progress(&self, lease_id: &str, report: ProgressReport) -> Result<ProgressAck> {
         let lease_id = lease_id.to_string();
         self.ask(|reply| Command::Progress { lease_id, report, reply }).await
+    }
+
+    /// Renews a lease without progress (a long upload): the trial's sweep and index, or None
+    /// when the lease is not current.
+    pub async fn renew(&self, lease_id: &str) -> Result<Option<(String, u64)>> {
+        let lease_id = lease_id.to_string();
+        self.ask(|reply| Command::Renew { lease_id, reply }).await
+    }
+
+    /// The workers this coordinator process knows, in registration order.
+    pub async fn workers(&self) -> Result<Vec<WorkerState>> {
+        self.ask(|reply| Command::Status { reply }).await
+    }
+
+    /// The sweep metric and its goal.
+    pub fn metric(&self) -> (&str, Goal) {
+        (&self.metric.0, self.metric.1)
+    }
+
+    /// Where uploaded files are kept and up to what size; None when no files are wanted.
+    pub fn weights(&self) -> Option<Arc<WeightStore>> {
+        self.weights.clone()
     }
 
     /// Reports the final outcome of a lease.

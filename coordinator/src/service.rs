@@ -37,6 +37,8 @@ use tonic::{Request, Response, Status};
 
 pub mod edge;
 pub mod report;
+mod status;
+mod upload;
 
 pub use report::{FetchError, ReportQuery, collect_records, collect_report, collect_text};
 
@@ -53,12 +55,16 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 #[derive(Clone)]
 pub struct CoordinatorService {
     scheduler: SchedulerHandle,
+    /// When this service started, and how many trials were final then (for trials/s).
+    started: (std::time::Instant, u64),
 }
 
 impl CoordinatorService {
     /// A service answering from `scheduler`.
     pub fn new(scheduler: SchedulerHandle) -> Self {
-        CoordinatorService { scheduler }
+        let c = scheduler.counts().borrow().clone();
+        let started = (std::time::Instant::now(), c.completed + c.pruned + c.failed);
+        CoordinatorService { scheduler, started }
     }
 }
 
@@ -250,6 +256,8 @@ fn lease_proto(g: LeaseGrant) -> proto::Lease {
         timeout_s: g.timeout.map_or(0.0, |t| t.as_secs_f64()),
         runner: g.runner.to_string(),
         noop_sleep_ms: g.noop_sleep_ms,
+        upload: g.upload_limit.is_some(),
+        upload_limit: g.upload_limit.unwrap_or(0),
     }
 }
 
@@ -333,6 +341,20 @@ impl Coordinator for CoordinatorService {
         check_len("reason", &r.reason, MAX_TEXT_LEN)?;
         let accepted = self.scheduler.release(&r.lease_id, &r.reason).await.map_err(status_of)?;
         Ok(Response::new(proto::ReleaseReply { accepted }))
+    }
+
+    async fn upload(
+        &self,
+        request: Request<tonic::Streaming<proto::UploadChunk>>,
+    ) -> Result<Response<proto::UploadReply>, Status> {
+        Ok(Response::new(upload::receive(&self.scheduler, request.into_inner()).await?))
+    }
+
+    async fn status(
+        &self,
+        _: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusReply>, Status> {
+        Ok(Response::new(status::answer(&self.scheduler, self.started).await?))
     }
 
     type ReportStream = report::ReportStream;

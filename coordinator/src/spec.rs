@@ -14,6 +14,7 @@
 //! timeout: 30m                  # per attempt: seconds, or "90s", "30m", "2h", "1h30m"
 //! task: {kind: sae}             # sae | noop (analytic no-op runner), with sleep_ms
 //! early_terminate: {type: asha, min_steps: 100}   # hyperband | asha | median (see below)
+//! keep_weights: auto            # auto | all | none | {best: N}: trained SAEs kept (below)
 //! base:                         # fixed trial-config values, dotted or nested
 //!   steps: 600
 //!   data.synthetic.noise_std: 0.01
@@ -39,6 +40,11 @@
 //! `{type: hyperband, min_iter, max_iter, s, eta: 3}` (W&B's), `{type: asha, min_steps,
 //! reduction_factor: 3, max_steps}` and `{type: median, warmup_steps: 0, min_trials: 5}`.
 //!
+//! `keep_weights:` says which completed trials' files (weights, config, metrics) workers upload
+//! and the coordinator keeps beside its database ([`crate::weights`]): `auto` (the default)
+//! keeps every trial's up to 64 MiB and the best 3 trials' whatever their size; `all`; `none`
+//! (nothing uploaded); `{best: N}` the best N by the sweep metric.
+//!
 //! Validation, before anything runs, with the YAML line and column of the culprit:
 //! - unknown keys everywhere, with a "did you mean" suggestion; names of methods, goals,
 //!   distributions and task kinds likewise;
@@ -59,6 +65,7 @@ mod parse;
 mod points;
 
 use crate::model::Goal;
+use crate::weights::KeepWeights;
 use locate::{Seg, segs};
 use msae_shared::RunnerKind;
 use msae_shared::config::{ConfigError, TrialConfig};
@@ -482,6 +489,10 @@ pub struct SweepSpec {
     /// Absent from the fingerprint when not set, so sweeps stored before it keep theirs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub early_terminate: Option<EarlyTerminate>,
+    /// Which completed trials keep their files at the coordinator. Not in the fingerprint: it
+    /// changes no result, so a resumed sweep may keep more or fewer.
+    #[serde(skip)]
+    pub keep_weights: KeepWeights,
 }
 
 fn is_one(n: &u64) -> bool {

@@ -452,6 +452,7 @@ mod tests {
             errors: vec![],
             worker: None,
             artifact: None,
+            weights: None,
             created_ms: now_ms(),
             finished_ms: None,
             duration_s: None,

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod runner;
 pub mod signal;
 pub mod suggest;
+pub mod upload;
 pub mod yaml;
 
 /// Generated protocol code. Core logic converts to domain types at the edge.

@@ -6,6 +6,7 @@
 //! - [`train`]: the training loop (standalone `msae-worker train`); [`bench`]: step timing.
 //! - [`runner`], [`noop`], [`client`]: the trial-runner seam and the loop that leases trials.
 
+pub mod artifact;
 pub mod bench;
 pub mod cli;
 pub mod client;

@@ -41,7 +41,9 @@
 //! else (the orchestration benchmark's trial).
 
 use crate::runner::{Control, Progress, ProgressKind, RunOptions, TrialOutcome, TrialRunner};
+use crate::sae::trainer::NamedTensor;
 use msae_shared::config::StripeSparsityMode;
+use msae_shared::upload::TrialFiles;
 use msae_shared::{TrialConfig, metrics};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -203,10 +205,32 @@ impl TrialRunner for NoopRunner {
                 && r.step < total_steps
             {
                 tracing::debug!(step = r.step, %reason, "noop trial stopped on request");
-                return Ok(TrialOutcome { metrics: now, artifact: None, stopped: Some(reason) });
+                return Ok(TrialOutcome {
+                    metrics: now,
+                    artifact: None,
+                    files: None,
+                    stopped: Some(reason),
+                });
             }
         }
-        Ok(TrialOutcome { metrics: final_metrics, artifact: None, stopped: None })
+        let files = Some(noop_files(config, &final_metrics));
+        Ok(TrialOutcome { metrics: final_metrics, artifact: None, files, stopped: None })
+    }
+}
+
+/// Small stand-in files of a noop trial, so uploads and exports are exercised without
+/// training: a safetensors file of the point's analytic loss (metadata `format: msae-noop`),
+/// the config and the metrics.
+fn noop_files(config: &TrialConfig, metrics: &BTreeMap<String, f64>) -> TrialFiles {
+    let loss = metrics.get(metrics::VAL_LOSS).copied().unwrap_or_default() as f32;
+    let tensor = NamedTensor::new("noop.loss", vec![1], vec![loss]);
+    let meta = BTreeMap::from([("format".to_string(), "msae-noop".to_string())]);
+    let mut metrics_json = serde_json::to_string_pretty(metrics).expect("metrics serialize");
+    metrics_json.push('\n');
+    TrialFiles {
+        weights: crate::artifact::safetensors_bytes(&[tensor], &meta),
+        config_yaml: msae_shared::yaml::to_string(config).unwrap_or_default().into_bytes(),
+        metrics_json: metrics_json.into_bytes(),
     }
 }
 

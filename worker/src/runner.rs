@@ -43,6 +43,8 @@ pub struct TrialOutcome {
     pub metrics: BTreeMap<String, f64>,
     /// Directory holding the weights and the resolved config, when one was written.
     pub artifact: Option<PathBuf>,
+    /// The trained SAE's files (weights, config, metrics), for a run that reached its end.
+    pub files: Option<msae_shared::upload::TrialFiles>,
     /// Set when the trial stopped because `Control::Stop` was returned.
     pub stopped: Option<String>,
 }
@@ -52,7 +54,7 @@ pub struct TrialOutcome {
 pub struct RunOptions {
     /// CUDA device ordinal; None = CPU.
     pub gpu: Option<usize>,
-    /// Write weights (safetensors) and the resolved config here.
+    /// Write the trial's files (weights, resolved config, metrics) here.
     pub out_dir: Option<PathBuf>,
 }
 

@@ -36,6 +36,7 @@ use anyhow::Context as _;
 use candle_core::Device;
 use msae_shared::config::BiasInit;
 use msae_shared::config::ConfigError;
+use msae_shared::upload::TrialFiles;
 use msae_shared::{TrialConfig, metrics};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -301,16 +302,20 @@ pub fn train_with(
         tracing::info!(%reason, "asked to stop after the last step: the finished result stands");
     }
 
-    let artifact = match (&options.out_dir, &stopped) {
+    // An interrupted run gives no files: its weights must not pass for a result.
+    let files = match &stopped {
+        None => Some(crate::artifact::trial_files(trainer.as_ref(), cfg, &data.scaler, dim, &out)?),
+        Some(_) => None,
+    };
+    let artifact = match (&options.out_dir, &files) {
         (None, _) => None,
-        (Some(dir), Some(reason)) => {
-            // Weights of an interrupted run must not pass for a result.
+        (Some(dir), None) => {
             remove_outputs(dir);
-            tracing::info!(dir = %dir.display(), %reason, "stopped before the end: no weights written");
+            tracing::info!(dir = %dir.display(), "stopped before the end: no weights written");
             None
         }
-        (Some(dir), None) => {
-            write_outputs(dir, trainer.as_ref(), cfg)?;
+        (Some(dir), Some(files)) => {
+            write_outputs(dir, files)?;
             Some(dir.clone())
         }
     };
@@ -322,7 +327,7 @@ pub fn train_with(
         mmcs = out.get(metrics::MMCS).copied(),
         "training finished"
     );
-    Ok(TrialOutcome { metrics: out, artifact, stopped })
+    Ok(TrialOutcome { metrics: out, artifact, files, stopped })
 }
 
 /// The mean of each column of a row-major (rows, dim) matrix.
@@ -335,21 +340,16 @@ fn column_means(x: &[f32], dim: usize) -> Vec<f32> {
     sum.iter().map(|s| (s / rows) as f32).collect()
 }
 
-/// The files a finished trial leaves in its output directory.
-pub const OUTPUT_FILES: &[&str] = &["weights.safetensors", "config.yaml"];
-
-/// Writes the weights and the resolved config under temporary names, then renames each into
-/// place: a reader never sees a half-written file, and an interrupted write leaves only a
-/// `.partial` file behind.
-fn write_outputs(dir: &Path, trainer: &dyn Trainer, cfg: &TrialConfig) -> anyhow::Result<()> {
+/// Writes each of the trial's files under a temporary name, then renames it into place: a
+/// reader never sees a half-written file, and an interrupted write leaves only a `.partial`
+/// file behind.
+fn write_outputs(dir: &Path, files: &TrialFiles) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating output directory {}", dir.display()))?;
-    let weights = dir.join("weights.safetensors");
-    let tmp = partial(&weights);
-    trainer.save(&tmp)?;
-    std::fs::rename(&tmp, &weights).with_context(|| format!("writing {}", weights.display()))?;
-    let yaml = msae_shared::yaml::to_string(cfg).context("serialising the config")?;
-    write_atomic(&dir.join("config.yaml"), yaml.as_bytes())
+    for (name, bytes) in files.files() {
+        write_atomic(&dir.join(name), bytes)?;
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
@@ -367,7 +367,7 @@ fn partial(path: &Path) -> PathBuf {
 
 /// Removes what an earlier, unfinished or superseded run left at the output names.
 fn remove_outputs(dir: &Path) {
-    for name in OUTPUT_FILES.iter().chain(&["metrics.json"]) {
+    for name in msae_shared::upload::FILES {
         for path in [dir.join(name), partial(&dir.join(name))] {
             if let Err(e) = std::fs::remove_file(&path)
                 && e.kind() != std::io::ErrorKind::NotFound

@@ -260,6 +260,7 @@ fn trial(
         errors: Vec::new(),
         worker: Some(format!("bench-{}", index % 16)),
         artifact: None,
+        weights: None,
         created_ms: now,
         finished_ms: Some(now),
         duration_s: Some(1.0 + x),

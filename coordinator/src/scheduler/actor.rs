@@ -211,6 +211,14 @@ impl Actor {
             for reply in std::mem::take(&mut self.replies) {
                 reply(error.as_deref());
             }
+            let discarded = self.core.take_discarded();
+            if error.is_none()
+                && !discarded.is_empty()
+                && let Some(store) = self.core.weight_store()
+            {
+                // Deleted only once the records no longer point at them.
+                tokio::task::spawn_blocking(move || discarded.iter().for_each(|d| store.remove(d)));
+            }
             let events = self.core.take_events();
             if !events.is_empty() {
                 let mut sinks = self.lossless.lock().unwrap_or_else(|p| p.into_inner());
@@ -287,6 +295,14 @@ impl Actor {
             Command::Release { lease_id, reason, reply } => {
                 let ok = self.core.release(&lease_id, &reason);
                 defer(&mut self.replies, reply, Ok(ok));
+            }
+            Command::Renew { lease_id, reply } => {
+                let value = self.core.renew(&lease_id, now);
+                defer(&mut self.replies, reply, Ok(value));
+            }
+            Command::Status { reply } => {
+                let value = self.core.workers(now);
+                defer(&mut self.replies, reply, Ok(value));
             }
             Command::Snapshot { reply } => {
                 let value = (self.core.sweep().clone(), self.core.trials().to_vec());

@@ -10,19 +10,24 @@
 
 use super::{
     Best, CompleteAck, Counts, LeaseGrant, MakeConfig, Params, ProgressAck, ProgressReport,
-    SchedulerError, SchedulerEvent, SchedulerPolicy, TrialOutcome,
+    SchedulerError, SchedulerEvent, SchedulerPolicy, TrialOutcome, WorkerState,
 };
-use crate::model::{Goal, LeaseInfo, SweepRecord, TrialRecord, TrialStatus};
+use crate::model::{Goal, LeaseInfo, SweepRecord, TrialRecord, TrialStatus, now_ms};
 use crate::prune::{self, Decision, History};
 use crate::search::{Outcome, Proposal, Stored, Strategy};
 use crate::spec::EarlyTerminate;
 use crate::store::WriteBatch;
+use crate::weights::KeepWeights;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 /// A registered worker.
 #[derive(Debug, Clone)]
 struct Worker {
     name: String,
+    device: String,
+    /// Registration order, for listing.
+    order: u64,
+    last_seen_ms: u64,
 }
 
 /// What a lease request gets right now.
@@ -62,6 +67,8 @@ pub(crate) struct Core {
     sweep_dirty: bool,
     events: Vec<SchedulerEvent>,
     next_worker: u64,
+    /// See [`Core::take_discarded`].
+    discarded: Vec<String>,
 }
 
 impl Core {
@@ -96,6 +103,7 @@ impl Core {
             sweep_dirty: false,
             events: Vec::new(),
             next_worker: 1,
+            discarded: Vec::new(),
         }
     }
 
@@ -336,7 +344,13 @@ impl Core {
         self.next_worker += 1;
         let name = if name.is_empty() { id.clone() } else { name.to_string() };
         tracing::info!(worker = %id, %name, %device, "worker registered");
-        self.workers.insert(id.clone(), Worker { name });
+        let worker = Worker {
+            name,
+            device: device.to_string(),
+            order: self.next_worker,
+            last_seen_ms: now_ms(),
+        };
+        self.workers.insert(id.clone(), worker);
         Ok(id)
     }
 
@@ -396,6 +410,7 @@ impl Core {
             errors: Vec::new(),
             worker: None,
             artifact: None,
+            weights: None,
             created_ms: now,
             finished_ms: None,
             duration_s: None,
@@ -434,9 +449,10 @@ impl Core {
     /// The checks every lease request passes first: a known worker (else an error), and a
     /// sweep not finished (else `Shutdown`, and the worker is dismissed). `None`: go on.
     fn admit(&mut self, worker_id: &str) -> Result<Option<LeaseDecision>, SchedulerError> {
-        if !self.workers.contains_key(worker_id) {
+        let Some(worker) = self.workers.get_mut(worker_id) else {
             return Err(SchedulerError::UnknownWorker(worker_id.to_string()));
-        }
+        };
+        worker.last_seen_ms = worker.last_seen_ms.max(now_ms());
         if self.sweep.finished {
             // A dismissed worker no longer counts, so the coordinator knows when every worker
             // has been told (it keeps serving until then, briefly, after a sweep finishes).
@@ -493,6 +509,7 @@ impl Core {
             timeout: self.policy.timeout,
             runner: self.policy.runner,
             noop_sleep_ms: self.policy.noop_sleep_ms,
+            upload_limit: self.policy.upload_limit(),
         };
         self.events.push(SchedulerEvent::TrialStarted {
             index,
@@ -532,6 +549,9 @@ impl Core {
         let t = &mut self.trials[index as usize];
         let lease = t.lease.as_mut().expect("running trial has a lease");
         lease.deadline_ms = now + ttl;
+        if let Some(w) = self.workers.get_mut(&lease.worker) {
+            w.last_seen_ms = w.last_seen_ms.max(now);
+        }
         let started = lease.started_ms;
         let ProgressReport { step, scalars, evaluations } = report;
         t.step = t.step.max(step);
@@ -650,6 +670,26 @@ impl Core {
             self.end_attempt(index, &reason, outcome.permanent, now);
             return CompleteAck { accepted: true, reason: String::new() };
         }
+        // A finished run's files are part of its result: without them (when asked for) the
+        // attempt did not deliver.
+        let mut weights = None;
+        if !outcome.pruned
+            && let (Some(store), true) = (&self.policy.weights, self.policy.keep_weights.uploads())
+        {
+            let sweep = &self.trials[index as usize].sweep;
+            match store.adopt(lease_id, sweep, index) {
+                Ok(Some(stored)) => weights = Some(stored),
+                Ok(None) => {
+                    self.end_attempt(index, "the trial's files were not uploaded", false, now);
+                    return CompleteAck { accepted: true, reason: String::new() };
+                }
+                Err(e) => {
+                    let reason = format!("storing the trial's files: {e}");
+                    self.end_attempt(index, &reason, false, now);
+                    return CompleteAck { accepted: true, reason: String::new() };
+                }
+            }
+        }
         self.leases.remove(lease_id);
         let metric = self.policy.metric.clone();
         // Pruned as the worker says: it knows whether the stop cut the run short (a trial that
@@ -669,6 +709,7 @@ impl Core {
             t.step = *steps as u64;
         }
         t.artifact = outcome.artifact;
+        t.weights = weights;
         t.duration_s = outcome.duration_s;
         t.finished_ms = Some(now);
         for d in &outcome.dropped {
@@ -699,12 +740,57 @@ impl Core {
                 self.consider_best(index, v, &t);
             }
         }
+        if self.trials[index as usize].weights.is_some() {
+            self.trim_weights();
+        }
         // A pruned trial gives the search its last metric, as a completed one its final one.
         self.strategy.observe(index, v);
         self.progress_dirty.remove(&index);
         self.mark(index);
         self.finished_event(index);
         CompleteAck { accepted: true, reason: String::new() }
+    }
+
+    /// Applies `keep_weights` after a completion: trials that fell out of the kept ranks lose
+    /// their files (deleted by the actor once this commit is durable).
+    fn trim_weights(&mut self) {
+        let keep = self.policy.keep_weights;
+        if keep == KeepWeights::All {
+            return;
+        }
+        let mut ranked: Vec<(f64, u64)> = self
+            .trials
+            .iter()
+            .filter(|t| t.status == TrialStatus::Completed && t.weights.is_some())
+            .filter_map(|t| self.oriented(t).map(|v| (v, t.index)))
+            .collect();
+        ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let rank: HashMap<u64, u64> =
+            ranked.iter().enumerate().map(|(r, &(_, i))| (i, r as u64)).collect();
+        let metric = self.policy.metric.clone();
+        let mut dropped = Vec::new();
+        for t in self.trials.iter_mut().filter(|t| t.status == TrialStatus::Completed) {
+            let Some(w) = &t.weights else { continue };
+            if keep.keeps(rank.get(&t.index).copied(), w.bytes()) {
+                continue;
+            }
+            t.errors.push(format!(
+                "files not kept: keep_weights {} and this trial is not among the best by {metric}",
+                keep.describe()
+            ));
+            self.discarded.push(w.dir.clone());
+            t.weights = None;
+            dropped.push(t.index);
+        }
+        for index in dropped {
+            self.mark(index);
+        }
+    }
+
+    /// Trial directories whose files are no longer kept, to delete after the commit that
+    /// forgets them.
+    pub(crate) fn take_discarded(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.discarded)
     }
 
     /// Ends the current attempt of a running trial as a failure: requeue, or Failed after
@@ -720,6 +806,9 @@ impl Core {
         let t = &mut self.trials[index as usize];
         if let Some(lease) = t.lease.take() {
             self.leases.remove(&lease.lease_id);
+            if let Some(store) = &self.policy.weights {
+                store.discard(&lease.lease_id);
+            }
         }
         let kind = if permanent { " (not retryable)" } else { "" };
         t.errors.push(format!("attempt {}/{max}{kind}: {reason}", t.attempt));
@@ -749,6 +838,9 @@ impl Core {
         let Some(index) = self.leases.remove(lease_id) else {
             return false;
         };
+        if let Some(store) = &self.policy.weights {
+            store.discard(lease_id);
+        }
         self.pruning.remove(&index);
         let t = &mut self.trials[index as usize];
         t.lease = None;
@@ -759,6 +851,56 @@ impl Core {
         self.progress_dirty.remove(&index);
         self.mark(index);
         true
+    }
+
+    /// Extends a current lease's deadline as progress would (an upload carries no progress):
+    /// its trial's sweep and index, or None when the lease is not current.
+    pub(crate) fn renew(&mut self, lease_id: &str, now: u64) -> Option<(String, u64)> {
+        let &index = self.leases.get(lease_id)?;
+        let ttl = self.ttl_ms();
+        let t = &mut self.trials[index as usize];
+        let lease = t.lease.as_mut()?;
+        lease.deadline_ms = now + ttl;
+        let worker = lease.worker.clone();
+        self.seen(&worker, now);
+        Some((self.sweep.name.clone(), index))
+    }
+
+    fn seen(&mut self, worker_id: &str, now: u64) {
+        if let Some(w) = self.workers.get_mut(worker_id) {
+            w.last_seen_ms = w.last_seen_ms.max(now);
+        }
+    }
+
+    /// The registered workers with their running trial, in registration order.
+    pub(crate) fn workers(&self, _now: u64) -> Vec<WorkerState> {
+        let mut running: HashMap<&str, String> = HashMap::new();
+        for &index in self.leases.values() {
+            let t = &self.trials[index as usize];
+            if let Some(lease) = &t.lease {
+                running.insert(lease.worker.as_str(), t.trial_id());
+            }
+        }
+        let mut out: Vec<(u64, WorkerState)> = self
+            .workers
+            .iter()
+            .map(|(id, w)| {
+                let state = WorkerState {
+                    id: id.clone(),
+                    name: w.name.clone(),
+                    device: w.device.clone(),
+                    trial: running.get(id.as_str()).cloned(),
+                    last_seen_ms: w.last_seen_ms,
+                };
+                (w.order, state)
+            })
+            .collect();
+        out.sort_by_key(|(order, _)| *order);
+        out.into_iter().map(|(_, s)| s).collect()
+    }
+
+    pub(crate) fn weight_store(&self) -> Option<std::sync::Arc<crate::weights::WeightStore>> {
+        self.policy.weights.clone()
     }
 
     /// Expires leases past their deadline and attempts past the timeout. Scans the running

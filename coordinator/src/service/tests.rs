@@ -633,6 +633,7 @@ async fn server_with_completed(n: u64) -> Server {
                 errors: Vec::new(),
                 worker: Some("w".into()),
                 artifact: None,
+                weights: None,
                 created_ms: 1,
                 finished_ms: Some(2),
                 duration_s: Some(0.5),

@@ -37,6 +37,7 @@ const TOP_KEYS: &[&str] = &[
     "search",
     "repeats",
     "early_terminate",
+    "keep_weights",
 ];
 const SEARCH_KEYS: &[&str] =
     &["population", "initial_simplex_scale", "iterations", "temperature", "startup_trials", "seed"];
@@ -280,6 +281,8 @@ impl Parser<'_> {
             None => None,
         };
 
+        let keep_weights = self.keep_weights(&top, here)?;
+
         let mut base_leaves: HashMap<String, Vec<Seg>> = HashMap::new();
         let mut base = Value::Object(Map::new());
         if let Some(b) = self.object(&top, "base", here)? {
@@ -330,6 +333,7 @@ impl Parser<'_> {
             search,
             repeats,
             early_terminate,
+            keep_weights,
         };
         if repeats > 1 && spec.early_terminate.is_some() {
             return Err(self.err(
@@ -458,6 +462,44 @@ impl Parser<'_> {
             ));
         }
         Ok(())
+    }
+
+    /// `keep_weights`: `auto` (default), `all`, `none`, or `{best: N}` with N >= 1.
+    fn keep_weights(&self, top: &Obj, here: &[Seg]) -> Result<KeepWeights, SpecError> {
+        let at = child(here, "keep_weights");
+        let wrong = |v: &Value| {
+            self.err(
+                &at,
+                format!("`keep_weights` must be auto, all, none or {{best: N}}, not {}", show(v)),
+            )
+        };
+        match top.get("keep_weights") {
+            None | Some(Value::Null) => Ok(KeepWeights::Auto),
+            Some(Value::String(s)) => match s.as_str() {
+                "auto" => Ok(KeepWeights::Auto),
+                "all" => Ok(KeepWeights::All),
+                "none" => Ok(KeepWeights::None),
+                _ => Err(self.err(
+                    &at,
+                    format!(
+                        "`keep_weights` must be auto, all, none or {{best: N}}, not {s:?}{}",
+                        did_you_mean(suggest(s, ["auto", "all", "none"].into_iter()))
+                    ),
+                )),
+            },
+            Some(Value::Object(m)) => {
+                self.check_keys(m, &["best"], &at, "keep_weights")?;
+                match self.uint(m, "best", &at)? {
+                    Some(n) if n >= 1 => Ok(KeepWeights::Best(n)),
+                    Some(n) => Err(self.err(
+                        &child(&at, "best"),
+                        format!("`keep_weights.best` must be at least 1, not {n} (use none)"),
+                    )),
+                    None => Err(wrong(&Value::Object(m.clone()))),
+                }
+            }
+            Some(other) => Err(wrong(other)),
+        }
     }
 
     /// The `early_terminate:` block: its `type` first, then that type's keys and values.

@@ -4,9 +4,11 @@
 //! generated type's strings or sentinel zeros.
 
 use msae_shared::proto::{CompleteRequest, Lease};
+use msae_shared::upload::TrialFiles;
 use msae_shared::{RunnerKind, TrialConfig};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Which lease a report is about.
@@ -31,6 +33,9 @@ pub(super) struct LeasedTrial {
     pub(super) ttl: Option<Duration>,
     /// Wall-clock limit of the trial on this worker.
     pub(super) timeout: Option<Duration>,
+    /// The coordinator wants the trial's files before its result, each at most this many
+    /// bytes.
+    pub(super) upload_limit: Option<u64>,
 }
 
 /// A lease that cannot run; `reason` goes back as the trial's error.
@@ -83,6 +88,7 @@ impl TryFrom<Lease> for LeasedTrial {
             timeout: (l.timeout_s > 0.0)
                 .then(|| Duration::try_from_secs_f64(l.timeout_s).ok())
                 .flatten(),
+            upload_limit: l.upload.then_some(l.upload_limit),
             lease,
         })
     }
@@ -110,6 +116,8 @@ pub(super) struct TrialResult {
     pub(super) metrics: BTreeMap<String, f64>,
     /// Directory holding the weights and the resolved config, when one was written.
     pub(super) artifact: Option<PathBuf>,
+    /// The files of a run that reached its end, to upload when the lease asks.
+    pub(super) files: Option<Arc<TrialFiles>>,
     pub(super) final_step: u64,
     pub(super) duration: Duration,
 }
@@ -121,6 +129,7 @@ impl TrialResult {
             verdict: Verdict::Failed { error, permanent },
             metrics: BTreeMap::new(),
             artifact: None,
+            files: None,
             final_step: 0,
             duration,
         }
@@ -186,6 +195,8 @@ mod tests {
             timeout_s: 1.5,
             runner: runner.into(),
             noop_sleep_ms: 40,
+            upload: false,
+            upload_limit: 0,
         }
     }
 
@@ -261,6 +272,7 @@ mod tests {
             verdict,
             metrics: [("fvu".to_string(), 0.25), ("steps".to_string(), 7.0)].into(),
             artifact: Some(PathBuf::from("/out/sweep/3")),
+            files: None,
             final_step: 7,
             duration: Duration::from_millis(1250),
         }

@@ -37,6 +37,7 @@ mod options;
 mod retry;
 mod stop;
 mod trial;
+mod upload;
 mod worker;
 
 #[cfg(test)]

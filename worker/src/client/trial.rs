@@ -199,6 +199,7 @@ fn result_of(
             .map_or(0, |s| s.max(0.0) as u64),
         metrics: outcome.metrics,
         artifact: outcome.artifact,
+        files: outcome.files.map(std::sync::Arc::new),
         duration,
     }
 }
@@ -220,6 +221,7 @@ mod tests {
         TrialOutcome {
             metrics: [("steps".to_string(), 40.0), ("fvu".to_string(), 0.5)].into(),
             artifact: Some(PathBuf::from("/out/t")),
+            files: None,
             stopped: stopped.map(str::to_string),
         }
     }

@@ -183,7 +183,12 @@ impl Worker {
             Ok(trial) => {
                 tracing::info!(trial = %trial.lease.trial_id, attempt = trial.lease.attempt,
                     lease = %trial.lease.lease_id, runner = %trial.runner, "leased trial");
-                let finished = self.run_trial(&trial, started).await;
+                let finished = match self.run_trial(&trial, started).await {
+                    Finished::Report(result) => {
+                        Finished::Report(self.upload_files(&trial, result).await)
+                    }
+                    release => release,
+                };
                 (trial.lease, finished)
             }
             Err(bad) => {

@@ -47,6 +47,9 @@ pub struct Dataset {
     pub train_labels: Option<Vec<u32>>,
     /// Known ground truth (synthetic data only).
     pub truth: Option<GroundTruth>,
+    /// The scaling fitted on the training split and applied to both splits (saved with the
+    /// weights, so new data can be scaled the same way).
+    pub scaler: Scaler,
 }
 
 impl Dataset {
@@ -218,6 +221,7 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Dataset, DataError> {
     let scaler = Scaler::fit(cfg.scaling, &ds.train, ds.dim);
     scaler.apply(&mut ds.train, ds.dim);
     scaler.apply(&mut ds.val, ds.dim);
+    ds.scaler = scaler;
     ds.truth = truth;
     tracing::info!(
         origin = %origin,
@@ -343,6 +347,7 @@ pub fn split(
         train_labels: labels.as_ref().map(|l| pick(l, tr)),
         val_labels: labels.as_ref().map(|l| pick(l, va)),
         truth: None,
+        scaler: Scaler::Identity,
     })
 }
 

@@ -36,7 +36,7 @@ use crate::sae::optim::{Optim, OptimConfig};
 use crate::sae::penalties;
 use crate::sae::sparsity::{Sparsity, SparsityParams};
 use crate::sae::topk::{self, Axis};
-use crate::sae::trainer::{Inference, Trainer};
+use crate::sae::trainer::{Inference, NamedTensor, Trainer, expect_tensor};
 use anyhow::Context as _;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::VarMap;
@@ -44,7 +44,6 @@ use msae_shared::TrialConfig;
 use msae_shared::config::{Activation, StripeSparsityMode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::path::Path;
 
 /// Mixed into the seed for resampling draws.
 const RESAMPLE_SEED_SALT: u64 = 0x5AE0_1417_0000_0002;
@@ -609,11 +608,35 @@ impl Trainer for CandleTrainer {
         Ok(())
     }
 
-    fn save(&self, path: &Path) -> anyhow::Result<()> {
+    fn tensors(&self) -> anyhow::Result<Vec<NamedTensor>> {
         self.model
-            .varmap
-            .save(path)
-            .with_context(|| format!("writing weights to {}", path.display()))
+            .vars()
+            .into_iter()
+            .map(|(name, var)| {
+                let shape = var.dims().to_vec();
+                let data = var.as_tensor().flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                Ok(NamedTensor::new(name, shape, data))
+            })
+            .collect()
+    }
+
+    fn eval_layer_k(&self) -> usize {
+        self.current_k
+    }
+
+    fn restore(&mut self, tensors: &[NamedTensor], eval_layer_k: usize) -> anyhow::Result<()> {
+        let vars = self.model.vars();
+        let values = vars
+            .iter()
+            .map(|(name, var)| expect_tensor(tensors, name, var.dims()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for ((_, var), data) in vars.iter().zip(values) {
+            var.set(&Tensor::from_slice(data, var.shape(), &self.model.device)?)?;
+        }
+        let vars = self.model.vars().into_iter().map(|(_, v)| v).collect();
+        self.optim = Optim::new(OptimConfig::from_config(&self.model.cfg), vars)?;
+        self.current_k = eval_layer_k;
+        Ok(())
     }
 }
 

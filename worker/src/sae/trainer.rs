@@ -27,6 +27,38 @@ pub struct Diverged {
     pub value: f64,
 }
 
+/// One f32 weight tensor, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl NamedTensor {
+    pub fn new(name: impl Into<String>, shape: Vec<usize>, data: Vec<f32>) -> Self {
+        NamedTensor { name: name.into(), shape, data }
+    }
+}
+
+/// The tensor `name` of `tensors`, checked to have `shape`; errors name what differs.
+pub fn expect_tensor<'a>(
+    tensors: &'a [NamedTensor],
+    name: &str,
+    shape: &[usize],
+) -> anyhow::Result<&'a [f32]> {
+    let t = tensors
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| anyhow::anyhow!("the weights have no tensor {name}"))?;
+    anyhow::ensure!(
+        t.shape == shape && t.data.len() == shape.iter().product::<usize>(),
+        "tensor {name} has shape {:?}; this config needs {shape:?}",
+        t.shape
+    );
+    Ok(&t.data)
+}
+
 /// A trainable SAE with its optimiser state.
 pub trait Trainer {
     /// One optimisation step on `batch` (row-major, (b, dim)) at training step `step` (0-based).
@@ -37,8 +69,20 @@ pub trait Trainer {
     /// Decoder atoms in input space, row-major (N, dim): for a linear decoder its (normalised)
     /// rows; for a decoder with an intermediate layer, decode(e_i) - decode(0).
     fn atoms(&self) -> anyhow::Result<Vec<f32>>;
-    /// Write the weights as safetensors.
-    fn save(&self, path: &Path) -> anyhow::Result<()>;
+    /// The weights, by their safetensors names (the candle model's layout, whichever
+    /// implementation trained them).
+    fn tensors(&self) -> anyhow::Result<Vec<NamedTensor>>;
+    /// The layer k evaluation uses: the k-curriculum's k at the last training step.
+    fn eval_layer_k(&self) -> usize;
+    /// Replaces the weights with `tensors` (every weight by name, with its shape) and sets the
+    /// evaluation k, as of a trained model; the optimiser state is not restored.
+    fn restore(&mut self, tensors: &[NamedTensor], eval_layer_k: usize) -> anyhow::Result<()>;
+    /// Writes the weights as safetensors (no metadata).
+    fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let bytes = crate::artifact::safetensors_bytes(&self.tensors()?, &Default::default());
+        std::fs::write(path, bytes)
+            .map_err(|e| anyhow::anyhow!("writing weights to {}: {e}", path.display()))
+    }
     /// Sets the reconstruction's bias in input space (`decoder.bias` of the classic SAE,
     /// `output.bias` with an intermediate layer), before training (`decoder_bias_init`).
     fn set_output_bias(&mut self, bias: &[f32]) -> anyhow::Result<()>;

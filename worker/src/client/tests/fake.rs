@@ -9,7 +9,7 @@ use msae_shared::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use msae_shared::proto::{
     CompleteReply, CompleteRequest, Lease, LeaseReply, LeaseRequest, ProgressReply,
     ProgressRequest, RegisterReply, RegisterRequest, ReleaseReply, ReleaseRequest, ReportChunk,
-    ReportRequest,
+    ReportRequest, StatusReply, StatusRequest, UploadChunk, UploadReply,
 };
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -49,6 +49,11 @@ pub(super) struct FakeState {
     pub(super) long_poll: bool,
     /// Behave like a coordinator that predates `lease_next`: ignore it.
     pub(super) legacy: bool,
+    /// Uploads received: the lease and each file's reassembled bytes, in arrival order, with
+    /// whether the completion of that lease had arrived before.
+    pub(super) uploads: Vec<(String, Vec<(String, Vec<u8>)>, bool)>,
+    /// Uploads are answered not accepted, permanently, with this reason.
+    pub(super) refuse_upload: Option<String>,
 }
 
 #[derive(Clone, Default)]
@@ -72,6 +77,37 @@ impl Fake {
 
 #[tonic::async_trait]
 impl Coordinator for Fake {
+    async fn upload(
+        &self,
+        request: Request<tonic::Streaming<UploadChunk>>,
+    ) -> Result<Response<UploadReply>, Status> {
+        let mut stream = request.into_inner();
+        let (mut lease, mut files) = (String::new(), Vec::<(String, Vec<u8>)>::new());
+        while let Some(chunk) = stream.message().await? {
+            if !chunk.lease_id.is_empty() {
+                lease = chunk.lease_id.clone();
+            }
+            if !chunk.file.is_empty() {
+                files.push((chunk.file.clone(), Vec::new()));
+            }
+            files.last_mut().expect("a named first chunk").1.extend_from_slice(&chunk.data);
+        }
+        let mut state = self.state();
+        let completed = state.completes.iter().any(|c| c.lease_id == lease);
+        state.uploads.push((lease, files, completed));
+        let reply = match &state.refuse_upload {
+            Some(reason) => {
+                UploadReply { accepted: false, reason: reason.clone(), permanent: true }
+            }
+            None => UploadReply { accepted: true, ..Default::default() },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        Err(Status::unimplemented("the fake has no status"))
+    }
+
     async fn register(
         &self,
         request: Request<RegisterRequest>,
@@ -241,6 +277,8 @@ pub(super) fn lease(id: &str, runner: &str, sleep_ms: u32) -> Lease {
         timeout_s: 0.0,
         runner: runner.to_string(),
         noop_sleep_ms: sleep_ms,
+        upload: false,
+        upload_limit: 0,
     }
 }
 
@@ -268,6 +306,7 @@ impl TrialRunner for UntilStopped {
                 return Ok(TrialOutcome {
                     metrics: [("steps".to_string(), step as f64)].into(),
                     artifact: None,
+                    files: None,
                     stopped: Some(reason),
                 });
             }
@@ -319,7 +358,7 @@ impl TrialRunner for EvalsThenSlowEnd {
             kind: ProgressKind::Final,
         };
         let _ = progress(&p);
-        Ok(TrialOutcome { metrics, artifact: None, stopped: None })
+        Ok(TrialOutcome { metrics, artifact: None, files: None, stopped: None })
     }
 }
 

@@ -451,3 +451,53 @@ fn invalid_url_is_an_error() {
         .unwrap();
     assert!(err.to_string().contains("invalid coordinator URL"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_uploaded_whole_before_the_result_when_the_lease_asks() {
+    let fake = Fake::default();
+    {
+        let mut s = fake.state();
+        let mut asks = lease("u", "noop", 0);
+        asks.upload = true;
+        asks.upload_limit = 1 << 20;
+        s.leases.push_back(asks);
+        s.leases.push_back(lease("n", "noop", 0));
+        let mut tiny = lease("t", "noop", 0);
+        tiny.upload = true;
+        tiny.upload_limit = 10;
+        s.leases.push_back(tiny);
+        s.shutdown_when_empty = true;
+    }
+    let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let summary = tokio::time::timeout(
+        LIMIT,
+        run_worker(options(server.addr), Arc::new(Panics), std::future::pending()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let s = fake.snapshot();
+    assert_eq!(s.uploads.len(), 1, "only the lease that asked uploads, and only once");
+    let (lease_id, files, after_complete) = &s.uploads[0];
+    assert_eq!(lease_id, "u");
+    assert!(!after_complete, "files go before the result");
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, msae_shared::upload::FILES);
+    let st = safetensors::SafeTensors::deserialize(&files[0].1).unwrap();
+    assert_eq!(st.tensor("noop.loss").unwrap().shape(), &[1]);
+    let metrics: std::collections::BTreeMap<String, f64> =
+        serde_json::from_slice(&files[2].1).unwrap();
+    let done = s.completes.iter().find(|c| c.lease_id == "u").unwrap();
+    assert!(done.success);
+    assert_eq!(metrics, done.metrics.clone().into_iter().collect());
+    // Files over the coordinator's limit fail the trial for good, naming the file and limit.
+    let tiny = s.completes.iter().find(|c| c.lease_id == "t").unwrap();
+    assert!(!tiny.success && tiny.permanent, "{tiny:?}");
+    assert!(
+        tiny.error.contains("weights.safetensors is") && tiny.error.contains("limit"),
+        "{}",
+        tiny.error
+    );
+    assert_eq!((summary.succeeded, summary.failed), (2, 1));
+    server.shutdown().await;
+}

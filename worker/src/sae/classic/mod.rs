@@ -54,7 +54,7 @@ use rayon::prelude::*;
 use crate::sae::kernels;
 use crate::sae::linalg::transpose;
 use crate::sae::optim::{OptimConfig, StepScalars};
-use crate::sae::trainer::{Inference, Trainer};
+use crate::sae::trainer::{Inference, NamedTensor, Trainer, expect_tensor};
 
 mod dense;
 mod sparse;
@@ -324,39 +324,14 @@ impl FastTopK {
     }
 
     /// Replace the weights with those of a safetensors file written by [`Trainer::save`] (or
-    /// the candle model). The optimiser state is reset.
+    /// the candle model). The optimiser state is reset; the evaluation k is kept.
     pub fn load(&mut self, path: &Path) -> anyhow::Result<()> {
         let werr =
             |message: String| FastError::Weights { path: path.display().to_string(), message };
         let bytes = std::fs::read(path).map_err(|e| werr(e.to_string()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| werr(e.to_string()))?;
-        let (n, dim) = (self.n, self.dim);
-        let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>, FastError> {
-            let t = st.tensor(name).map_err(|e| werr(format!("tensor {name}: {e}")))?;
-            if t.dtype() != safetensors::Dtype::F32 || t.shape() != shape {
-                return Err(werr(format!(
-                    "tensor {name} is {:?} {:?}, expected F32 {shape:?}",
-                    t.dtype(),
-                    t.shape()
-                )));
-            }
-            Ok(t.data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect())
-        };
-        let w_enc = read("encoder.weight", &[n, dim])?;
-        let b_enc = read("encoder.bias", &[n])?;
-        let dec_t = read("decoder.weight", &[dim, n])?;
-        let b_dec = read("decoder.bias", &[dim])?;
-        self.p.w_enc = w_enc;
-        self.p.b_enc = b_enc;
-        self.p.w_dec = transpose(&dec_t, dim, n);
-        self.p.b_dec = b_dec;
-        refresh_norms(&mut self.p, dim, self.normalize);
-        let fresh = FastTopK::new(&self.cfg, dim)?;
-        self.opt = fresh.opt;
-        Ok(())
+        let tensors = crate::artifact::read_tensors(&bytes).map_err(|e| werr(format!("{e:#}")))?;
+        let k = self.current_k;
+        self.restore(&tensors, k).map_err(|e| werr(format!("{e:#}")).into())
     }
 
     /// Dense gradients of the loss on `batch` with `k` kept latents per row (ignored by the
@@ -574,25 +549,33 @@ impl Trainer for FastTopK {
         Ok(())
     }
 
-    fn save(&self, path: &Path) -> anyhow::Result<()> {
+    fn tensors(&self) -> anyhow::Result<Vec<NamedTensor>> {
         let (n, dim) = (self.n, self.dim);
-        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        let tensors = [
-            ("encoder.weight", vec![n, dim], bytes(&self.p.w_enc)),
-            ("encoder.bias", vec![n], bytes(&self.p.b_enc)),
-            ("decoder.weight", vec![dim, n], bytes(&transpose(&self.p.w_dec, n, dim))),
-            ("decoder.bias", vec![dim], bytes(&self.p.b_dec)),
-        ];
-        let werr =
-            |message: String| FastError::Weights { path: path.display().to_string(), message };
-        let mut views = Vec::new();
-        for (name, shape, data) in &tensors {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
-                    .map_err(|e| werr(format!("tensor {name}: {e}")))?;
-            views.push((*name, view));
-        }
-        safetensors::serialize_to_file(views, None, path).map_err(|e| werr(e.to_string()))?;
+        Ok(vec![
+            NamedTensor::new("encoder.weight", vec![n, dim], self.p.w_enc.clone()),
+            NamedTensor::new("encoder.bias", vec![n], self.p.b_enc.clone()),
+            NamedTensor::new("decoder.weight", vec![dim, n], transpose(&self.p.w_dec, n, dim)),
+            NamedTensor::new("decoder.bias", vec![dim], self.p.b_dec.clone()),
+        ])
+    }
+
+    fn eval_layer_k(&self) -> usize {
+        self.current_k
+    }
+
+    fn restore(&mut self, tensors: &[NamedTensor], eval_layer_k: usize) -> anyhow::Result<()> {
+        let (n, dim) = (self.n, self.dim);
+        let w_enc = expect_tensor(tensors, "encoder.weight", &[n, dim])?.to_vec();
+        let b_enc = expect_tensor(tensors, "encoder.bias", &[n])?.to_vec();
+        let dec_t = expect_tensor(tensors, "decoder.weight", &[dim, n])?;
+        let b_dec = expect_tensor(tensors, "decoder.bias", &[dim])?.to_vec();
+        self.p.w_dec = transpose(dec_t, dim, n);
+        self.p.w_enc = w_enc;
+        self.p.b_enc = b_enc;
+        self.p.b_dec = b_dec;
+        refresh_norms(&mut self.p, dim, self.normalize);
+        self.opt = FastTopK::new(&self.cfg, dim)?.opt;
+        self.current_k = eval_layer_k.clamp(1, n);
         Ok(())
     }
 }

@@ -34,14 +34,12 @@
 //! (the candle model trains these): AuxK and dead-latent resampling.
 //! [`ineligibility`] says why a configuration is refused.
 
-use std::path::Path;
-
 use msae_shared::TrialConfig;
 
 use crate::sae::linalg::{Mat, matmul};
 use crate::sae::optim::{OptimConfig, host_update};
 use crate::sae::sparsity::{DISTORT_SEED_SALT, SparsityParams};
-use crate::sae::trainer::{Inference, Trainer};
+use crate::sae::trainer::{Inference, NamedTensor, Trainer, expect_tensor};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -432,18 +430,31 @@ impl Trainer for ModularFast {
         self.set_weight(name, bias)
     }
 
-    fn save(&self, path: &Path) -> anyhow::Result<()> {
-        let mut tensors = std::collections::HashMap::new();
-        for p in &self.params {
-            let t = candle_core::Tensor::from_slice(
-                &p.w,
-                p.shape.as_slice(),
-                &candle_core::Device::Cpu,
-            )?;
-            tensors.insert(p.name.clone(), t);
+    fn tensors(&self) -> anyhow::Result<Vec<NamedTensor>> {
+        Ok(self
+            .params
+            .iter()
+            .map(|p| NamedTensor::new(&p.name, p.shape.clone(), p.w.clone()))
+            .collect())
+    }
+
+    fn eval_layer_k(&self) -> usize {
+        self.current_k
+    }
+
+    fn restore(&mut self, tensors: &[NamedTensor], eval_layer_k: usize) -> anyhow::Result<()> {
+        let values = self
+            .params
+            .iter()
+            .map(|p| expect_tensor(tensors, &p.name, &p.shape).map(<[f32]>::to_vec))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (p, w) in self.params.iter_mut().zip(values) {
+            p.w = w;
+            p.m.iter_mut().chain(p.v.iter_mut()).for_each(|x| *x = 0.0);
         }
-        candle_core::safetensors::save(&tensors, path)
-            .map_err(|e| anyhow::anyhow!("writing weights to {}: {e}", path.display()))
+        self.t = 0;
+        self.current_k = eval_layer_k;
+        Ok(())
     }
 }
 
