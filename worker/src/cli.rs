@@ -31,6 +31,9 @@ pub enum Command {
     /// Time training steps (samples/s, GFLOP/s) of the fast top-k path and the candle model, or
     /// of any trial config (`--config FILE`, `--preset original`) on the trainer training picks.
     Bench(crate::bench::BenchArgs),
+    /// Apply a trained SAE (weights.safetensors from `msae-coordinator export` or --out) to
+    /// new data: codes, or with --reconstruct the reconstructions, as .npy.
+    Encode(crate::encode::EncodeArgs),
 }
 
 /// Device selection shared by every command.
@@ -137,16 +140,6 @@ pub fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
         Control::Continue
     };
     let outcome = SaeRunner.run(&config, &options, &mut progress)?;
-    if let Some(dir) = &args.out
-        && outcome.stopped.is_none()
-    {
-        let path = dir.join("metrics.json");
-        crate::train::write_atomic(
-            &path,
-            serde_json::to_string_pretty(&outcome.metrics)?.as_bytes(),
-        )
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    }
     let mut stdout = std::io::stdout().lock();
     if args.json {
         writeln!(stdout, "{}", serde_json::to_string(&outcome.metrics)?)?;
@@ -155,7 +148,7 @@ pub fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
             writeln!(stdout, "{k:<24} {v:.6}")?;
         }
         if let Some(dir) = &args.out {
-            writeln!(stdout, "weights and config written to {}", dir.display())?;
+            writeln!(stdout, "weights, config and metrics written to {}", dir.display())?;
         }
     }
     Ok(())
@@ -222,6 +215,9 @@ pub fn main() -> std::process::ExitCode {
     let result = match &cli.command {
         Some(Command::Train(args)) => check_device(&args.device).and_then(|()| train_command(args)),
         Some(Command::Bench(args)) => crate::bench::run(args),
+        Some(Command::Encode(args)) => {
+            check_device(&args.device).and_then(|()| crate::encode::encode_command(args))
+        }
         None => worker_command(&cli.worker),
     };
     msae_shared::signal::exit_code(result)

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod data;
+pub mod encode;
 pub mod eval;
 pub use msae_shared::logging;
 pub mod noop;
