@@ -864,3 +864,253 @@ async fn undecodable_and_oversized_requests_get_client_error_codes() {
     assert_eq!(e.code(), tonic::Code::NotFound);
     s.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Uploads
+
+fn upload_policy(root: &std::path::Path, limit: u64) -> SchedulerPolicy {
+    let store = crate::weights::WeightStore::open(root.to_path_buf(), limit).unwrap();
+    SchedulerPolicy {
+        keep_weights: crate::weights::KeepWeights::All,
+        weights: Some(std::sync::Arc::new(store)),
+        ..actor_policy()
+    }
+}
+
+fn trial_files(seed: u8, weights_len: usize) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("weights.safetensors", (0..weights_len).map(|i| (i as u8) ^ seed).collect()),
+        ("config.yaml", format!("seed: {seed}\n").into_bytes()),
+        ("metrics.json", b"{\"loss\": 1.0}\n".to_vec()),
+    ]
+}
+
+/// The chunks of an upload of `files` (1 MiB each), digests as given or computed.
+fn upload_chunks(
+    lease: &str,
+    files: &[(&str, Vec<u8>)],
+    digests: Option<&[&str]>,
+) -> Vec<proto::UploadChunk> {
+    let mut out = Vec::new();
+    for (i, (name, bytes)) in files.iter().enumerate() {
+        let sha =
+            digests.map_or_else(|| msae_shared::upload::sha256_hex(bytes), |d| d[i].to_string());
+        let parts: Vec<&[u8]> =
+            if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(1 << 20).collect() };
+        for (c, part) in parts.into_iter().enumerate() {
+            out.push(proto::UploadChunk {
+                lease_id: if i == 0 && c == 0 { lease.into() } else { String::new() },
+                file: if c == 0 { name.to_string() } else { String::new() },
+                size: if c == 0 { bytes.len() as u64 } else { 0 },
+                sha256: if c == 0 { sha.clone() } else { String::new() },
+                data: part.to_vec(),
+            });
+        }
+    }
+    out
+}
+
+async fn lease_one(c: &mut CoordinatorClient<Channel>, id: &str) -> proto::Lease {
+    within(c.lease(proto::LeaseRequest { worker_id: id.into(), wait_ms: 2000 }))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .expect("a lease")
+}
+
+async fn complete_ok(c: &mut CoordinatorClient<Channel>, lease: &str) -> proto::CompleteReply {
+    within(c.complete(proto::CompleteRequest {
+        lease_id: lease.into(),
+        success: true,
+        metrics: HashMap::from([("loss".into(), 1.0)]),
+        ..Default::default()
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn staging_is_empty(root: &std::path::Path) -> bool {
+    std::fs::read_dir(root.join(".staging")).unwrap().next().is_none()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploaded_files_complete_the_trial_and_are_kept_byte_for_byte() {
+    let files_dir = tempfile::tempdir().unwrap();
+    let root = files_dir.path().join("w");
+    let s = server_with(1, None, upload_policy(&root, 8 << 20)).await;
+    let mut c = s.client().await;
+    let id = register(&mut c, "up").await;
+    let lease = lease_one(&mut c, &id).await;
+    assert!(lease.upload && lease.upload_limit == 8 << 20, "{lease:?}");
+    let files = trial_files(7, (2 << 20) + 3);
+    let chunks = upload_chunks(&lease.lease_id, &files, None);
+    assert_eq!(chunks.len(), 3 + 2, "the weights travel in three chunks");
+    let reply = within(c.upload(tokio_stream::iter(chunks))).await.unwrap().into_inner();
+    assert!(reply.accepted, "{reply:?}");
+    assert!(complete_ok(&mut c, &lease.lease_id).await.accepted);
+    let records = within(s.scheduler.records("grid")).await.unwrap();
+    let t = &records[0];
+    assert_eq!(t.status, TrialStatus::Completed);
+    let stored = t.weights.as_ref().expect("the record says where the files are");
+    assert_eq!(stored.dir, "grid/0");
+    for (name, bytes) in &files {
+        assert_eq!(&std::fs::read(root.join("grid/0").join(name)).unwrap(), bytes, "{name}");
+        assert_eq!(stored.files[*name].sha256, msae_shared::upload::sha256_hex(bytes));
+    }
+    assert!(staging_is_empty(&root));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_uploads_leave_nothing_and_the_trial_runs_again() {
+    let files_dir = tempfile::tempdir().unwrap();
+    let root = files_dir.path().join("w");
+    let s = server_with(1, None, upload_policy(&root, 4 << 20)).await;
+    let mut c = s.client().await;
+    let id = register(&mut c, "up").await;
+    let lease = lease_one(&mut c, &id).await;
+    let files = trial_files(1, 3 << 20);
+
+    // Cut off after the first chunk: the client gives up on the call.
+    let first = upload_chunks(&lease.lease_id, &files, None).remove(0);
+    let stalled = tokio_stream::iter(vec![first]).chain(tokio_stream::pending());
+    let cut = tokio::time::timeout(Duration::from_millis(300), c.upload(stalled)).await;
+    assert!(cut.is_err(), "the stalled upload cannot finish");
+    within(async {
+        while !staging_is_empty(&root) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // A digest that does not match: refused, worth a retry.
+    let wrong = ["0".repeat(64), "0".repeat(64), "0".repeat(64)];
+    let wrong: Vec<&str> = wrong.iter().map(String::as_str).collect();
+    let reply =
+        within(c.upload(tokio_stream::iter(upload_chunks(&lease.lease_id, &files, Some(&wrong)))))
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(!reply.accepted && !reply.permanent && reply.reason.contains("sha256"), "{reply:?}");
+    assert!(staging_is_empty(&root));
+
+    // Over the limit: refused for good, naming the file.
+    let big = trial_files(2, (4 << 20) + 1);
+    let reply = within(c.upload(tokio_stream::iter(upload_chunks(&lease.lease_id, &big, None))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !reply.accepted && reply.permanent && reply.reason.contains("weights.safetensors"),
+        "{reply:?}"
+    );
+
+    // Malformed: an unknown file, a missing file.
+    let mut odd = upload_chunks(&lease.lease_id, &files, None);
+    odd[3].file = "../escape".into();
+    let e = within(c.upload(tokio_stream::iter(odd))).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = within(c.upload(tokio_stream::iter(upload_chunks(&lease.lease_id, &files[..2], None))))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("metrics.json"), "{e:?}");
+    assert!(staging_is_empty(&root));
+
+    // A result without its files does not complete the trial: it runs again.
+    assert!(complete_ok(&mut c, &lease.lease_id).await.accepted);
+    let t = within(s.scheduler.records("grid")).await.unwrap().remove(0);
+    assert_eq!((t.status, t.weights.is_none()), (TrialStatus::Queued, true));
+    assert!(t.errors.last().unwrap().contains("files were not uploaded"), "{:?}", t.errors);
+    assert!(!root.join("grid").exists(), "nothing stored for the trial");
+
+    // The stale lease can no longer upload; the new one can, and completes the trial.
+    let e = within(c.upload(tokio_stream::iter(upload_chunks(&lease.lease_id, &files, None))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    let again = lease_one(&mut c, &id).await;
+    let reply = within(c.upload(tokio_stream::iter(upload_chunks(&again.lease_id, &files, None))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.accepted, "{reply:?}");
+    assert!(complete_ok(&mut c, &again.lease_id).await.accepted);
+    let t = within(s.scheduler.records("grid")).await.unwrap().remove(0);
+    assert_eq!((t.status, t.attempt), (TrialStatus::Completed, 2));
+    assert_eq!(std::fs::read(root.join("grid/0/weights.safetensors")).unwrap(), files[0].1);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_best_deletes_the_files_of_trials_that_fall_out() {
+    let files_dir = tempfile::tempdir().unwrap();
+    let root = files_dir.path().join("w");
+    let mut policy = upload_policy(&root, 1 << 20);
+    policy.keep_weights = crate::weights::KeepWeights::Best(1);
+    let s = server_with(3, None, policy).await;
+    let mut c = s.client().await;
+    let id = register(&mut c, "up").await;
+    // Losses 3, 1, 2 (minimize): trial 1 is the one kept at the end.
+    for loss in [3.0, 1.0, 2.0] {
+        let lease = lease_one(&mut c, &id).await;
+        let files = trial_files(loss as u8, 10);
+        let chunks = upload_chunks(&lease.lease_id, &files, None);
+        assert!(within(c.upload(tokio_stream::iter(chunks))).await.unwrap().into_inner().accepted);
+        let reply = within(c.complete(proto::CompleteRequest {
+            lease_id: lease.lease_id.clone(),
+            success: true,
+            metrics: HashMap::from([("loss".into(), loss)]),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+        assert!(reply.accepted);
+    }
+    let records = within(s.scheduler.records("grid")).await.unwrap();
+    let kept: Vec<u64> = records.iter().filter(|t| t.weights.is_some()).map(|t| t.index).collect();
+    assert_eq!(kept, [1]);
+    assert!(
+        records[0].errors.iter().any(|e| e.starts_with("files not kept")),
+        "{:?}",
+        records[0].errors
+    );
+    within(async {
+        while root.join("grid/0").exists() || root.join("grid/2").exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(root.join("grid/1/weights.safetensors").exists());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_workers_their_trials_and_counts() {
+    let s = server(3, None).await;
+    let mut c = s.client().await;
+    let id = register(&mut c, "gpu-box").await;
+    let _idle = register(&mut c, "idle-box").await;
+    let lease = lease_one(&mut c, &id).await;
+    let reply = within(c.status(proto::StatusRequest {})).await.unwrap().into_inner();
+    assert_eq!((reply.sweep.as_str(), reply.running), ("grid", 1));
+    assert_eq!(reply.total, reply.queued + reply.running, "{reply:?}");
+    let names: Vec<(&str, &str)> =
+        reply.workers.iter().map(|w| (w.name.as_str(), w.trial.as_str())).collect();
+    assert_eq!(names, [("gpu-box", lease.trial_id.as_str()), ("idle-box", "")]);
+    assert!(reply.workers.iter().all(|w| w.device == "cpu" && w.last_seen_ms > 0));
+    assert!(complete_ok(&mut c, &lease.lease_id).await.accepted);
+    let reply = within(c.status(proto::StatusRequest {})).await.unwrap().into_inner();
+    assert_eq!((reply.completed, reply.best_index, reply.best_value), (1, Some(0), 1.0));
+    assert_eq!((reply.metric.as_str(), reply.goal.as_str()), ("loss", "minimize"));
+    let text = crate::manage::render_status(&reply, reply.workers[0].last_seen_ms + 1500);
+    assert!(
+        text.starts_with(&format!("sweep grid: 1/{} trials final (1 completed", reply.total)),
+        "{text}"
+    );
+    assert!(text.contains("best: trial 0, loss 1.000000 (minimize)"), "{text}");
+    assert!(text.contains("gpu-box") && text.contains("idle"), "{text}");
+    s.stop().await;
+}
