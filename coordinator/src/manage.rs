@@ -154,6 +154,7 @@ mod tests {
             created_ms,
             proposed: 0,
             finished: false,
+            uid: None,
         }
     }
 

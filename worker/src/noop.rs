@@ -195,6 +195,7 @@ impl TrialRunner for NoopRunner {
                 step: r.step,
                 total_steps,
                 scalars: names.iter().map(|n| (n.to_string(), now[*n])).collect(),
+                class_stats: None,
                 kind: r.kind,
             };
             // A stop asked for at the last report comes after the work is done: the result
@@ -203,10 +204,14 @@ impl TrialRunner for NoopRunner {
                 && r.step < total_steps
             {
                 tracing::debug!(step = r.step, %reason, "noop trial stopped on request");
-                return Ok(TrialOutcome { metrics: now, artifact: None, stopped: Some(reason) });
+                return Ok(TrialOutcome {
+                    metrics: now,
+                    stopped: Some(reason),
+                    ..TrialOutcome::default()
+                });
             }
         }
-        Ok(TrialOutcome { metrics: final_metrics, artifact: None, stopped: None })
+        Ok(TrialOutcome { metrics: final_metrics, ..TrialOutcome::default() })
     }
 }
 

@@ -17,7 +17,9 @@ use crate::prune::{self, Decision, History};
 use crate::search::{Outcome, Proposal, Stored, Strategy};
 use crate::spec::EarlyTerminate;
 use crate::store::WriteBatch;
+use msae_shared::class_stats::ClassStats;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 /// A registered worker.
 #[derive(Debug, Clone)]
@@ -427,8 +429,12 @@ impl Core {
     }
 
     fn finished_event(&mut self, index: u64) {
+        self.finished_event_with(index, None);
+    }
+
+    fn finished_event_with(&mut self, index: u64, classes: Option<Arc<ClassStats>>) {
         let record = Box::new(self.trials[index as usize].clone());
-        self.events.push(SchedulerEvent::TrialFinished { record });
+        self.events.push(SchedulerEvent::TrialFinished { record, classes });
     }
 
     /// The checks every lease request passes first: a known worker (else an error), and a
@@ -553,6 +559,7 @@ impl Core {
                 step: e.step,
                 scalars: e.scalars,
                 evaluation: true,
+                classes: e.classes,
             });
         }
         t.progress
@@ -564,6 +571,7 @@ impl Core {
                 step,
                 scalars,
                 evaluation: false,
+                classes: None,
             });
         }
         if let Some(limit) = timeout
@@ -703,7 +711,7 @@ impl Core {
         self.strategy.observe(index, v);
         self.progress_dirty.remove(&index);
         self.mark(index);
-        self.finished_event(index);
+        self.finished_event_with(index, outcome.classes);
         CompleteAck { accepted: true, reason: String::new() }
     }
 
