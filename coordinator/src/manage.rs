@@ -261,6 +261,7 @@ mod tests {
             created_ms,
             proposed: 0,
             finished: false,
+            uid: None,
         }
     }
 

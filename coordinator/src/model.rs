@@ -122,6 +122,24 @@ pub struct SweepRecord {
     pub proposed: u64,
     /// True once the strategy reported it is done and every trial is final.
     pub finished: bool,
+    /// Random at creation, and never changed: tells this sweep from a same-named one of another
+    /// database (or one deleted and started again) where both write files, as in TensorBoard's
+    /// log root. Absent from sweeps stored before it existed: see [`SweepRecord::run_id`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+impl SweepRecord {
+    /// A fresh [`uid`](Self::uid): 32 random bits in hex.
+    pub fn new_uid() -> String {
+        format!("{:08x}", rand::random::<u32>())
+    }
+
+    /// The sweep's stable id: its `uid`, or for a sweep stored before uids existed one derived
+    /// from its creation time (in hex), which never changes either.
+    pub fn run_id(&self) -> String {
+        self.uid.clone().unwrap_or_else(|| format!("{:x}", self.created_ms))
+    }
 }
 
 /// Current Unix time in milliseconds.
@@ -130,4 +148,27 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sweep stored before uids existed reads without one and gets an id from its creation
+    /// time: the same on every open, different from a same-named sweep created at another time.
+    #[test]
+    fn a_sweep_stored_without_uid_has_a_stable_id_from_its_creation_time() {
+        let old = r#"{"name":"s","yaml":"","fingerprint":"f","created_ms":1700000000123,"proposed":3,"finished":false}"#;
+        let rec: SweepRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(rec.uid, None);
+        assert_eq!(rec.run_id(), "18bcfe5687b");
+        assert_eq!(serde_json::to_string(&rec).unwrap(), old, "written back as it was");
+        let new = SweepRecord { uid: Some(SweepRecord::new_uid()), ..rec.clone() };
+        let id = new.run_id();
+        assert_eq!(id.len(), 8);
+        let back: SweepRecord =
+            serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back.run_id(), id);
+        assert_ne!(SweepRecord { created_ms: 1, ..rec.clone() }.run_id(), rec.run_id());
+    }
 }

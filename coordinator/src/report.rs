@@ -862,6 +862,7 @@ mod tests {
             created_ms: 0,
             proposed: 0,
             finished: false,
+            uid: None,
         }
     }
 

@@ -174,7 +174,7 @@ pub async fn run_sweep(
             .iter()
             .map(|(name, p)| crate::tensorboard::messages::HParamInfo::of(name, p))
             .collect();
-        crate::tensorboard::follow::spawn(&scheduler, root, &sweep, &params, &spec.metric.name)
+        crate::tensorboard::follow::spawn(&scheduler, root, &params, &spec.metric.name)
     });
     let display = opts.progress.then(|| {
         ProgressDisplay::spawn(scheduler.counts(), spec.metric.name.clone(), stop_rx.clone())

@@ -27,6 +27,7 @@ use crate::spec::EarlyTerminate;
 use crate::store::{Store, StoreError, WriteBatch};
 use crate::weights::{KeepWeights, WeightStore};
 use msae_shared::RunnerKind;
+use msae_shared::class_stats::ClassStats;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -159,6 +160,8 @@ pub struct ProgressAck {
 pub struct Evaluation {
     pub step: u64,
     pub scalars: BTreeMap<String, f64>,
+    /// Its per-class statistics, when the data has labels: passed on to the events, not stored.
+    pub classes: Option<Arc<ClassStats>>,
 }
 
 /// One progress report of a running attempt (validated at the edge).
@@ -189,6 +192,9 @@ pub struct TrialOutcome {
     /// With `success`: the trial stopped early because early termination told it to (its
     /// metrics are those it had reached); it ends Pruned rather than Completed.
     pub pruned: bool,
+    /// With `success`: the final evaluation's per-class statistics (passed on to the
+    /// [`SchedulerEvent::TrialFinished`] event, not stored).
+    pub classes: Option<Arc<ClassStats>>,
 }
 
 /// Answer to a completion: refused for a stale, unknown or already used lease.
@@ -265,16 +271,26 @@ pub struct WorkerState {
 }
 
 /// Events for the progress display and the TensorBoard writer (a `broadcast`; slow receivers
-/// may lag and miss events, the records in the store stay authoritative).
+/// may lag and miss events, the records in the store stay authoritative). Per-class statistics
+/// live in events only: like progress scalars they feed TensorBoard as they arrive, and a
+/// restarted coordinator goes on from the next evaluation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SchedulerEvent {
     /// A trial was leased (committed); `record` is its state as leased (params, config,
     /// attempt, lease).
     TrialStarted { index: u64, attempt: u32, worker: String, record: Box<TrialRecord> },
-    /// Sampled scalars (`evaluation: false`) or one evaluation's scalars, at `step`.
-    TrialProgress { index: u64, step: u64, scalars: BTreeMap<String, f64>, evaluation: bool },
-    /// A trial reached Completed, Pruned or Failed (committed).
-    TrialFinished { record: Box<TrialRecord> },
+    /// Sampled scalars (`evaluation: false`) or one evaluation's scalars and per-class
+    /// statistics, at `step`.
+    TrialProgress {
+        index: u64,
+        step: u64,
+        scalars: BTreeMap<String, f64>,
+        evaluation: bool,
+        classes: Option<Arc<ClassStats>>,
+    },
+    /// A trial reached Completed, Pruned or Failed (committed); `classes`: the final
+    /// evaluation's per-class statistics, as its completion carried them.
+    TrialFinished { record: Box<TrialRecord>, classes: Option<Arc<ClassStats>> },
 }
 
 /// Errors of the scheduler. `UnknownWorker` is the only one a client should handle by
@@ -396,6 +412,7 @@ impl Scheduler {
             core
         };
         let name = core.sweep().name.clone();
+        let sweep_id = core.sweep().run_id();
         let (tx, rx) = mpsc::channel(4096);
         let (counts_tx, counts_rx) = watch::channel(core.counts());
         let (events_tx, _) = broadcast::channel(4096);
@@ -418,6 +435,7 @@ impl Scheduler {
             lossless,
             store,
             sweep: name,
+            sweep_id,
             commits,
             weights,
             metric,
@@ -470,6 +488,7 @@ fn load_or_create(
         created_ms: crate::model::now_ms(),
         proposed: 0,
         finished: false,
+        uid: Some(SweepRecord::new_uid()),
     };
     let mut batch = WriteBatch::new();
     batch.put_sweep(&rec);
@@ -525,6 +544,7 @@ pub struct SchedulerHandle {
     lossless: LosslessSinks,
     store: Arc<Store>,
     sweep: String,
+    sweep_id: String,
     commits: Arc<AtomicU64>,
     weights: Option<Arc<WeightStore>>,
     /// The sweep metric and its goal.
@@ -545,6 +565,11 @@ impl SchedulerHandle {
     /// The name of the sweep this scheduler runs (may be `NAME-2` after `new_sweep`).
     pub fn sweep_name(&self) -> &str {
         &self.sweep
+    }
+
+    /// The stable id of the sweep this scheduler runs ([`SweepRecord::run_id`]).
+    pub fn sweep_id(&self) -> &str {
+        &self.sweep_id
     }
 
     /// The store (for read-only queries of other sweeps; writes belong to the actor).

@@ -26,10 +26,12 @@ use crate::scheduler::{
     Evaluation, LeaseGrant, NextLease, ProgressReport, SchedulerError, SchedulerHandle,
     TrialOutcome,
 };
+use msae_shared::class_stats::ClassStats;
 use msae_shared::proto;
 use msae_shared::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::StreamExt;
 use tonic::service::Interceptor;
@@ -178,7 +180,8 @@ impl TryFrom<proto::ProgressRequest> for ProgressUpdate {
         for e in r.evaluations {
             let (scalars, d) = check_metrics("evaluations.scalars", e.scalars)?;
             dropped.extend(d);
-            evaluations.push(Evaluation { step: e.step, scalars });
+            let classes = class_stats("evaluations.class_stats", &r.lease_id, e.class_stats);
+            evaluations.push(Evaluation { step: e.step, scalars, classes });
         }
         evaluations.sort_by_key(|e| e.step);
         if !dropped.is_empty() {
@@ -214,6 +217,8 @@ impl TryFrom<proto::CompleteRequest> for Completion {
             )));
         }
         let (metrics, dropped) = check_metrics("metrics", r.metrics)?;
+        let classes =
+            if r.success { class_stats("class_stats", &r.lease_id, r.class_stats) } else { None };
         // The same limits as a Lease request; worker_id is only read when a lease is asked for.
         let next = if r.lease_next {
             check_id("worker_id", &r.worker_id)?;
@@ -234,8 +239,35 @@ impl TryFrom<proto::CompleteRequest> for Completion {
                 duration_s: Some(r.duration_s),
                 dropped,
                 pruned: r.success && r.pruned,
+                classes,
             },
         })
+    }
+}
+
+/// Per-class statistics as a worker sent them, or `None` (logged) when their arrays do not
+/// make one table. They are only plotted, so a malformed table costs itself, never the
+/// evaluation or the result that carried it.
+fn class_stats(
+    field: &str,
+    lease_id: &str,
+    c: Option<proto::ClassStats>,
+) -> Option<Arc<ClassStats>> {
+    let c = c?;
+    let routing = (!c.routing_score_mean.is_empty()).then_some(c.routing_score_mean);
+    match ClassStats::new(
+        c.num_stripes as usize,
+        c.num_classes as usize,
+        c.class_samples,
+        c.stripe_class_active,
+        routing,
+        c.class_mse,
+    ) {
+        Ok(stats) => Some(Arc::new(stats)),
+        Err(e) => {
+            tracing::warn!(lease = %lease_id, "{field} dropped: {e}");
+            None
+        }
     }
 }
 

@@ -433,6 +433,7 @@ mod tests {
             created_ms: now_ms(),
             proposed: 2,
             finished: false,
+            uid: None,
         }
     }
 
@@ -612,6 +613,7 @@ mod timing {
             created_ms: 0,
             proposed: 0,
             finished: false,
+            uid: None,
         };
         for per in [1usize, 16, 64] {
             let n = 300;

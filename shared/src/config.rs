@@ -246,7 +246,7 @@ pub struct DataConfig {
     pub path: Option<PathBuf>,
     /// Tensor name inside a safetensors file (default: the only tensor).
     pub tensor: Option<String>,
-    /// Labels file (MNIST IDX labels, or an .npy of integer labels) for per-class stripe usage.
+    /// Labels file (MNIST IDX labels, or an .npy of integer labels) for per-class statistics.
     pub labels: Option<PathBuf>,
     /// Fraction of samples held out for validation, in (0, 1).
     pub validation_fraction: f64,

@@ -5,6 +5,8 @@
 //! - [`proto`]: the generated gRPC protocol (`proto/msae.proto`, package `msae.v1`).
 //! - [`metrics`]: the stable metric names every trial reports, and [`metrics::TABLE`]: each
 //!   metric's goal and whether the report and TensorBoard show it.
+//! - [`class_stats`]: the per-class statistics of an evaluation over labelled data (stripe
+//!   activations, routing scores, reconstruction error per class), kept apart from the metrics.
 //! - [`runner`]: [`RunnerKind`], what a trial runs (`sae`, `noop`); a string only on the wire.
 //! - [`auth`]: the shared-token header; [`suggest`]: "did you mean" for misspelt names.
 //! - [`yaml`]: the one YAML entry point (duplicate keys refused with their location);
@@ -12,6 +14,7 @@
 //!   stdout that may close.
 
 pub mod auth;
+pub mod class_stats;
 pub mod config;
 pub mod logging;
 pub mod metrics;

@@ -31,14 +31,6 @@ pub const TRAIN_LOSS: &str = "train_loss";
 pub const STEPS: &str = "steps";
 /// Training throughput.
 pub const SAMPLES_PER_SECOND: &str = "samples_per_s";
-/// Prefix of per-class stripe usage: `stripe_usage/class_{c}/stripe_{s}` is the fraction of
-/// validation samples of class c for which stripe s was active.
-pub const CLASS_STRIPE_USAGE_PREFIX: &str = "stripe_usage";
-
-/// Name of the per-class stripe usage metric for class `class` and stripe `stripe`.
-pub fn class_stripe_usage(class: usize, stripe: usize) -> String {
-    format!("{CLASS_STRIPE_USAGE_PREFIX}/class_{class}/stripe_{stripe}")
-}
 
 /// Which way a metric is better: the direction a sweep ranks (and a search optimises) it in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -94,8 +86,8 @@ const fn row(name: &'static str, goal: Goal, report: bool, tensorboard: bool) ->
 
 use Goal::{Maximize as MAX, Minimize as MIN};
 
-/// Every standard metric a trial may report (besides the per-class usage family, which
-/// [`is_standard`] also accepts). The order is the report's column order.
+/// Every standard metric a trial may report (per-class statistics are no metrics: see
+/// [`crate::class_stats`]). The order is the report's column order.
 #[rustfmt::skip]
 pub const TABLE: &[Metric] = &[
     //   name                  goal  report tensorboard
@@ -131,7 +123,7 @@ pub fn get(name: &str) -> Option<&'static Metric> {
 }
 
 /// The direction in which `name` is better: its row's goal; minimize for any other metric
-/// (the per-class usage family, a runner's own).
+/// (a runner's own).
 pub fn natural_goal(name: &str) -> Goal {
     get(name).map_or(Goal::Minimize, |m| m.goal)
 }
@@ -146,12 +138,9 @@ pub fn in_tensorboard<'a>() -> impl Iterator<Item = &'a str> {
     TABLE.iter().filter(|m| m.tensorboard).map(|m| m.name)
 }
 
-/// Whether `name` is a metric msae's trials report: a standard name or a per-class usage name.
+/// Whether `name` is a metric msae's trials report.
 pub fn is_standard(name: &str) -> bool {
     STANDARD.contains(&name)
-        || name
-            .strip_prefix(CLASS_STRIPE_USAGE_PREFIX)
-            .is_some_and(|rest| rest.starts_with("/class_"))
 }
 
 #[cfg(test)]
@@ -169,8 +158,7 @@ mod tests {
             assert_eq!(get(m.name), Some(m));
             assert_eq!(natural_goal(m.name), m.goal);
         }
-        assert!(is_standard(&class_stripe_usage(2, 3)));
-        assert!(!is_standard("stripe_usage") && !is_standard("my_score"));
+        assert!(!is_standard("stripe_usage/class_2/stripe_3") && !is_standard("my_score"));
     }
 
     #[test]
@@ -179,7 +167,6 @@ mod tests {
         let max: Vec<&str> =
             TABLE.iter().filter(|m| m.goal == Goal::Maximize).map(|m| m.name).collect();
         assert_eq!(max, [MMCS, STRIPE_CLUSTER_MATCH, SAMPLES_PER_SECOND]);
-        assert_eq!(natural_goal(&class_stripe_usage(0, 0)), Goal::Minimize);
         assert_eq!(natural_goal("my_score"), Goal::Minimize);
     }
 

@@ -1,7 +1,7 @@
 //! Helpers for the end-to-end tests in `tests/`: real coordinator and worker processes on
 //! 127.0.0.1, sweeps written to temporary directories, and polling with deadlines.
 
-use msae_coordinator::model::{TrialRecord, TrialStatus};
+use msae_coordinator::model::{SweepRecord, TrialRecord, TrialStatus};
 use msae_coordinator::service::ReportJson;
 use msae_coordinator::store::Store;
 use std::path::{Path, PathBuf};
@@ -118,6 +118,11 @@ pub fn stored_trials(db: &Path) -> Vec<TrialRecord> {
         out.extend(store.trials(&s.name).unwrap());
     }
     out
+}
+
+/// The sweeps of a database whose coordinator has exited.
+pub fn stored_sweeps(db: &Path) -> Vec<SweepRecord> {
+    Store::open(db).expect("opening the database after the coordinator exited").sweeps().unwrap()
 }
 
 /// Kill a child process with SIGKILL and reap it.

@@ -127,7 +127,12 @@ fn small_sae_sweep_with_the_embedded_worker_ranks_real_results() {
     // TensorBoard: every evaluation at its own step (50, 100), the final metrics at the final
     // step (150). Regression: progress was sampled once a second, so evaluations between
     // samples were lost and final metrics landed at the last sampled step.
-    let logger = msae_coordinator::tensorboard::TensorBoardLogger::new(dir.path().join("runs"));
+    let sweeps = stored_sweeps(&db);
+    let logger = msae_coordinator::tensorboard::TensorBoardLogger::new(
+        dir.path().join("runs"),
+        &sweeps[0].name,
+        &sweeps[0].run_id(),
+    );
     for t in &trials {
         let run = logger.trial_dir(t);
         let file = std::fs::read_dir(&run)
@@ -173,6 +178,98 @@ fn small_sae_sweep_with_the_embedded_worker_ranks_real_results() {
         .map(|r| r["metrics"]["fvu"].as_f64().unwrap())
         .collect();
     assert_eq!(ranked, fvus);
+}
+
+/// Every scalar of the event files in `run`: (tag, step, value).
+fn scalars_of(run: &std::path::Path) -> Vec<(String, i64, f32)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(run).unwrap_or_else(|e| panic!("{}: {e}", run.display())) {
+        let path = entry.unwrap().path();
+        if !path.is_file() {
+            continue;
+        }
+        for e in msae_coordinator::tensorboard::read_events(&path).unwrap() {
+            for v in e.summary.map(|s| s.value).unwrap_or_default() {
+                if let Some(x) = v.simple_value {
+                    out.push((v.tag, e.step, x));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A routing SAE on labelled data, through worker, protocol and coordinator: its trial run
+/// gets the reconstruction error per class at every evaluation and at the end, each stripe a
+/// run of its own with its activations (and router score) per class. A second database with
+/// the same sweep writes beside it, not into it.
+#[test]
+fn labelled_data_gives_per_class_runs_per_stripe_in_tensorboard() {
+    use msae_worker::data::npy;
+    let dir = tempfile::tempdir().unwrap();
+    let (rows, dim) = (300, 8);
+    let x: Vec<f32> = (0..rows * dim)
+        .map(|i| if (i % dim < 4) == (i / dim % 3 == 0) { 1.0 } else { 0.1 })
+        .collect();
+    let labels: Vec<u8> = (0..rows).map(|r| (r % 3) as u8).collect();
+    let (xp, yp) = (dir.path().join("x.npy"), dir.path().join("y.npy"));
+    std::fs::write(&xp, npy::encode("<f4", false, &[rows, dim], &npy::f32_bytes(&x), 1)).unwrap();
+    std::fs::write(&yp, npy::encode("|u1", false, &[rows], &labels, 1)).unwrap();
+    let sweep = dir.path().join("classes.yaml");
+    std::fs::write(
+        &sweep,
+        format!(
+            "name: classes\nmethod: grid\nmetric: {{name: fvu, goal: minimize}}\n\
+             base:\n  steps: 40\n  eval_every: 20\n  batch_size: 32\n  num_stripes: 6\n\
+             \x20 stripe_dim: 4\n  layer_k: 8\n  stripe_k: 2\n  stripe_sparsity_mode: routing\n\
+             \x20 data: {{path: {}, labels: {}}}\nparameters:\n  lr: {{values: [0.001]}}\n",
+            xp.display(),
+            yp.display()
+        ),
+    )
+    .unwrap();
+    let runs = dir.path().join("runs");
+    let logdir = runs.to_str().unwrap();
+    let mut sweep_dirs = Vec::new();
+    for db in ["one.redb", "two.redb"] {
+        let db = dir.path().join(db);
+        let out = run_to_end(&sweep, &db, &["--quiet", "--logdir", logdir]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let trials = stored_trials(&db);
+        assert_eq!(trials[0].status, TrialStatus::Completed, "{:?}", trials[0]);
+        assert!(trials[0].metrics.keys().all(|k| !k.contains("class")), "{:?}", trials[0].metrics);
+        let s = &stored_sweeps(&db)[0];
+        let logger =
+            msae_coordinator::tensorboard::TensorBoardLogger::new(&runs, &s.name, &s.run_id());
+        sweep_dirs.push(logger.sweep_dir().to_path_buf());
+        let trial = logger.trial_dir(&trials[0]);
+        assert!(trial.ends_with("ordinary/routing/trial-00000"), "{}", trial.display());
+        let steps = |scalars: &[(String, i64, f32)], tag: &str| -> Vec<i64> {
+            scalars.iter().filter(|(t, _, _)| t == tag).map(|(_, s, _)| *s).collect()
+        };
+        let main = scalars_of(&trial);
+        for class in 0..3 {
+            assert_eq!(steps(&main, &format!("mse_by_class/{class}")), [20, 40], "{main:?}");
+        }
+        for stripe in 0..6 {
+            let run = scalars_of(&trial.join(format!("stripe_{stripe:02}")));
+            for class in 0..3 {
+                assert_eq!(steps(&run, &format!("class_activations/{class}")), [20, 40]);
+                assert_eq!(steps(&run, &format!("routing_score/{class}")), [20, 40]);
+            }
+            // Counts of the 30 validation samples, split among the classes.
+            for step in [20, 40] {
+                let total: f32 = run
+                    .iter()
+                    .filter(|(t, s, _)| *s == step && t.starts_with("class_activations/"))
+                    .map(|(_, _, v)| v)
+                    .sum();
+                assert!((0.0..=30.0).contains(&total), "stripe {stripe} at {step}: {total}");
+            }
+        }
+    }
+    assert_ne!(sweep_dirs[0], sweep_dirs[1], "two databases, two sweep directories");
+    assert!(sweep_dirs.iter().all(|d| d.is_dir()));
 }
 
 #[test]

@@ -238,6 +238,7 @@ mod tests {
             step,
             total_steps: 600,
             scalars: [("val_loss".to_string(), 0.5)].into(),
+            class_stats: None,
             kind,
         };
         let shown: Vec<u64> = [

@@ -4,6 +4,7 @@
 use crate::artifact::SavedSae;
 use crate::data::{self, Matrix, Scaler};
 use crate::eval::{self, EvalInputs};
+use crate::sae::trainer::Inference;
 use crate::train::{Backend, make_trainer, select_device};
 use anyhow::Context as _;
 use msae_shared::config::{DataConfig, DataSource};
@@ -120,7 +121,9 @@ pub fn encode(args: &EncodeArgs) -> anyhow::Result<Encoded> {
         codes.extend_from_slice(&inf.codes);
         recon.extend_from_slice(&inf.recon);
     }
-    let metrics = eval::evaluate(&EvalInputs::rows(&x, &recon, &codes, dim, &saved.config));
+    let all = Inference { codes, recon, loss: 0.0, routing: None };
+    let metrics = eval::evaluate(&EvalInputs::pass(&x, &all, dim, &saved.config, None)).scalars;
+    let Inference { codes, mut recon, .. } = all;
     let (out, cols) = if args.reconstruct {
         unscale(&saved.scaler, &mut recon, &raw.data, dim);
         (recon, dim)

@@ -1,6 +1,7 @@
 //! msae-worker: the modular sparse autoencoder in candle and everything a worker does with it.
 //!
-//! - [`data`]: synthetic data and file loaders; [`eval`]: the metrics every trial reports.
+//! - [`data`]: synthetic data and file loaders; [`eval`]: the metrics every trial reports,
+//!   and per-class statistics on labelled data.
 //! - [`sae`]: the modular SAE itself: the candle model (the reference and the CUDA path), the
 //!   hand-written CPU training steps (classic and modular), their stages and optimisers.
 //! - [`train`]: the training loop (standalone `msae-worker train`); [`bench`]: step timing.

@@ -197,6 +197,7 @@ impl TrialRunner for NoopRunner {
                 step: r.step,
                 total_steps,
                 scalars: names.iter().map(|n| (n.to_string(), now[*n])).collect(),
+                class_stats: None,
                 kind: r.kind,
             };
             // A stop asked for at the last report comes after the work is done: the result
@@ -207,14 +208,13 @@ impl TrialRunner for NoopRunner {
                 tracing::debug!(step = r.step, %reason, "noop trial stopped on request");
                 return Ok(TrialOutcome {
                     metrics: now,
-                    artifact: None,
-                    files: None,
                     stopped: Some(reason),
+                    ..TrialOutcome::default()
                 });
             }
         }
         let files = Some(noop_files(config, &final_metrics));
-        Ok(TrialOutcome { metrics: final_metrics, artifact: None, files, stopped: None })
+        Ok(TrialOutcome { metrics: final_metrics, files, ..TrialOutcome::default() })
     }
 }
 

@@ -2,6 +2,7 @@
 //! [`TrialRunner`], so orchestration is testable without training (see [`NoopRunner`]).
 
 use msae_shared::TrialConfig;
+use msae_shared::class_stats::ClassStats;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -12,6 +13,8 @@ pub struct Progress {
     pub total_steps: u64,
     /// Scalars at this step (stable names from `msae_shared::metrics`).
     pub scalars: BTreeMap<String, f64>,
+    /// An evaluation's per-class statistics, when its data has labels.
+    pub class_stats: Option<ClassStats>,
     pub kind: ProgressKind,
 }
 
@@ -41,6 +44,8 @@ pub enum Control {
 pub struct TrialOutcome {
     /// Final metrics, stable names.
     pub metrics: BTreeMap<String, f64>,
+    /// The final evaluation's per-class statistics, when its data has labels.
+    pub class_stats: Option<ClassStats>,
     /// Directory holding the weights and the resolved config, when one was written.
     pub artifact: Option<PathBuf>,
     /// The trained SAE's files (weights, config, metrics), for a run that reached its end.

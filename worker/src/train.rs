@@ -16,7 +16,8 @@
 //! - Gaussian noise of std `input_noise_std` is added to every training batch (the trainer
 //!   reconstructs the noisy batch: the [`Trainer`] seam passes one batch);
 //! - every `eval_every` steps (and at the end) the validation split is evaluated (`val_loss`
-//!   and the per-row metrics of [`crate::eval::evaluate`]: `fvu`, `mse`, `l0`, ...);
+//!   and the per-row metrics of [`crate::eval::evaluate`]: `fvu`, `mse`, `l0`, ...; with
+//!   labels also its per-class statistics, in [`Progress::class_stats`]);
 //!   with `validation_fraction: 0` the training split stands in for it;
 //! - early stopping: an evaluation improves when `val_loss < best - early_stopping_min_delta`;
 //!   after `early_stopping_patience` evaluations without improvement the loop ends;
@@ -24,7 +25,8 @@
 //!   [`Control::Stop`] ends the loop before the next step.
 //!
 //! The final metrics are [`crate::eval::evaluate`] on the validation split plus `val_loss`,
-//! `train_loss`, `steps` and `samples_per_s` (training steps only, evaluation excluded).
+//! `train_loss`, `steps` and `samples_per_s` (training steps only, evaluation excluded); its
+//! per-class statistics are [`TrialOutcome::class_stats`].
 
 use crate::data::{self, DataError};
 use crate::eval::{self, EvalInputs};
@@ -227,16 +229,18 @@ pub fn train_with(
             && steps_done.is_multiple_of(cfg.eval_every)
             && steps_done < total_steps;
         let mut scalars = BTreeMap::from([(metrics::TRAIN_LOSS.to_string(), train_loss)]);
+        let mut class_stats = None;
         let mut early_stop = false;
         if is_eval {
             let inf = trainer.infer(eval_x)?;
             let val_loss = inf.loss;
             // The per-row metrics of the final evaluation (mse, fvu, l0, active_stripes, ...),
-            // so a sweep metric among them has a curve (early termination judges it); MMCS and
-            // per-class usage are left for the end.
-            scalars.extend(eval::evaluate(&EvalInputs::rows(
-                eval_x, &inf.recon, &inf.codes, dim, cfg,
-            )));
+            // so a sweep metric among them has a curve (early termination judges it), and the
+            // per-class statistics, whose curves show stripes specialising; MMCS is left for
+            // the end.
+            let e = eval::evaluate(&EvalInputs::pass(eval_x, &inf, dim, cfg, eval_labels));
+            scalars.extend(e.scalars);
+            class_stats = e.classes;
             scalars.insert(metrics::VAL_LOSS.to_string(), val_loss);
             let (l0, fvu) = (scalars[metrics::L0], scalars[metrics::FVU]);
             tracing::debug!(step = steps_done, train_loss, val_loss, l0, fvu, "evaluation");
@@ -257,6 +261,7 @@ pub fn train_with(
                 step: steps_done as u64,
                 total_steps: total,
                 scalars,
+                class_stats,
                 kind: if is_eval { ProgressKind::Evaluation } else { ProgressKind::Sample },
             };
             if let Control::Stop(reason) = progress(&p) {
@@ -274,12 +279,12 @@ pub fn train_with(
     let inf = trainer.infer(eval_x)?;
     let val_loss = inf.loss;
     let atoms = trainer.atoms()?;
-    let mut out = eval::evaluate(&EvalInputs {
+    let final_eval = eval::evaluate(&EvalInputs {
         atoms: &atoms,
-        labels: eval_labels,
         truth: data.truth.as_ref(),
-        ..EvalInputs::rows(eval_x, &inf.recon, &inf.codes, dim, cfg)
+        ..EvalInputs::pass(eval_x, &inf, dim, cfg, eval_labels)
     });
+    let mut out = final_eval.scalars;
     out.insert(metrics::VAL_LOSS.to_string(), val_loss);
     out.insert(metrics::TRAIN_LOSS.to_string(), train_loss);
     out.insert(metrics::STEPS.to_string(), steps_done as f64);
@@ -294,6 +299,7 @@ pub fn train_with(
         step: steps_done as u64,
         total_steps: total,
         scalars: out.clone(),
+        class_stats: None,
         kind: ProgressKind::Final,
     };
     if stopped.is_none()
@@ -327,7 +333,7 @@ pub fn train_with(
         mmcs = out.get(metrics::MMCS).copied(),
         "training finished"
     );
-    Ok(TrialOutcome { metrics: out, artifact, files, stopped })
+    Ok(TrialOutcome { metrics: out, class_stats: final_eval.classes, artifact, files, stopped })
 }
 
 /// The mean of each column of a row-major (rows, dim) matrix.
@@ -394,6 +400,7 @@ pub fn is_permanent(error: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use msae_shared::class_stats::ClassStats;
 
     fn quiet(_: &Progress) -> Control {
         Control::Continue
@@ -523,14 +530,21 @@ mod tests {
         let left: Vec<_> =
             std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert!(left.is_empty(), "left behind: {left:?}");
-        // A finished run leaves exactly the final files, no temporary ones.
-        train(&small_cfg(), &opts, &mut quiet).unwrap();
+        // A finished run leaves exactly the final files, no temporary ones: the bytes it
+        // returns for upload.
+        let done = train(&small_cfg(), &opts, &mut quiet).unwrap();
         let mut left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, ["config.yaml", "weights.safetensors"]);
+        assert_eq!(left, ["config.yaml", "metrics.json", "weights.safetensors"]);
+        let files = done.files.expect("a finished run has its files");
+        for (name, bytes) in files.files() {
+            assert_eq!(std::fs::read(dir.path().join(name)).unwrap(), bytes, "{name}");
+        }
+        let written: BTreeMap<String, f64> = serde_json::from_slice(&files.metrics_json).unwrap();
+        assert_eq!(written, done.metrics);
     }
 
     #[test]
@@ -550,6 +564,89 @@ mod tests {
         .unwrap();
         // 20 and 40 during training; the end's metrics travel as the result.
         assert_eq!(evals, [20, 40]);
+    }
+
+    /// 400 rows of dimension 8 whose class (row % 4) decides which half of the input is
+    /// large, written as npy data and labels under `dir`; the config reads them.
+    fn labelled_cfg(dir: &Path) -> TrialConfig {
+        use crate::data::npy;
+        let (rows, dim) = (400, 8);
+        let x: Vec<f32> = (0..rows * dim)
+            .map(|i| {
+                let (r, j) = (i / dim, i % dim);
+                let on = (j < dim / 2) == (r % 4 < 2);
+                if on { 1.0 + ((i * 37) % 11) as f32 / 10.0 } else { ((i * 13) % 5) as f32 / 50.0 }
+            })
+            .collect();
+        let labels: Vec<u8> = (0..rows).map(|r| (r % 4) as u8).collect();
+        let (data, lab) = (dir.join("x.npy"), dir.join("y.npy"));
+        std::fs::write(&data, npy::encode("<f4", false, &[rows, dim], &npy::f32_bytes(&x), 1))
+            .unwrap();
+        std::fs::write(&lab, npy::encode("|u1", false, &[rows], &labels, 1)).unwrap();
+        let mut cfg = TrialConfig {
+            steps: 30,
+            eval_every: 10,
+            batch_size: 32,
+            num_stripes: 6,
+            stripe_dim: 4,
+            layer_k: 8,
+            stripe_k: 2,
+            stripe_sparsity_mode: msae_shared::config::StripeSparsityMode::Routing,
+            ..Default::default()
+        };
+        cfg.data.path = Some(data);
+        cfg.data.labels = Some(lab);
+        cfg
+    }
+
+    /// Labelled data: every evaluation and the final one carry per-class statistics that
+    /// agree with the scalars, on both trainers; none of them lands among the metrics.
+    #[test]
+    fn labelled_data_gives_class_statistics_at_every_evaluation() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = labelled_cfg(dir.path());
+        let val_rows = 40; // ceil(0.1 * 400)
+        let check = |c: &ClassStats, scalars: &BTreeMap<String, f64>, what: &str| {
+            assert_eq!((c.num_stripes(), c.num_classes()), (6, 4), "{what}");
+            assert_eq!(c.class_samples().iter().sum::<u64>(), val_rows, "{what}");
+            let pairs: u64 = c.active_counts().iter().sum();
+            let want = scalars[metrics::ACTIVE_STRIPES] * val_rows as f64;
+            assert!((pairs as f64 - want).abs() < 1e-6, "{what}: {pairs} vs {want}");
+            let rows: Vec<f64> = c.class_samples().iter().map(|&n| n as f64).collect();
+            let mse =
+                c.class_mse().iter().zip(&rows).map(|(m, n)| m * n).sum::<f64>() / val_rows as f64;
+            assert!((mse - scalars[metrics::MSE]).abs() < 1e-6, "{what}: {mse}");
+            let scores = c.routing_scores().unwrap_or_else(|| panic!("{what}: routing"));
+            assert!(scores.iter().all(|v| v.is_finite()) && scores.iter().any(|&v| v != 0.0));
+        };
+        for backend in [Backend::Auto, Backend::Candle] {
+            let mut evals = 0;
+            let out = train_with(&cfg, &RunOptions::default(), backend, &mut |p: &Progress| {
+                if p.kind == ProgressKind::Evaluation {
+                    let c = p.class_stats.as_ref().expect("an evaluation's class statistics");
+                    check(c, &p.scalars, &format!("{backend:?} step {}", p.step));
+                    evals += 1;
+                } else {
+                    assert_eq!(p.class_stats, None, "{:?}", p.kind);
+                }
+                Control::Continue
+            })
+            .unwrap();
+            assert_eq!(evals, 2, "{backend:?}");
+            let c = out.class_stats.as_ref().expect("the final class statistics");
+            check(c, &out.metrics, &format!("{backend:?} final"));
+            assert!(out.metrics.keys().all(|k| !k.contains("class")), "{:?}", out.metrics);
+        }
+        // Without routing there are no router scores; without labels no statistics at all.
+        let plain = TrialConfig { stripe_sparsity_mode: Default::default(), ..cfg.clone() };
+        let out = train(&plain, &RunOptions::default(), &mut quiet).unwrap();
+        assert_eq!(out.class_stats.unwrap().routing_scores(), None);
+        let mut unlabelled = cfg;
+        unlabelled.data.labels = None;
+        assert_eq!(
+            train(&unlabelled, &RunOptions::default(), &mut quiet).unwrap().class_stats,
+            None
+        );
     }
 
     #[test]

@@ -201,6 +201,7 @@ pub fn fill_store(db: &Path, yaml: &str, trials: usize) -> anyhow::Result<()> {
         created_ms: now,
         proposed: trials as u64,
         finished: false,
+        uid: Some(SweepRecord::new_uid()),
     });
     // Every trial carries a full trial config, as real ones do (the bulk of a record).
     let mut config = None;

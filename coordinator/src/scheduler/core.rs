@@ -18,7 +18,9 @@ use crate::search::{Outcome, Proposal, Stored, Strategy};
 use crate::spec::EarlyTerminate;
 use crate::store::WriteBatch;
 use crate::weights::KeepWeights;
+use msae_shared::class_stats::ClassStats;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 /// A registered worker.
 #[derive(Debug, Clone)]
@@ -442,8 +444,12 @@ impl Core {
     }
 
     fn finished_event(&mut self, index: u64) {
+        self.finished_event_with(index, None);
+    }
+
+    fn finished_event_with(&mut self, index: u64, classes: Option<Arc<ClassStats>>) {
         let record = Box::new(self.trials[index as usize].clone());
-        self.events.push(SchedulerEvent::TrialFinished { record });
+        self.events.push(SchedulerEvent::TrialFinished { record, classes });
     }
 
     /// The checks every lease request passes first: a known worker (else an error), and a
@@ -573,6 +579,7 @@ impl Core {
                 step: e.step,
                 scalars: e.scalars,
                 evaluation: true,
+                classes: e.classes,
             });
         }
         t.progress
@@ -584,6 +591,7 @@ impl Core {
                 step,
                 scalars,
                 evaluation: false,
+                classes: None,
             });
         }
         if let Some(limit) = timeout
@@ -747,7 +755,7 @@ impl Core {
         self.strategy.observe(index, v);
         self.progress_dirty.remove(&index);
         self.mark(index);
-        self.finished_event(index);
+        self.finished_event_with(index, outcome.classes);
         CompleteAck { accepted: true, reason: String::new() }
     }
 

@@ -5,6 +5,7 @@ use super::core::{Core, LeaseDecision};
 use super::*;
 use crate::model::TrialStatus;
 use crate::search::{Point, Proposal};
+use msae_shared::class_stats::ClassStats;
 use std::sync::Mutex;
 
 /// A strategy over a fixed list of points; records what it observes. With `one_at_a_time` it
@@ -78,6 +79,7 @@ fn core(n: usize, policy: SchedulerPolicy) -> (Core, Observed) {
         created_ms: 0,
         proposed: 0,
         finished: false,
+        uid: None,
     };
     (Core::new(sweep, policy, Box::new(s), make_config()), observed)
 }
@@ -163,31 +165,43 @@ fn evaluations_are_events_at_their_steps_and_final_metrics_at_the_final_step() {
     let w = c.register("a", "cpu", V).unwrap();
     let g = grant(&mut c, &w, 0);
     c.take_events();
-    let eval =
-        |step, v: f64| Evaluation { step, scalars: BTreeMap::from([("val_loss".into(), v)]) };
+    let classes = |n: u64| {
+        let stats = ClassStats::new(1, 1, vec![n], vec![n], None, vec![0.5]).unwrap();
+        Some(Arc::new(stats))
+    };
+    let eval = |step, v: f64| Evaluation {
+        step,
+        scalars: BTreeMap::from([("val_loss".into(), v)]),
+        classes: classes(step),
+    };
     let report = ProgressReport {
         step: 430,
         scalars: BTreeMap::from([("train_loss".into(), 0.5)]),
         evaluations: vec![eval(200, 0.9), eval(400, 0.7)],
     };
     c.progress(&g.lease_id, report, 10);
-    let steps: Vec<(u64, bool)> = c
+    let steps: Vec<(u64, bool, Option<Arc<ClassStats>>)> = c
         .take_events()
         .into_iter()
         .filter_map(|e| match e {
-            SchedulerEvent::TrialProgress { step, evaluation, .. } => Some((step, evaluation)),
+            SchedulerEvent::TrialProgress { step, evaluation, classes, .. } => {
+                Some((step, evaluation, classes))
+            }
             _ => None,
         })
         .collect();
-    assert_eq!(steps, vec![(200, true), (400, true), (430, false)]);
+    assert_eq!(
+        steps,
+        vec![(200, true, classes(200)), (400, true, classes(400)), (430, false, None)],
+        "each evaluation's per-class statistics ride on its event"
+    );
     assert_eq!(c.trials()[0].progress["val_loss"], 0.7, "the latest evaluation");
-    let done = TrialOutcome { final_step: 600, ..success(0.1) };
+    let done = TrialOutcome { final_step: 600, classes: classes(600), ..success(0.1) };
     assert!(c.complete(&g.lease_id, done, 20).accepted);
     assert_eq!(c.trials()[0].step, 600);
     let finished = c.take_events();
-    assert!(
-        matches!(&finished[..], [SchedulerEvent::TrialFinished { record }] if record.step == 600)
-    );
+    assert!(matches!(&finished[..], [SchedulerEvent::TrialFinished { record, classes: Some(c) }]
+        if record.step == 600 && c.class_samples() == [600]));
 }
 
 /// A progress report of the `loss` evaluations `(step, value)`.
@@ -197,7 +211,11 @@ fn evaluations(points: &[(u64, f64)]) -> ProgressReport {
         scalars: BTreeMap::new(),
         evaluations: points
             .iter()
-            .map(|&(step, v)| Evaluation { step, scalars: BTreeMap::from([("loss".into(), v)]) })
+            .map(|&(step, v)| Evaluation {
+                step,
+                scalars: BTreeMap::from([("loss".into(), v)]),
+                classes: None,
+            })
             .collect(),
     }
 }
@@ -246,7 +264,7 @@ fn a_pruned_trial_is_told_in_its_progress_reply_and_ends_pruned_with_its_last_me
         t.errors
     );
     let finished = c.take_events();
-    assert!(matches!(&finished[..], [SchedulerEvent::TrialFinished { record }]
+    assert!(matches!(&finished[..], [SchedulerEvent::TrialFinished { record, .. }]
         if record.status == TrialStatus::Pruned));
     let counts = c.counts();
     assert_eq!((counts.completed, counts.pruned, counts.failed, counts.running), (1, 1, 0, 0));
@@ -521,6 +539,7 @@ fn invalid_trial_config_fails_the_trial_without_running_it() {
         created_ms: 0,
         proposed: 0,
         finished: false,
+        uid: None,
     };
     let mut c = Core::new(sweep, policy(), Box::new(s), make_config());
     c.fill_queue(1, 0);
@@ -633,6 +652,47 @@ async fn resume_after_restart_keeps_finished_and_honours_old_leases() {
     assert!(records.iter().all(|r| r.status == TrialStatus::Completed));
     assert_eq!(records[1].metrics["loss"], 0.7);
     assert!(within(h.sweeps()).await.unwrap()[0].finished);
+}
+
+/// Opens `path` once the previous owner (a stopped actor) has let go of it.
+async fn reopen(path: &std::path::Path) -> Store {
+    within(async {
+        loop {
+            match Store::open(path) {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await
+}
+
+/// Same-named sweeps of two databases get different ids, so their TensorBoard runs never mix;
+/// a reopened database resumes its sweep under the id it had.
+#[tokio::test]
+async fn a_sweep_keeps_its_own_id_across_databases_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one.redb"), dir.path().join("two.redb"));
+    let (a, _) = start_list(&one, 2, actor_policy(), "fp").await.unwrap();
+    let (b, _) = start_list(&two, 2, actor_policy(), "fp").await.unwrap();
+    assert_eq!(a.sweep_name(), b.sweep_name());
+    assert_ne!(a.sweep_id(), b.sweep_id());
+    let id = a.sweep_id().to_string();
+    let root = dir.path().join("runs");
+    let logger = |h: &SchedulerHandle| {
+        crate::tensorboard::TensorBoardLogger::new(&root, h.sweep_name(), h.sweep_id())
+    };
+    let (dir_a, dir_b) =
+        (logger(&a).sweep_dir().to_path_buf(), logger(&b).sweep_dir().to_path_buf());
+    assert_ne!(dir_a, dir_b);
+    assert_eq!(within(a.sweeps()).await.unwrap()[0].uid.as_deref(), Some(id.as_str()));
+    within(a.shutdown(Duration::ZERO)).await.unwrap();
+    drop(a);
+    let store = reopen(&one).await;
+    drop(store);
+    let (again, _) = start_list(&one, 2, actor_policy(), "fp").await.unwrap();
+    assert_eq!(again.sweep_id(), id, "resumed under its own id");
+    assert_eq!(logger(&again).sweep_dir(), dir_a);
 }
 
 #[tokio::test]

@@ -100,6 +100,7 @@ async fn fake_worker(mut c: CoordinatorClient<Channel>, name: String) -> Vec<Str
             evaluations: vec![proto::Evaluation {
                 step: 1,
                 scalars: HashMap::from([("val_loss".into(), 0.5)]),
+                ..Default::default()
             }],
         }))
         .await
@@ -320,6 +321,7 @@ async fn a_pruning_decision_reaches_the_worker_and_its_result_ends_the_trial_pru
         evaluations: vec![proto::Evaluation {
             step: 10,
             scalars: HashMap::from([("loss".into(), loss), ("mse".into(), 1.0)]),
+            ..Default::default()
         }],
     };
     let lease = |c: &mut CoordinatorClient<Channel>, id: String| {
@@ -380,6 +382,57 @@ async fn a_pruning_decision_reaches_the_worker_and_its_result_ends_the_trial_pru
     .unwrap();
     assert!(!c2.outcome.pruned);
     s.stop().await;
+}
+
+/// Per-class statistics reach the scheduler's types as sent (an empty router array: no
+/// routing); a malformed table is dropped alone, never the evaluation or the result with it.
+#[test]
+fn class_statistics_cross_the_edge_and_a_malformed_table_costs_only_itself() {
+    let table = |active: Vec<u64>| proto::ClassStats {
+        num_stripes: 2,
+        num_classes: 2,
+        class_samples: vec![3, 1],
+        stripe_class_active: active,
+        routing_score_mean: Vec::new(),
+        class_mse: vec![0.5, 0.25],
+    };
+    let progress = |c: proto::ClassStats| proto::ProgressRequest {
+        lease_id: "l".into(),
+        evaluations: vec![proto::Evaluation {
+            step: 5,
+            scalars: HashMap::from([("loss".into(), 1.0)]),
+            class_stats: Some(c),
+        }],
+        ..Default::default()
+    };
+    let p = ProgressUpdate::try_from(progress(table(vec![3, 0, 1, 1]))).unwrap();
+    let c = p.report.evaluations[0].classes.as_ref().expect("the statistics");
+    assert_eq!((c.active(0, 0), c.active(1, 1), c.routing_scores()), (3, 1, None));
+    // Three entries for a 2 x 2 table; then a count above its class's samples.
+    for bad in [vec![3, 0, 1], vec![3, 2, 0, 0]] {
+        let p = ProgressUpdate::try_from(progress(table(bad))).unwrap();
+        assert_eq!(p.report.evaluations[0].classes, None);
+        assert_eq!(p.report.evaluations[0].scalars["loss"], 1.0, "the scalars still count");
+    }
+    let complete = |success: bool| proto::CompleteRequest {
+        lease_id: "l".into(),
+        success,
+        class_stats: Some(proto::ClassStats {
+            routing_score_mean: vec![0.5, 1.0, -1.0, 0.0],
+            ..table(vec![0, 0, 3, 1])
+        }),
+        ..Default::default()
+    };
+    let done = Completion::try_from(complete(true)).unwrap();
+    let c = done.outcome.classes.expect("the final statistics");
+    assert_eq!((c.active(1, 0), c.routing_score(1, 0)), (3, Some(-1.0)));
+    assert_eq!(Completion::try_from(complete(false)).unwrap().outcome.classes, None);
+    let wrong = proto::CompleteRequest {
+        class_stats: Some(proto::ClassStats { num_stripes: 3, ..table(vec![0; 4]) }),
+        ..complete(true)
+    };
+    let done = Completion::try_from(wrong).unwrap();
+    assert!(done.outcome.success && done.outcome.classes.is_none());
 }
 
 #[tokio::test]
@@ -614,6 +667,7 @@ async fn server_with_completed(n: u64) -> Server {
             created_ms: 1,
             proposed: n,
             finished: false,
+            uid: None,
         });
         for i in 0..n {
             let params = wide_params(i);

@@ -15,33 +15,35 @@ pub fn experiment_metrics(sweep_metric: &str) -> Vec<String> {
         .collect()
 }
 
-/// Writes TensorBoard events under `root` from the scheduler's lossless event stream: the
-/// sweep's HParams experiment first, then every evaluation at its own step and final metrics at
-/// the final step. I/O errors are logged, not fatal. The task ends, its files closed, when the
-/// stream does (the last scheduler handle is gone).
+/// Writes TensorBoard events for the scheduler's sweep under `root` from its lossless event
+/// stream: the sweep's HParams experiment first, then every evaluation (scalars and per-class
+/// statistics) at its own step and final metrics at the final step. I/O errors are logged, not
+/// fatal. The task ends, its files closed, when the stream does (the last scheduler handle is
+/// gone).
 pub fn spawn(
     scheduler: &SchedulerHandle,
     root: PathBuf,
-    sweep: &str,
     params: &[super::messages::HParamInfo],
     metric: &str,
 ) -> tokio::task::JoinHandle<()> {
-    let logger = Arc::new(TensorBoardLogger::new(root));
-    if let Err(e) = logger.sweep_experiment(sweep, params, &experiment_metrics(metric)) {
+    let sweep = scheduler.sweep_name();
+    let logger = Arc::new(TensorBoardLogger::new(root, sweep, scheduler.sweep_id()));
+    tracing::info!(%sweep, dir = %logger.sweep_dir().display(), "TensorBoard logs");
+    if let Err(e) = logger.sweep_experiment(params, &experiment_metrics(metric)) {
         tracing::warn!("TensorBoard: {e}");
     }
     let mut events = scheduler.events_lossless();
-    let sweep = sweep.to_string();
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
             let logger = logger.clone();
-            let sweep = sweep.clone();
             let result = tokio::task::spawn_blocking(move || match event {
                 SchedulerEvent::TrialStarted { record, .. } => logger.trial_started(&record),
-                SchedulerEvent::TrialProgress { index, step, scalars, .. } => {
-                    logger.progress(&sweep, index, step, &scalars)
+                SchedulerEvent::TrialProgress { index, step, scalars, classes, .. } => {
+                    logger.progress(index, step, &scalars, classes.as_deref())
                 }
-                SchedulerEvent::TrialFinished { record } => logger.trial_finished(&record),
+                SchedulerEvent::TrialFinished { record, classes } => {
+                    logger.trial_finished(&record, classes.as_deref())
+                }
             })
             .await;
             match result {

@@ -1,9 +1,15 @@
-//! [`TensorBoardLogger`]: the TensorBoard logs of sweeps under one root, written as the
-//! scheduler's events arrive (see [`follow`](super::follow)).
+//! [`TensorBoardLogger`]: the TensorBoard logs of one sweep, written as the scheduler's events
+//! arrive (see [`follow`](super::follow)).
 //!
-//! `{root}/{sweep}/{layer_sparsity_mode}/{stripe_sparsity_mode}/trial-{index:05}` holds one
-//! trial's run: its scalars and HParams session. `{root}/{sweep}` holds the HParams experiment.
+//! `{root}/{sweep}-{id}/{layer_sparsity_mode}/{stripe_sparsity_mode}/trial-{index:05}` holds one
+//! trial's run: its scalars and HParams session; `.../trial-{index:05}/stripe_{s}` the runs of
+//! its stripes ([`class_runs`](super::class_runs)). `{root}/{sweep}-{id}` holds the HParams
+//! experiment; `id` is the sweep's stable id ([`SweepRecord::run_id`]), so same-named sweeps
+//! of two databases never share a run, and a resumed sweep goes on in its own.
+//!
+//! [`SweepRecord::run_id`]: crate::model::SweepRecord::run_id
 
+use super::class_runs;
 use super::event_file::EventWriter;
 use super::messages::{
     EXPERIMENT_TAG, Experiment, HParamInfo, HParamsPluginData, MetricInfo, MetricName, ProtoValue,
@@ -13,38 +19,56 @@ use super::messages::{
 use super::{Result, TensorBoardError, sanitize, unix_secs_f64};
 use crate::model::{TrialRecord, TrialStatus};
 use msae_shared::TrialConfig;
+use msae_shared::class_stats::ClassStats;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// Keeps a file descriptor per running trial, up to this many; beyond it the least recently
-/// used writer is closed (a later event for that trial opens a new file in the same run
-/// directory, which TensorBoard reads as one run).
-const MAX_OPEN_WRITERS: usize = 256;
+/// Keeps a file descriptor per open run (a running trial's, and each of its stripes'), up to
+/// this many; beyond it the least recently used writer is closed (a later event for that run
+/// opens a new file in the same directory, which TensorBoard reads as one run). Room for a
+/// dozen running trials of 30 stripes without reopening.
+const MAX_OPEN_WRITERS: usize = 512;
 
-struct OpenTrial {
+/// A trial's run (`None`) or one of its stripes' (the run directory's name).
+type RunKey = (u64, Option<String>);
+
+struct OpenRun {
     writer: EventWriter,
     last_used: u64,
 }
 
-/// Writes the TensorBoard logs of sweeps under `root`: per trial scalars (progress and final
-/// metrics) and HParams sessions; per sweep the HParams experiment. Methods take `&self` (an
-/// internal mutex guards the open files) and do blocking file I/O.
+/// Writes the TensorBoard logs of one sweep under `root`: per trial scalars (progress and final
+/// metrics), per-class statistics and HParams sessions; for the sweep the HParams experiment.
+/// Methods take `&self` (an internal mutex guards the open files) and do blocking file I/O.
 pub struct TensorBoardLogger {
     root: PathBuf,
+    sweep: String,
+    sweep_dir: PathBuf,
     open: Mutex<OpenState>,
 }
 
 #[derive(Default)]
 struct OpenState {
-    trials: HashMap<(String, u64), OpenTrial>,
+    runs: HashMap<RunKey, OpenRun>,
+    /// The run directory of every trial written to since it started (or since this process
+    /// found it on disk).
+    trial_dirs: HashMap<u64, PathBuf>,
     clock: u64,
 }
 
 impl TensorBoardLogger {
-    /// A logger writing under `root` (created on first write).
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        TensorBoardLogger { root: root.into(), open: Mutex::new(OpenState::default()) }
+    /// A logger for the sweep `sweep` with stable id `sweep_id`, writing under `root` (created
+    /// on first write).
+    pub fn new(root: impl Into<PathBuf>, sweep: &str, sweep_id: &str) -> Self {
+        let root = root.into();
+        let sweep_dir = root.join(sweep_dir_name(sweep, sweep_id));
+        TensorBoardLogger {
+            root,
+            sweep: sweep.to_string(),
+            sweep_dir,
+            open: Mutex::new(OpenState::default()),
+        }
     }
 
     /// The root directory.
@@ -52,12 +76,12 @@ impl TensorBoardLogger {
         &self.root
     }
 
-    /// Directory of a sweep: `{root}/{sweep}` (holds the HParams experiment).
-    pub fn sweep_dir(&self, sweep: &str) -> PathBuf {
-        self.root.join(sanitize(sweep))
+    /// Directory of the sweep: `{root}/{sweep}-{id}` (holds the HParams experiment).
+    pub fn sweep_dir(&self) -> &Path {
+        &self.sweep_dir
     }
 
-    /// Directory of a trial: `{root}/{sweep}/{layer_sparsity_mode}/{stripe_sparsity_mode}/trial-{index:05}`,
+    /// Directory of a trial: `{sweep_dir}/{layer_sparsity_mode}/{stripe_sparsity_mode}/trial-{index:05}`,
     /// modes read from the record's [`TrialConfig`] (a field it leaves out has the default). A
     /// record without a config, or whose config is not a `TrialConfig` (a runner's own), is
     /// logged under the default modes.
@@ -73,23 +97,22 @@ impl TensorBoardLogger {
                 TrialConfig::default()
             }
         };
-        self.sweep_dir(&record.sweep)
+        self.sweep_dir
             .join(sanitize(&mode_name(config.layer_sparsity_mode)))
             .join(sanitize(&mode_name(config.stripe_sparsity_mode)))
-            .join(format!("trial-{:05}", record.index))
+            .join(trial_run(record.index))
     }
 
-    /// Writes the HParams experiment of a sweep (hyperparameter and metric names) into
-    /// `{root}/{sweep}`. Call once per sweep start; TensorBoard keeps the first it sees.
+    /// Writes the HParams experiment of the sweep (hyperparameter and metric names) into its
+    /// directory. Call once per sweep start; TensorBoard keeps the first it sees.
     pub fn sweep_experiment<M: AsRef<str>>(
         &self,
-        sweep: &str,
         params: &[HParamInfo],
         metrics: &[M],
     ) -> Result<()> {
         let experiment = Experiment {
-            name: sweep.to_string(),
-            description: format!("msae sweep {sweep}"),
+            name: self.sweep.clone(),
+            description: format!("msae sweep {}", self.sweep),
             time_created_secs: unix_secs_f64(),
             hparam_infos: params.to_vec(),
             metric_infos: metrics
@@ -101,7 +124,7 @@ impl TensorBoardLogger {
         };
         let data =
             HParamsPluginData { version: 0, experiment: Some(experiment), ..Default::default() };
-        let mut writer = EventWriter::create(&self.sweep_dir(sweep))?;
+        let mut writer = EventWriter::create(&self.sweep_dir)?;
         writer.add_summary(Summary { value: vec![hparams_value(EXPERIMENT_TAG, data)] }, 0)?;
         writer.flush()
     }
@@ -127,31 +150,36 @@ impl TensorBoardLogger {
         let data =
             HParamsPluginData { version: 0, session_start_info: Some(start), ..Default::default() };
         let summary = Summary { value: vec![hparams_value(SESSION_START_INFO_TAG, data)] };
-        self.with_writer(&record.sweep, record.index, Some(record), |w| {
+        self.with_writer(record.index, None, Some(record), |w| {
             w.add_summary(summary, 0)?;
             w.flush()
         })
     }
 
-    /// Progress scalars of a running trial at `step`. The trial's run must be known: opened by
-    /// [`trial_started`](Self::trial_started) in this process, or found on disk.
+    /// Progress scalars of a running trial at `step`, and an evaluation's per-class statistics.
+    /// The trial's run must be known: opened by [`trial_started`](Self::trial_started) in this
+    /// process, or found on disk.
     pub fn progress(
         &self,
-        sweep: &str,
         index: u64,
         step: u64,
         scalars: &BTreeMap<String, f64>,
+        classes: Option<&ClassStats>,
     ) -> Result<()> {
-        self.with_writer(sweep, index, None, |w| {
+        self.with_writer(index, None, None, |w| {
             w.add_scalars(scalars.iter().map(|(k, v)| (k.as_str(), *v)), step)?;
             w.flush()
-        })
+        })?;
+        match classes {
+            Some(c) => self.class_stats(index, None, step, c),
+            None => Ok(()),
+        }
     }
 
-    /// A trial reached a final state: its final metrics as scalars at its last step, then the
-    /// HParams session end (success for completed, unknown for pruned, failure otherwise: see
-    /// [`STATUS_UNKNOWN`]); closes its file.
-    pub fn trial_finished(&self, record: &TrialRecord) -> Result<()> {
+    /// A trial reached a final state: its final metrics (and the final evaluation's per-class
+    /// statistics) at its last step, then the HParams session end (success for completed,
+    /// unknown for pruned, failure otherwise: see [`STATUS_UNKNOWN`]); closes its files.
+    pub fn trial_finished(&self, record: &TrialRecord, classes: Option<&ClassStats>) -> Result<()> {
         let status = match record.status {
             TrialStatus::Completed => STATUS_SUCCESS,
             TrialStatus::Pruned => STATUS_UNKNOWN,
@@ -166,16 +194,22 @@ impl TensorBoardLogger {
             ..Default::default()
         };
         let step = record.step;
-        let result = self.with_writer(&record.sweep, record.index, Some(record), |w| {
-            w.add_scalars(record.metrics.iter().map(|(k, v)| (k.as_str(), *v)), step)?;
-            w.add_summary(
-                Summary { value: vec![hparams_value(SESSION_END_INFO_TAG, data)] },
-                step,
-            )?;
-            w.flush()
-        });
-        // The run is over: release its file whatever happened.
-        self.lock().trials.remove(&(record.sweep.clone(), record.index));
+        let result = classes
+            .map_or(Ok(()), |c| self.class_stats(record.index, Some(record), step, c))
+            .and_then(|()| {
+                self.with_writer(record.index, None, Some(record), |w| {
+                    w.add_scalars(record.metrics.iter().map(|(k, v)| (k.as_str(), *v)), step)?;
+                    w.add_summary(
+                        Summary { value: vec![hparams_value(SESSION_END_INFO_TAG, data)] },
+                        step,
+                    )?;
+                    w.flush()
+                })
+            });
+        // The trial is over: release its files whatever happened.
+        let mut state = self.lock();
+        state.runs.retain(|(index, _), _| *index != record.index);
+        state.trial_dirs.remove(&record.index);
         result
     }
 
@@ -183,12 +217,35 @@ impl TensorBoardLogger {
     pub fn close_all(&self) -> Result<()> {
         let mut state = self.lock();
         let mut first_error = None;
-        for (_, mut open) in state.trials.drain() {
+        for (_, mut open) in state.runs.drain() {
             if let Err(e) = open.writer.flush() {
                 first_error.get_or_insert(e);
             }
         }
+        state.trial_dirs.clear();
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Per-class statistics at `step`: the trial run's scalars, then each stripe's run.
+    fn class_stats(
+        &self,
+        index: u64,
+        record: Option<&TrialRecord>,
+        step: u64,
+        c: &ClassStats,
+    ) -> Result<()> {
+        let scalars = class_runs::trial_scalars(c);
+        self.with_writer(index, None, record, |w| {
+            w.add_scalars(scalars.iter().map(|(k, v)| (k.as_str(), *v)), step)?;
+            w.flush()
+        })?;
+        for (run, scalars) in class_runs::stripe_scalars(c) {
+            self.with_writer(index, Some(run), record, |w| {
+                w.add_scalars(scalars.iter().map(|(k, v)| (k.as_str(), *v)), step)?;
+                w.flush()
+            })?;
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, OpenState> {
@@ -196,25 +253,27 @@ impl TensorBoardLogger {
         self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Runs `f` on the trial's open writer, opening one if needed (from `record`, or by finding
-    /// the trial's directory on disk).
+    /// Runs `f` on the open writer of a trial's run (`sub: None`) or of a run under it,
+    /// opening one if needed; the trial's directory comes from `record`, from an earlier call,
+    /// or from the disk.
     fn with_writer(
         &self,
-        sweep: &str,
         index: u64,
+        sub: Option<String>,
         record: Option<&TrialRecord>,
         f: impl FnOnce(&mut EventWriter) -> Result<()>,
     ) -> Result<()> {
         let mut state = self.lock();
         state.clock += 1;
         let clock = state.clock;
-        let key = (sweep.to_string(), index);
-        if !state.trials.contains_key(&key) {
-            let dir = match record {
-                Some(r) => self.trial_dir(r),
-                None => {
-                    self.find_trial_dir(sweep, index).ok_or_else(|| TensorBoardError::Write {
-                        path: self.sweep_dir(sweep).join(format!("*/*/trial-{index:05}")),
+        let key = (index, sub);
+        if !state.runs.contains_key(&key) {
+            let trial_dir = match (record, state.trial_dirs.get(&index)) {
+                (Some(r), _) => self.trial_dir(r),
+                (None, Some(dir)) => dir.clone(),
+                (None, None) => {
+                    self.find_trial_dir(index).ok_or_else(|| TensorBoardError::Write {
+                        path: self.sweep_dir.join("*/*").join(trial_run(index)),
                         error: std::io::Error::new(
                             std::io::ErrorKind::NotFound,
                             "trial run not started in this log root",
@@ -222,25 +281,30 @@ impl TensorBoardLogger {
                     })?
                 }
             };
-            if state.trials.len() >= MAX_OPEN_WRITERS {
+            let dir = match &key.1 {
+                Some(sub) => trial_dir.join(sanitize(sub)),
+                None => trial_dir.clone(),
+            };
+            state.trial_dirs.insert(index, trial_dir);
+            if state.runs.len() >= MAX_OPEN_WRITERS {
                 let oldest =
-                    state.trials.iter().min_by_key(|(_, t)| t.last_used).map(|(k, _)| k.clone());
+                    state.runs.iter().min_by_key(|(_, r)| r.last_used).map(|(k, _)| k.clone());
                 if let Some(oldest) = oldest {
-                    state.trials.remove(&oldest);
+                    state.runs.remove(&oldest);
                 }
             }
             let writer = EventWriter::create(&dir)?;
-            state.trials.insert(key.clone(), OpenTrial { writer, last_used: clock });
+            state.runs.insert(key.clone(), OpenRun { writer, last_used: clock });
         }
-        let open = state.trials.get_mut(&key).expect("inserted above");
+        let open = state.runs.get_mut(&key).expect("inserted above");
         open.last_used = clock;
         f(&mut open.writer)
     }
 
-    /// Looks for `{root}/{sweep}/*/*/trial-{index:05}` (a run started before a restart).
-    fn find_trial_dir(&self, sweep: &str, index: u64) -> Option<PathBuf> {
-        let name = format!("trial-{index:05}");
-        let layers = std::fs::read_dir(self.sweep_dir(sweep)).ok()?;
+    /// Looks for `{sweep_dir}/*/*/trial-{index:05}` (a run started before a restart).
+    fn find_trial_dir(&self, index: u64) -> Option<PathBuf> {
+        let name = trial_run(index);
+        let layers = std::fs::read_dir(&self.sweep_dir).ok()?;
         for layer in layers.flatten() {
             let Ok(stripes) = std::fs::read_dir(layer.path()) else { continue };
             for stripe in stripes.flatten() {
@@ -252,6 +316,15 @@ impl TensorBoardLogger {
         }
         None
     }
+}
+
+/// The directory name of a sweep with stable id `sweep_id` under the log root.
+pub fn sweep_dir_name(sweep: &str, sweep_id: &str) -> String {
+    sanitize(&format!("{sweep}-{sweep_id}"))
+}
+
+fn trial_run(index: u64) -> String {
+    format!("trial-{index:05}")
 }
 
 /// A sparsity mode's name as configs spell it (`lifetime_batch_mean`).
@@ -323,23 +396,23 @@ mod tests {
     #[test]
     fn logger_writes_layout_scalars_and_hparams_sessions() {
         let root = tempfile::tempdir().unwrap();
-        let logger = TensorBoardLogger::new(root.path());
+        let logger = TensorBoardLogger::new(root.path(), "stripes", "ab12");
         let mut rec = record(7);
         // layer mode absent from the config: TrialConfig's default ("ordinary") is used.
-        let dir = root.path().join("stripes/ordinary/routing/trial-00007");
+        let dir = root.path().join("stripes-ab12/ordinary/routing/trial-00007");
         assert_eq!(logger.trial_dir(&rec), dir);
 
         logger.trial_started(&rec).unwrap();
         let mut scalars = BTreeMap::new();
         scalars.insert("train_loss".to_string(), 0.5);
-        logger.progress("stripes", 7, 100, &scalars).unwrap();
+        logger.progress(7, 100, &scalars, None).unwrap();
         rec.status = TrialStatus::Completed;
         rec.step = 200;
         rec.metrics.insert("fvu".to_string(), 0.125);
         rec.finished_ms = Some(1_700_000_100_000);
-        logger.trial_finished(&rec).unwrap();
+        logger.trial_finished(&rec, None).unwrap();
         // Unknown trial: an error, not a panic.
-        assert!(logger.progress("stripes", 99, 1, &scalars).is_err());
+        assert!(logger.progress(99, 1, &scalars, None).is_err());
 
         let events = read_events(&only_event_file(&dir)).unwrap();
         assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
@@ -367,15 +440,118 @@ mod tests {
         assert_eq!(end.end_time_secs, 1_700_000_100.0);
     }
 
+    /// Every scalar of a run's event files: (tag, step, value), in file order.
+    fn scalars_in(dir: &Path) -> Vec<(String, i64, f32)> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| read_events(f).unwrap())
+            .filter_map(|e| e.summary.map(|s| (e.step, s)))
+            .flat_map(|(step, s)| {
+                s.value.into_iter().filter_map(move |v| Some((v.tag, step, v.simple_value?)))
+            })
+            .collect()
+    }
+
+    /// Two stripes, classes 0 and 2 (label 1 absent), router scores.
+    fn class_stats(scale: u64) -> ClassStats {
+        ClassStats::new(
+            2,
+            3,
+            vec![4 * scale, 0, 2 * scale],
+            vec![scale, 0, 2 * scale, 4 * scale, 0, 0],
+            Some(vec![0.5, 0.0, -1.0, 2.0, 0.0, 0.25]),
+            vec![0.125, 0.0, 0.5 / scale as f64],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn class_statistics_go_to_the_trial_run_and_one_run_per_stripe() {
+        let root = tempfile::tempdir().unwrap();
+        let logger = TensorBoardLogger::new(root.path(), "stripes", "ab12");
+        let mut rec = record(7);
+        let dir = logger.trial_dir(&rec);
+        logger.trial_started(&rec).unwrap();
+        let scalars = BTreeMap::from([("val_loss".to_string(), 0.75)]);
+        logger.progress(7, 10, &scalars, Some(&class_stats(1))).unwrap();
+        rec.status = TrialStatus::Completed;
+        rec.step = 20;
+        rec.metrics.insert("fvu".to_string(), 0.125);
+        logger.trial_finished(&rec, Some(&class_stats(2))).unwrap();
+
+        let mut runs: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().into_string().unwrap())
+            .collect();
+        runs.sort();
+        assert_eq!(runs, ["stripe_00", "stripe_01"]);
+        let trial: Vec<(String, i64, f32)> = scalars_in(&dir)
+            .into_iter()
+            .filter(|(t, _, _)| t.starts_with("mse_by_class"))
+            .collect();
+        assert_eq!(
+            trial,
+            [
+                ("mse_by_class/0".into(), 10, 0.125),
+                ("mse_by_class/2".into(), 10, 0.5),
+                ("mse_by_class/0".into(), 20, 0.125),
+                ("mse_by_class/2".into(), 20, 0.25),
+            ]
+        );
+        let s = |tag: &str, step: i64, v: f32| (tag.to_string(), step, v);
+        assert_eq!(
+            scalars_in(&dir.join("stripe_00")),
+            [
+                s("class_activations/0", 10, 1.0),
+                s("routing_score/0", 10, 0.5),
+                s("class_activations/2", 10, 2.0),
+                s("routing_score/2", 10, -1.0),
+                s("class_activations/0", 20, 2.0),
+                s("routing_score/0", 20, 0.5),
+                s("class_activations/2", 20, 4.0),
+                s("routing_score/2", 20, -1.0),
+            ]
+        );
+        let stripe_1 = scalars_in(&dir.join("stripe_01"));
+        assert_eq!(stripe_1[0], s("class_activations/0", 10, 4.0));
+        assert_eq!(stripe_1[3], s("routing_score/2", 10, 0.25));
+        // One writer per run for the whole trial, and every one closed at its end.
+        for run in ["stripe_00", "stripe_01"] {
+            only_event_file(&dir.join(run));
+        }
+        only_event_file(&dir);
+        assert!(logger.lock().runs.is_empty() && logger.lock().trial_dirs.is_empty());
+    }
+
+    #[test]
+    fn stripe_runs_after_restart_go_under_the_trial_found_on_disk() {
+        let root = tempfile::tempdir().unwrap();
+        let rec = record(3);
+        TensorBoardLogger::new(root.path(), "stripes", "ab12").trial_started(&rec).unwrap();
+        let logger = TensorBoardLogger::new(root.path(), "stripes", "ab12");
+        let scalars = BTreeMap::from([("mse".to_string(), 2.0)]);
+        logger.progress(3, 5, &scalars, Some(&class_stats(1))).unwrap();
+        let dir = logger.trial_dir(&rec);
+        assert_eq!(scalars_in(&dir.join("stripe_01"))[0], ("class_activations/0".into(), 5, 4.0));
+    }
+
     #[test]
     fn progress_after_restart_finds_the_run_on_disk() {
         let root = tempfile::tempdir().unwrap();
         let rec = record(3);
-        TensorBoardLogger::new(root.path()).trial_started(&rec).unwrap();
+        TensorBoardLogger::new(root.path(), "stripes", "ab12").trial_started(&rec).unwrap();
         // A new logger (coordinator restarted) gets progress without trial_started.
-        let logger = TensorBoardLogger::new(root.path());
+        let logger = TensorBoardLogger::new(root.path(), "stripes", "ab12");
         let scalars = BTreeMap::from([("mse".to_string(), 2.0)]);
-        logger.progress("stripes", 3, 5, &scalars).unwrap();
+        logger.progress(3, 5, &scalars, None).unwrap();
         let dir = logger.trial_dir(&rec);
         let files = std::fs::read_dir(&dir).unwrap().count();
         assert_eq!(files, 2, "one file per writer in the same run directory");
@@ -384,12 +560,12 @@ mod tests {
     #[test]
     fn pruned_trial_ends_with_its_metrics_and_unknown_status() {
         let root = tempfile::tempdir().unwrap();
-        let logger = TensorBoardLogger::new(root.path());
+        let logger = TensorBoardLogger::new(root.path(), "stripes", "ab12");
         let mut rec = record(5);
         rec.status = TrialStatus::Pruned;
         rec.step = 300;
         rec.metrics.insert("fvu".to_string(), 0.4);
-        logger.trial_finished(&rec).unwrap();
+        logger.trial_finished(&rec, None).unwrap();
         let events = read_events(&only_event_file(&logger.trial_dir(&rec))).unwrap();
         let last = events.last().unwrap();
         assert_eq!(last.step, 300);
@@ -403,10 +579,10 @@ mod tests {
     #[test]
     fn failed_trial_ends_with_failure_status() {
         let root = tempfile::tempdir().unwrap();
-        let logger = TensorBoardLogger::new(root.path());
+        let logger = TensorBoardLogger::new(root.path(), "stripes", "ab12");
         let mut rec = record(1);
         rec.status = TrialStatus::Failed;
-        logger.trial_finished(&rec).unwrap();
+        logger.trial_finished(&rec, None).unwrap();
         let events = read_events(&only_event_file(&logger.trial_dir(&rec))).unwrap();
         let last = events.last().unwrap().summary.as_ref().unwrap();
         assert_eq!(last.value[0].tag, SESSION_END_INFO_TAG);
@@ -418,8 +594,8 @@ mod tests {
     #[test]
     fn a_config_that_is_no_trial_config_gets_the_default_modes() {
         let root = tempfile::tempdir().unwrap();
-        let logger = TensorBoardLogger::new(root.path());
-        let default_dir = root.path().join("stripes/ordinary/none/trial-00002");
+        let logger = TensorBoardLogger::new(root.path(), "stripes", "ab12");
+        let default_dir = root.path().join("stripes-ab12/ordinary/none/trial-00002");
         for config in [serde_json::json!({"sleep_ms": 5}), serde_json::Value::Null] {
             let mut rec = record(2);
             rec.config = config;
@@ -429,7 +605,7 @@ mod tests {
         rec.config = serde_json::json!({"layer_sparsity_mode": "lifetime_batch_mean"});
         assert_eq!(
             logger.trial_dir(&rec),
-            root.path().join("stripes/lifetime_batch_mean/none/trial-00002")
+            root.path().join("stripes-ab12/lifetime_batch_mean/none/trial-00002")
         );
         rec.config = serde_json::json!({"sleep_ms": 5});
         logger.trial_started(&rec).unwrap();
@@ -439,11 +615,12 @@ mod tests {
     #[test]
     fn sweep_experiment_lists_params_and_metrics() {
         let root = tempfile::tempdir().unwrap();
-        let logger = TensorBoardLogger::new(root.path());
+        let logger = TensorBoardLogger::new(root.path(), "../evil/name", "x/1");
         let params = [HParamInfo::named("lr"), HParamInfo::named("layer_k")];
-        logger.sweep_experiment("../evil/name", &params, &["fvu"]).unwrap();
-        // The sweep name cannot escape the root.
-        let dir = root.path().join(".._evil_name");
+        logger.sweep_experiment(&params, &["fvu"]).unwrap();
+        // Neither the sweep name nor its id can escape the root.
+        let dir = root.path().join(".._evil_name-x_1");
+        assert_eq!(logger.sweep_dir(), dir);
         let events = read_events(&only_event_file(&dir)).unwrap();
         let value = &events[1].summary.as_ref().unwrap().value[0];
         assert_eq!(value.tag, EXPERIMENT_TAG);
@@ -464,9 +641,9 @@ mod tests {
         let infos: Vec<HParamInfo> =
             spec.parameters.iter().map(|(n, p)| HParamInfo::of(n, p)).collect();
         let root = tempfile::tempdir().unwrap();
-        let logger = TensorBoardLogger::new(root.path());
-        logger.sweep_experiment("d", &infos, &["fvu"]).unwrap();
-        let events = read_events(&only_event_file(&root.path().join("d"))).unwrap();
+        let logger = TensorBoardLogger::new(root.path(), "d", "ab12");
+        logger.sweep_experiment(&infos, &["fvu"]).unwrap();
+        let events = read_events(&only_event_file(&root.path().join("d-ab12"))).unwrap();
         let exp = plugin_data(&events[1].summary.as_ref().unwrap().value[0]).experiment.unwrap();
         let by_name = |n: &str| exp.hparam_infos.iter().find(|h| h.name == n).unwrap().clone();
         let discrete = |h: HParamInfo| match h.domain {

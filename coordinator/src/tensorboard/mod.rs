@@ -1,21 +1,27 @@
-//! TensorBoard event files, written without TensorFlow: scalars per trial plus the HParams
-//! plugin's experiment / session summaries, so `tensorboard --logdir ROOT/SWEEP` shows every
-//! trial's curves and the HParams table of a sweep.
+//! TensorBoard event files, written without TensorFlow: scalars per trial, per-class
+//! statistics per stripe, plus the HParams plugin's experiment / session summaries, so
+//! `tensorboard --logdir ROOT/SWEEP-ID` shows every trial's curves and the HParams table of a
+//! sweep.
 //!
 //! - [`record`]: TFRecord framing (length, data and their masked CRC32C).
 //! - [`messages`]: the protobuf messages (`tensorboard.Event`, summaries, HParams plugin data).
 //! - [`event_file`]: one event file: [`EventWriter`], and [`read_events`] to read one back.
-//! - [`logger`]: [`TensorBoardLogger`], the runs and HParams sessions of every trial of sweeps.
+//! - [`class_runs`]: per-class statistics as runs and tags (per-stripe runs).
+//! - [`logger`]: [`TensorBoardLogger`], the runs and HParams sessions of every trial of a sweep.
 //! - [`follow`]: the task that feeds the scheduler's events to a logger.
 //!
 //! # Layout
-//! `{root}/{sweep}/{layer_sparsity_mode}/{stripe_sparsity_mode}/trial-{index:05}` holds one
-//! trial (the original code logged under `[log_dir]/[layer mode]/[stripe mode]/[timestamp]`);
-//! `{root}/{sweep}` holds the HParams experiment summary. The HParams plugin looks for the
-//! experiment in any run, so TensorBoard may point at `{root}/{sweep}` or at `{root}`.
+//! `{root}/{sweep}-{id}/{layer_sparsity_mode}/{stripe_sparsity_mode}/trial-{index:05}` holds one
+//! trial (the original code logged under `[log_dir]/[layer mode]/[stripe mode]/[timestamp]`),
+//! and `.../trial-{index:05}/stripe_{s}` each of its stripes (the original's per-stripe
+//! writers); `{root}/{sweep}-{id}` holds the HParams experiment summary. `id` is the sweep's
+//! stable id, so same-named sweeps of different databases stay apart. The HParams plugin looks
+//! for the experiment in any run, so TensorBoard may point at `{root}/{sweep}-{id}` or at
+//! `{root}`.
 //!
 //! Writing never panics on I/O errors: every call returns a [`Result`] and the caller logs.
 
+pub mod class_runs;
 pub mod event_file;
 pub mod follow;
 pub mod logger;

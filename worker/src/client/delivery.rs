@@ -2,12 +2,14 @@
 //! result (kept and re-sent until the coordinator accepts or refuses it), or the lease itself,
 //! handed back.
 
-use super::edge::{LeaseRef, NextLease, TrialResult, Verdict, complete_request};
+use super::edge::{
+    LeaseRef, NextLease, TrialResult, Verdict, complete_request, evaluation, progress_request,
+};
 use super::retry::{is_transient, timed};
 use super::stop::{StopCause, StopFlag};
 use super::worker::{After, Worker};
 use crate::runner::{Progress, ProgressKind};
-use msae_shared::proto::{Evaluation, ProgressRequest, ReleaseRequest};
+use msae_shared::proto::{Evaluation, ReleaseRequest};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::Code;
@@ -27,8 +29,7 @@ impl Evaluations {
     }
 
     pub(super) fn push(&self, p: &Progress) {
-        let scalars = p.scalars.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        self.lock().push(Evaluation { step: p.step, scalars });
+        self.lock().push(evaluation(p));
     }
 
     fn take(&self) -> Vec<Evaluation> {
@@ -62,15 +63,10 @@ impl Worker {
             // An evaluation travels as one and final metrics as the result; sent again as a
             // sample they would be duplicates.
             Some(p) if p.kind != ProgressKind::Sample => (p.step, Default::default()),
-            Some(p) => (p.step, p.scalars.into_iter().collect()),
+            Some(p) => (p.step, p.scalars),
             None => (pending.last().map_or(0, |e| e.step), Default::default()),
         };
-        let request = ProgressRequest {
-            lease_id: lease.lease_id.clone(),
-            step,
-            scalars,
-            evaluations: pending.clone(),
-        };
+        let request = progress_request(&lease.lease_id, step, scalars, pending.clone());
         let mut client = self.client.clone();
         let reply = timed(self.opts.rpc_timeout, client.progress(request)).await;
         if matches!(&reply, Err(s) if !matches!(s.code(), Code::NotFound | Code::FailedPrecondition))

@@ -1,9 +1,12 @@
 //! The worker's protocol edge. A `proto::Lease` becomes a [`LeasedTrial`] (or a [`BadLease`],
 //! which is still answered, as a failed trial) the moment it arrives, and a [`TrialResult`]
 //! becomes a `CompleteRequest` only when it is sent: the loop in between never reads a
-//! generated type's strings or sentinel zeros.
+//! generated type's strings or sentinel zeros. Evaluations and progress reports are built here
+//! too ([`evaluation`], [`progress_request`]).
 
-use msae_shared::proto::{CompleteRequest, Lease};
+use crate::runner::Progress;
+use msae_shared::class_stats::ClassStats;
+use msae_shared::proto::{self, CompleteRequest, Lease, ProgressRequest};
 use msae_shared::upload::TrialFiles;
 use msae_shared::{RunnerKind, TrialConfig};
 use std::collections::BTreeMap;
@@ -114,6 +117,8 @@ pub(super) enum Verdict {
 pub(super) struct TrialResult {
     pub(super) verdict: Verdict,
     pub(super) metrics: BTreeMap<String, f64>,
+    /// The final evaluation's per-class statistics.
+    pub(super) class_stats: Option<ClassStats>,
     /// Directory holding the weights and the resolved config, when one was written.
     pub(super) artifact: Option<PathBuf>,
     /// The files of a run that reached its end, to upload when the lease asks.
@@ -128,6 +133,7 @@ impl TrialResult {
         TrialResult {
             verdict: Verdict::Failed { error, permanent },
             metrics: BTreeMap::new(),
+            class_stats: None,
             artifact: None,
             files: None,
             final_step: 0,
@@ -177,6 +183,69 @@ pub(super) fn complete_request(
         worker_id: next.map(|n| n.worker_id.clone()).unwrap_or_default(),
         wait_ms: next.map_or(0, |n| n.wait_ms),
         pruned: result.verdict == Verdict::Pruned,
+        class_stats: result.class_stats.as_ref().map(class_stats_message),
+    }
+}
+
+/// Per-class statistics as the protocol carries them.
+fn class_stats_message(c: &ClassStats) -> proto::ClassStats {
+    // `MAX_CELLS` keeps both counts far below u32::MAX.
+    proto::ClassStats {
+        num_stripes: c.num_stripes() as u32,
+        num_classes: c.num_classes() as u32,
+        class_samples: c.class_samples().to_vec(),
+        stripe_class_active: c.active_counts().to_vec(),
+        routing_score_mean: c.routing_scores().map(<[f64]>::to_vec).unwrap_or_default(),
+        class_mse: c.class_mse().to_vec(),
+    }
+}
+
+/// An evaluation's progress report as the protocol carries it.
+pub(super) fn evaluation(p: &Progress) -> proto::Evaluation {
+    proto::Evaluation {
+        step: p.step,
+        scalars: p.scalars.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        class_stats: p.class_stats.as_ref().map(class_stats_message),
+    }
+}
+
+/// Most bytes of per-class statistics one progress report carries. Evaluations pile up while
+/// the coordinator is away; with their statistics all aboard, the report that finally goes out
+/// could pass the 4 MB message limit and be refused for ever, and the lease with it.
+pub(super) const CLASS_STATS_BUDGET: usize = 2 << 20;
+
+/// A progress report: the latest sample and every pending evaluation. Per-class statistics
+/// beyond [`CLASS_STATS_BUDGET`] are left out, oldest first (their scalars still go): the most
+/// recent are the ones worth plotting.
+pub(super) fn progress_request(
+    lease_id: &str,
+    step: u64,
+    scalars: BTreeMap<String, f64>,
+    mut evaluations: Vec<proto::Evaluation>,
+) -> ProgressRequest {
+    let mut used = 0usize;
+    let mut left_out = 0usize;
+    for e in evaluations.iter_mut().rev() {
+        if let Some(c) = &e.class_stats {
+            used = used.saturating_add(prost::Message::encoded_len(c));
+            if used > CLASS_STATS_BUDGET {
+                e.class_stats = None;
+                left_out += 1;
+            }
+        }
+    }
+    if left_out > 0 {
+        tracing::warn!(
+            left_out,
+            evaluations = evaluations.len(),
+            "too many evaluations waiting: the oldest go without their per-class statistics"
+        );
+    }
+    ProgressRequest {
+        lease_id: lease_id.to_string(),
+        step,
+        scalars: scalars.into_iter().collect(),
+        evaluations,
     }
 }
 
@@ -271,6 +340,7 @@ mod tests {
         TrialResult {
             verdict,
             metrics: [("fvu".to_string(), 0.25), ("steps".to_string(), 7.0)].into(),
+            class_stats: None,
             artifact: Some(PathBuf::from("/out/sweep/3")),
             files: None,
             final_step: 7,
@@ -294,8 +364,65 @@ mod tests {
             worker_id: String::new(),
             wait_ms: 0,
             pruned: false,
+            class_stats: None,
         };
         assert_eq!(r, expected);
+    }
+
+    /// Two stripes, three classes (class 1 without samples), routing scores given.
+    fn class_stats() -> ClassStats {
+        ClassStats::new(
+            2,
+            3,
+            vec![4, 0, 2],
+            vec![1, 0, 2, 4, 0, 0],
+            Some(vec![0.5, 0.0, -1.0, 2.0, 0.0, 0.25]),
+            vec![0.125, 0.0, 0.5],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn class_statistics_travel_row_major_with_the_evaluation_and_the_result() {
+        let p = Progress {
+            step: 40,
+            scalars: [("val_loss".to_string(), 0.5)].into(),
+            class_stats: Some(class_stats()),
+            kind: crate::runner::ProgressKind::Evaluation,
+            ..Progress::default()
+        };
+        let e = evaluation(&p);
+        assert_eq!((e.step, e.scalars["val_loss"]), (40, 0.5));
+        let want = proto::ClassStats {
+            num_stripes: 2,
+            num_classes: 3,
+            class_samples: vec![4, 0, 2],
+            stripe_class_active: vec![1, 0, 2, 4, 0, 0],
+            routing_score_mean: vec![0.5, 0.0, -1.0, 2.0, 0.0, 0.25],
+            class_mse: vec![0.125, 0.0, 0.5],
+        };
+        assert_eq!(e.class_stats.as_ref(), Some(&want));
+        let done = TrialResult { class_stats: Some(class_stats()), ..result(Verdict::Completed) };
+        assert_eq!(complete_request(&lease_ref(), &done, None).class_stats, Some(want));
+        let plain = Progress { class_stats: None, ..p };
+        assert_eq!(evaluation(&plain).class_stats, None);
+    }
+
+    #[test]
+    fn a_report_keeps_the_newest_class_statistics_within_its_budget() {
+        let one = evaluation(&Progress { class_stats: Some(class_stats()), ..Progress::default() });
+        let size = prost::Message::encoded_len(one.class_stats.as_ref().unwrap());
+        let fit = CLASS_STATS_BUDGET / size;
+        let pending: Vec<proto::Evaluation> =
+            (0..fit as u64 + 3).map(|step| proto::Evaluation { step, ..one.clone() }).collect();
+        let r = progress_request("l1", 9, BTreeMap::new(), pending);
+        assert_eq!(r.evaluations.len(), fit + 3, "every evaluation goes, scalars and all");
+        let with: Vec<u64> =
+            r.evaluations.iter().filter(|e| e.class_stats.is_some()).map(|e| e.step).collect();
+        assert_eq!(with, (3..fit as u64 + 3).collect::<Vec<_>>(), "the oldest lose them");
+        assert!(r.evaluations.iter().all(|e| e.scalars == one.scalars));
+        let few = progress_request("l1", 9, BTreeMap::new(), vec![one.clone(), one]);
+        assert!(few.evaluations.iter().all(|e| e.class_stats.is_some()));
     }
 
     #[test]

@@ -198,6 +198,7 @@ fn result_of(
             .get(msae_shared::metrics::STEPS)
             .map_or(0, |s| s.max(0.0) as u64),
         metrics: outcome.metrics,
+        class_stats: outcome.class_stats,
         artifact: outcome.artifact,
         files: outcome.files.map(std::sync::Arc::new),
         duration,
@@ -220,6 +221,7 @@ mod tests {
     fn outcome(stopped: Option<&str>) -> TrialOutcome {
         TrialOutcome {
             metrics: [("steps".to_string(), 40.0), ("fvu".to_string(), 0.5)].into(),
+            class_stats: None,
             artifact: Some(PathBuf::from("/out/t")),
             files: None,
             stopped: stopped.map(str::to_string),

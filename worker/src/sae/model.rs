@@ -133,6 +133,8 @@ pub struct ForwardOutput {
     pub codes: Tensor,
     /// Reconstruction (B, dim).
     pub recon: Tensor,
+    /// Router scores (B, S) in routing mode.
+    pub scores: Option<Tensor>,
 }
 
 /// The modular SAE: parameters (in a [`VarMap`]) and the sparsity state.
@@ -314,7 +316,7 @@ impl ModularSae {
         let scores = self.router_scores(&input)?;
         let codes = self.sparsity.forward(&z, scores.as_ref(), k)?;
         let recon = self.decode(&codes)?;
-        Ok(ForwardOutput { pre, codes, recon })
+        Ok(ForwardOutput { pre, codes, recon, scores })
     }
 
     /// Training-mode forward pass (boosted duty cycles move).
@@ -324,7 +326,7 @@ impl ModularSae {
         let scores = self.router_scores(&input)?;
         let codes = self.sparsity.forward_train(&z, scores.as_ref(), k)?;
         let recon = self.decode(&codes)?;
-        Ok(ForwardOutput { pre, codes, recon })
+        Ok(ForwardOutput { pre, codes, recon, scores })
     }
 
     /// Reconstruction MSE plus the weighted penalties (no AuxK), as a 0-d tensor.
@@ -564,6 +566,7 @@ impl Trainer for CandleTrainer {
         let chunk = self.model.cfg.batch_size.max(1);
         let mut codes = Vec::with_capacity(rows * self.model.cfg.code_dim());
         let mut recon = Vec::with_capacity(x.len());
+        let mut routing = self.model.router.as_ref().map(|_| Vec::new());
         let mut loss_sum = 0.0;
         // Batch-dependent sparsity (lifetime, active_stripes_per_batch) sees training-size
         // batches in evaluation too.
@@ -574,9 +577,12 @@ impl Trainer for CandleTrainer {
             loss_sum += l * (part.len() / dim) as f64;
             codes.extend(out.codes.flatten_all()?.to_vec1::<f32>()?);
             recon.extend(out.recon.flatten_all()?.to_vec1::<f32>()?);
+            if let (Some(all), Some(scores)) = (routing.as_mut(), &out.scores) {
+                all.extend(scores.flatten_all()?.to_vec1::<f32>()?);
+            }
         }
         let loss = if rows > 0 { loss_sum / rows as f64 } else { 0.0 };
-        Ok(Inference { codes, recon, loss })
+        Ok(Inference { codes, recon, loss, routing })
     }
 
     fn atoms(&self) -> anyhow::Result<Vec<f32>> {

@@ -16,6 +16,9 @@ pub struct Inference {
     pub recon: Vec<f32>,
     /// Total loss (reconstruction MSE + weighted penalties) over these rows.
     pub loss: f64,
+    /// Row-major (rows, num_stripes) router scores, before any stripe is selected; `None`
+    /// outside routing mode.
+    pub routing: Option<Vec<f32>>,
 }
 
 /// The training loss stopped being finite: the configuration diverges, and a retry of the same

@@ -5,6 +5,7 @@
 use crate::client::ClientOptions;
 use crate::runner::{Control, Progress, ProgressKind, RunOptions, TrialOutcome, TrialRunner};
 use msae_shared::TrialConfig;
+use msae_shared::class_stats::ClassStats;
 use msae_shared::proto::coordinator_server::{Coordinator, CoordinatorServer};
 use msae_shared::proto::{
     CompleteReply, CompleteRequest, Lease, LeaseReply, LeaseRequest, ProgressReply,
@@ -300,14 +301,14 @@ impl TrialRunner for UntilStopped {
                 step,
                 total_steps: 0,
                 scalars: [("mse".to_string(), 1.0)].into(),
+                class_stats: None,
                 kind: ProgressKind::Sample,
             };
             if let Control::Stop(reason) = progress(&report) {
                 return Ok(TrialOutcome {
                     metrics: [("steps".to_string(), step as f64)].into(),
-                    artifact: None,
-                    files: None,
                     stopped: Some(reason),
+                    ..TrialOutcome::default()
                 });
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -332,8 +333,17 @@ impl TrialRunner for Panics {
 
 /// Ten evaluations in a burst, then a slow final evaluation (no progress call for 300 ms),
 /// then the final report; like training, a stop answered to the final report does not
-/// make the finished result partial.
+/// make the finished result partial. Every evaluation, and the result, carries per-class
+/// statistics ([`EvalsThenSlowEnd::class_stats`]).
 pub(super) struct EvalsThenSlowEnd;
+
+impl EvalsThenSlowEnd {
+    /// One stripe, two classes of `step` samples each; the stripe fires for every class-1
+    /// sample.
+    pub(super) fn class_stats(step: u64) -> ClassStats {
+        ClassStats::new(1, 2, vec![step, step], vec![0, step], None, vec![0.5, 0.25]).unwrap()
+    }
+}
 
 impl TrialRunner for EvalsThenSlowEnd {
     fn run(
@@ -344,7 +354,13 @@ impl TrialRunner for EvalsThenSlowEnd {
     ) -> anyhow::Result<TrialOutcome> {
         for step in 1..=10u64 {
             let scalars = [("val_loss".to_string(), 1.0 / step as f64)].into();
-            let p = Progress { step, total_steps: 11, scalars, kind: ProgressKind::Evaluation };
+            let p = Progress {
+                step,
+                total_steps: 11,
+                scalars,
+                class_stats: Some(Self::class_stats(step)),
+                kind: ProgressKind::Evaluation,
+            };
             if let Control::Stop(reason) = progress(&p) {
                 anyhow::bail!("stopped during training: {reason}");
             }
@@ -355,10 +371,15 @@ impl TrialRunner for EvalsThenSlowEnd {
             step: 11,
             total_steps: 11,
             scalars: metrics.clone(),
+            class_stats: None,
             kind: ProgressKind::Final,
         };
         let _ = progress(&p);
-        Ok(TrialOutcome { metrics, artifact: None, files: None, stopped: None })
+        Ok(TrialOutcome {
+            metrics,
+            class_stats: Some(Self::class_stats(11)),
+            ..TrialOutcome::default()
+        })
     }
 }
 

@@ -41,6 +41,10 @@ async fn every_evaluation_arrives_and_a_finished_result_is_delivered_not_release
     let steps: Vec<u64> =
         s.progress.iter().flat_map(|p| p.evaluations.iter().map(|e| e.step)).collect();
     assert_eq!(steps, (1..=10).collect::<Vec<_>>(), "each evaluation once, in order");
+    for e in s.progress.iter().flat_map(|p| &p.evaluations) {
+        let c = e.class_stats.as_ref().expect("an evaluation's per-class statistics");
+        assert_eq!(c.stripe_class_active, [0, e.step], "step {}", e.step);
+    }
     assert!(
         s.progress.iter().all(|p| p.scalars.is_empty()),
         "evaluations and final metrics are not repeated as samples"
@@ -49,6 +53,8 @@ async fn every_evaluation_arrives_and_a_finished_result_is_delivered_not_release
     assert_eq!(s.completes.len(), 1);
     assert!(s.completes[0].success);
     assert_eq!(s.completes[0].final_step, 11);
+    let final_stats = s.completes[0].class_stats.as_ref().expect("the final per-class statistics");
+    assert_eq!(final_stats.class_samples, [11, 11]);
     assert_eq!(summary.succeeded, 1);
     server.shutdown().await;
 }

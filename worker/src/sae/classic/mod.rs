@@ -516,7 +516,8 @@ impl Trainer for FastTopK {
             // `pre` holds the codes z = relu(pre).
             ws.pre.truncate(rows * n);
             ws.g.truncate(rows * dim);
-            return Ok(Inference { codes: ws.pre, recon: ws.g, loss: sse / (rows * dim) as f64 });
+            let loss = sse / (rows * dim) as f64;
+            return Ok(Inference { codes: ws.pre, recon: ws.g, loss, routing: None });
         }
         let sse = forward(&self.p, dim, n, x, rows, k, &mut ws, false);
         let mut codes = vec![0f32; rows * n];
@@ -526,7 +527,8 @@ impl Trainer for FastTopK {
             }
         });
         ws.g.truncate(rows * dim);
-        Ok(Inference { codes, recon: ws.g, loss: sse / (rows * dim) as f64 })
+        // Classic SAEs have no router: `eligible` refuses every stripe sparsity mode.
+        Ok(Inference { codes, recon: ws.g, loss: sse / (rows * dim) as f64, routing: None })
     }
 
     fn atoms(&self) -> anyhow::Result<Vec<f32>> {

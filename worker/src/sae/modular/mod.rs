@@ -35,6 +35,7 @@
 //! [`ineligibility`] says why a configuration is refused.
 
 use msae_shared::TrialConfig;
+use msae_shared::config::StripeSparsityMode;
 
 use crate::sae::linalg::{Mat, matmul};
 use crate::sae::optim::{OptimConfig, host_update};
@@ -394,6 +395,8 @@ impl Trainer for ModularFast {
         let mut ws = Work::default();
         let mut codes = Vec::with_capacity(rows * self.dims.n);
         let mut recon = Vec::with_capacity(x.len());
+        let routing_mode = self.cfg.stripe_sparsity_mode == StripeSparsityMode::Routing;
+        let mut routing = routing_mode.then(|| Vec::with_capacity(rows * self.dims.s));
         let mut loss_sum = 0.0;
         for part in x.chunks(chunk * dim) {
             let r = part.len() / dim;
@@ -401,8 +404,12 @@ impl Trainer for ModularFast {
             loss_sum += l * r as f64;
             codes.extend_from_slice(&ws.codes);
             recon.extend_from_slice(&ws.xhat);
+            if let Some(all) = routing.as_mut() {
+                all.extend_from_slice(&ws.scores[..r * self.dims.s]);
+            }
         }
-        Ok(Inference { codes, recon, loss: if rows > 0 { loss_sum / rows as f64 } else { 0.0 } })
+        let loss = if rows > 0 { loss_sum / rows as f64 } else { 0.0 };
+        Ok(Inference { codes, recon, loss, routing })
     }
 
     fn atoms(&self) -> anyhow::Result<Vec<f32>> {

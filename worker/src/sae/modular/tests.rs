@@ -199,6 +199,10 @@ fn training_follows_the_candle_trainer() {
         let (a, b) = (fast.infer(&x).unwrap(), candle.infer(&x).unwrap());
         close("codes", &a.codes, &b.codes);
         close("recon", &a.recon, &b.recon);
+        // The router scores per class come from here: both paths give the same.
+        let (ra, rb) = (a.routing.expect("fast path scores"), b.routing.expect("candle scores"));
+        assert_eq!(ra.len(), 30 * cfg.num_stripes);
+        close("routing", &ra, &rb);
         close("atoms", &fast.atoms().unwrap(), &candle.atoms().unwrap());
     }
 }

@@ -1,12 +1,18 @@
 //! The metrics every trial reports, computed on the host from a finished forward pass.
 //!
 //! [`evaluate`] takes the inputs, reconstructions and codes of an evaluation pass (usually the
-//! validation split), the decoder atoms, and optionally labels and the synthetic ground truth,
-//! and returns the metrics under the stable names of [`msae_shared::metrics`]. It runs in
-//! O(rows * (dim + N)) for the per-row metrics and O(features * N * dim) for MMCS, both split
+//! validation split), optionally the router scores, labels, decoder atoms and the synthetic
+//! ground truth, and returns the metrics under the stable names of [`msae_shared::metrics`]
+//! and, with labels, the per-class statistics ([`ClassStats`], summed by [`classes`]). It runs
+//! in O(rows * (dim + N)) for the per-row metrics and O(features * N * dim) for MMCS, both split
 //! across threads with rayon.
 
+mod classes;
+
 use crate::data::GroundTruth;
+use crate::sae::trainer::Inference;
+use classes::ClassTally;
+use msae_shared::class_stats::ClassStats;
 use msae_shared::metrics;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -24,41 +30,53 @@ pub struct EvalInputs<'a> {
     pub dim: usize,
     pub num_stripes: usize,
     pub stripe_dim: usize,
+    /// Router scores, (rows, num_stripes), in routing mode: averaged per class when `labels`
+    /// are given.
+    pub routing: Option<&'a [f32]>,
     /// Decoder atoms, (N, dim) row-major, N = num_stripes * stripe_dim: atom i is the direction
     /// code i writes into the input space. Only read when `truth` is given.
     pub atoms: &'a [f32],
-    /// One label per row, for per-class stripe usage.
+    /// One label per row, for per-class statistics.
     pub labels: Option<&'a [u32]>,
     /// Ground truth, for MMCS and stripe/cluster match.
     pub truth: Option<&'a GroundTruth>,
 }
 
 impl<'a> EvalInputs<'a> {
-    /// The per-row metrics' inputs of a trial config's SAE: no atoms, labels or ground truth
-    /// (what an evaluation during training reads; the final one adds them).
-    pub fn rows(
+    /// An evaluation pass of a trial config's SAE over `x`: its inference and the rows'
+    /// labels, without atoms or ground truth (what an evaluation during training reads; the
+    /// final one adds them).
+    pub fn pass(
         x: &'a [f32],
-        recon: &'a [f32],
-        codes: &'a [f32],
+        inf: &'a Inference,
         dim: usize,
         cfg: &msae_shared::TrialConfig,
+        labels: Option<&'a [u32]>,
     ) -> Self {
         EvalInputs {
             x,
-            recon,
-            codes,
+            recon: &inf.recon,
+            codes: &inf.codes,
             dim,
             num_stripes: cfg.num_stripes,
             stripe_dim: cfg.stripe_dim,
+            routing: inf.routing.as_deref(),
             atoms: &[],
-            labels: None,
+            labels,
             truth: None,
         }
     }
 }
 
-/// Largest label + 1 for which per-class stripe usage is reported.
-pub const MAX_CLASSES: usize = 10_000;
+/// What [`evaluate`] measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    /// The metrics, under the stable names of [`msae_shared::metrics`].
+    pub scalars: BTreeMap<String, f64>,
+    /// With labels: per class, the rows activating each stripe, the mean router score per
+    /// stripe (routing mode) and the reconstruction MSE.
+    pub classes: Option<ClassStats>,
+}
 
 /// Rows per parallel work item: large enough to amortise the per-item count vectors.
 const CHUNK_ROWS: usize = 256;
@@ -72,16 +90,17 @@ const CHUNK_ROWS: usize = 256;
 /// rows), `stripe_entropy` (entropy in nats of p_s = count_s / sum count, count_s = rows in which
 /// stripe s is active; 0 when nothing fired).
 /// With `truth`: `mmcs` and `stripe_cluster_match` (see [`feature_matches`] and
-/// [`stripe_cluster_match`]). With `labels`: `stripe_usage/class_{c}/stripe_{s}` for every class
-/// present, the fraction of class-c rows in which stripe s is active (skipped, with a warning,
-/// when a label is [`MAX_CLASSES`] or more).
+/// [`stripe_cluster_match`]). With `labels`: [`Evaluation::classes`], for classes 0 to the
+/// largest label (none, with a warning, when that table would exceed
+/// [`msae_shared::class_stats::MAX_CELLS`] cells); a stripe is active in a row when any of its
+/// codes is non-zero.
 ///
 /// With zero rows every mean is 0 and every neuron and stripe counts as dead.
 ///
 /// # Panics
 /// When the slice lengths disagree with `dim`, `num_stripes * stripe_dim` and the row count
 /// (a programming error in the caller, not a data problem).
-pub fn evaluate(inp: &EvalInputs) -> BTreeMap<String, f64> {
+pub fn evaluate(inp: &EvalInputs) -> Evaluation {
     let dim = inp.dim;
     let s_count = inp.num_stripes;
     let sd = inp.stripe_dim;
@@ -103,17 +122,18 @@ pub fn evaluate(inp: &EvalInputs) -> BTreeMap<String, f64> {
     if let Some(l) = inp.labels {
         assert_eq!(l.len(), rows, "evaluate: {} labels for {rows} rows", l.len());
     }
-    let mut num_classes =
-        inp.labels.map_or(0, |l| l.iter().map(|&c| c as usize + 1).max().unwrap_or(0));
-    if num_classes > MAX_CLASSES {
-        // Labels this large are ids, not classes: per-class tables would not fit in memory.
-        tracing::warn!(
-            num_classes,
-            "labels exceed {MAX_CLASSES} classes; per-class stripe usage skipped"
-        );
-        num_classes = 0;
+    if let Some(r) = inp.routing {
+        assert_eq!(r.len(), rows * s_count, "evaluate: routing should be rows x num_stripes");
     }
-    let labels = if num_classes > 0 { inp.labels } else { None };
+    let labelled = inp.labels.and_then(|l| Some((l, classes::class_count(l, s_count)?)));
+    let routing = inp.routing.filter(|_| labelled.is_some());
+    let new_stats = || {
+        RowStats::new(
+            n_codes,
+            s_count,
+            labelled.map(|(_, c)| ClassTally::new(c, s_count, routing.is_some())),
+        )
+    };
 
     let col_mean = column_means(inp.x, dim);
     let stats = inp
@@ -123,22 +143,26 @@ pub fn evaluate(inp: &EvalInputs) -> BTreeMap<String, f64> {
         .map(|(chunk, xs)| {
             let r0 = chunk * CHUNK_ROWS;
             let nr = xs.len() / dim;
-            let mut st = RowStats::new(n_codes, s_count, num_classes);
+            let mut st = new_stats();
             let recon = &inp.recon[r0 * dim..(r0 + nr) * dim];
-            for (xr, rr) in xs.chunks_exact(dim).zip(recon.chunks_exact(dim)) {
+            let codes = &inp.codes[r0 * n_codes..(r0 + nr) * n_codes];
+            for i in 0..nr {
+                let (xr, rr) = (&xs[i * dim..(i + 1) * dim], &recon[i * dim..(i + 1) * dim]);
+                let mut row_sse = 0.0;
                 for ((&a, &b), &m) in xr.iter().zip(rr).zip(&col_mean) {
                     let e = (a - b) as f64;
-                    st.sse += e * e;
+                    row_sse += e * e;
                     let d = a as f64 - m;
                     st.sst += d * d;
                 }
-            }
-            let codes = &inp.codes[r0 * n_codes..(r0 + nr) * n_codes];
-            for (i, row) in codes.chunks_exact(n_codes.max(1)).enumerate().take(nr) {
-                let class = labels.map(|l| l[r0 + i] as usize);
-                if let Some(c) = class {
-                    st.class_rows[c] += 1;
+                st.sse += row_sse;
+                let r = r0 + i;
+                let class = labelled.map(|(l, _)| l[r] as usize);
+                if let (Some(tally), Some(c)) = (st.classes.as_mut(), class) {
+                    let scores = routing.map(|sc| &sc[r * s_count..(r + 1) * s_count]);
+                    tally.add_row(c, row_sse, scores);
                 }
+                let row = &codes[i * n_codes..(i + 1) * n_codes];
                 for (s, stripe) in row.chunks_exact(sd.max(1)).enumerate().take(s_count) {
                     let mut any = false;
                     for (j, &v) in stripe.iter().enumerate() {
@@ -151,15 +175,15 @@ pub fn evaluate(inp: &EvalInputs) -> BTreeMap<String, f64> {
                     if any {
                         st.active_stripes += 1;
                         st.stripe_count[s] += 1;
-                        if let Some(c) = class {
-                            st.class_stripe[c * s_count + s] += 1;
+                        if let (Some(tally), Some(c)) = (st.classes.as_mut(), class) {
+                            tally.add_active(c, s);
                         }
                     }
                 }
             }
             st
         })
-        .reduce(|| RowStats::new(n_codes, s_count, num_classes), RowStats::merge);
+        .reduce(new_stats, RowStats::merge);
 
     let mut out = BTreeMap::new();
     let per_row = |v: f64| if rows > 0 { v / rows as f64 } else { 0.0 };
@@ -180,17 +204,6 @@ pub fn evaluate(inp: &EvalInputs) -> BTreeMap<String, f64> {
     let dead_stripes = stats.stripe_count.iter().filter(|&&c| c == 0).count();
     out.insert(metrics::DEAD_STRIPES.into(), fraction(dead_stripes, s_count));
     out.insert(metrics::STRIPE_ENTROPY.into(), entropy(&stats.stripe_count));
-
-    for c in 0..num_classes {
-        let n_c = stats.class_rows[c];
-        if n_c == 0 {
-            continue;
-        }
-        for s in 0..s_count {
-            let used = stats.class_stripe[c * s_count + s] as f64 / n_c as f64;
-            out.insert(metrics::class_stripe_usage(c, s), used);
-        }
-    }
 
     if let Some(truth) = inp.truth {
         assert_eq!(
@@ -218,7 +231,7 @@ pub fn evaluate(inp: &EvalInputs) -> BTreeMap<String, f64> {
             stripe_cluster_match(&stripe_of, &truth.feature_cluster, truth.num_clusters, s_count),
         );
     }
-    out
+    Evaluation { scalars: out, classes: stats.classes.map(|t| t.finish(dim)) }
 }
 
 fn fraction(a: usize, b: usize) -> f64 {
@@ -255,13 +268,11 @@ struct RowStats {
     active_stripes: u64,
     neuron_fired: Vec<bool>,
     stripe_count: Vec<u64>,
-    class_rows: Vec<u64>,
-    /// (num_classes, num_stripes) row-major.
-    class_stripe: Vec<u64>,
+    classes: Option<ClassTally>,
 }
 
 impl RowStats {
-    fn new(n_codes: usize, stripes: usize, classes: usize) -> Self {
+    fn new(n_codes: usize, stripes: usize, classes: Option<ClassTally>) -> Self {
         RowStats {
             sse: 0.0,
             sst: 0.0,
@@ -269,8 +280,7 @@ impl RowStats {
             active_stripes: 0,
             neuron_fired: vec![false; n_codes],
             stripe_count: vec![0; stripes],
-            class_rows: vec![0; classes],
-            class_stripe: vec![0; classes * stripes],
+            classes,
         }
     }
 
@@ -281,8 +291,10 @@ impl RowStats {
         self.active_stripes += o.active_stripes;
         self.neuron_fired.iter_mut().zip(&o.neuron_fired).for_each(|(a, &b)| *a |= b);
         self.stripe_count.iter_mut().zip(&o.stripe_count).for_each(|(a, b)| *a += b);
-        self.class_rows.iter_mut().zip(&o.class_rows).for_each(|(a, b)| *a += b);
-        self.class_stripe.iter_mut().zip(&o.class_stripe).for_each(|(a, b)| *a += b);
+        self.classes = match (self.classes, o.classes) {
+            (Some(a), Some(b)) => Some(a.merge(b)),
+            (a, b) => a.or(b),
+        };
         self
     }
 }
@@ -446,10 +458,12 @@ mod tests {
             dim: 2,
             num_stripes: 3,
             stripe_dim: 2,
+            routing: None,
             atoms: &[],
             labels: Some(&labels),
             truth: None,
-        });
+        })
+        .scalars;
         assert!(close(m[metrics::MSE], 0.25));
         // Column means (2, 3): total variance 4, error 1.
         assert!(close(m[metrics::FVU], 0.25));
@@ -460,38 +474,8 @@ mod tests {
         // Stripe counts (1, 0, 2).
         let h = -(1.0f64 / 3.0 * (1.0f64 / 3.0).ln() + 2.0 / 3.0 * (2.0f64 / 3.0).ln());
         assert!(close(m[metrics::STRIPE_ENTROPY], h));
-        assert_eq!(m[&metrics::class_stripe_usage(0, 0)], 1.0);
-        assert_eq!(m[&metrics::class_stripe_usage(0, 1)], 0.0);
-        assert_eq!(m[&metrics::class_stripe_usage(0, 2)], 1.0);
-        assert_eq!(m[&metrics::class_stripe_usage(2, 0)], 0.0);
-        assert_eq!(m[&metrics::class_stripe_usage(2, 2)], 1.0);
-        assert!(!m.contains_key(&metrics::class_stripe_usage(1, 0)), "absent class not reported");
         assert!(!m.contains_key(metrics::MMCS), "no truth, no mmcs");
-        assert_eq!(m.len(), 7 + 6);
-    }
-
-    #[test]
-    fn class_usage_fractions() {
-        // One stripe of one neuron, class 1 active in 1 of 4 rows.
-        let codes = [1.0, 0.0, 0.0, 0.0, 1.0];
-        let labels = [1, 1, 1, 1, 0];
-        let x = [0.0; 5];
-        let m = evaluate(&EvalInputs {
-            x: &x,
-            recon: &x,
-            codes: &codes,
-            dim: 1,
-            num_stripes: 1,
-            stripe_dim: 1,
-            atoms: &[],
-            labels: Some(&labels),
-            truth: None,
-        });
-        assert_eq!(m[&metrics::class_stripe_usage(1, 0)], 0.25);
-        assert_eq!(m[&metrics::class_stripe_usage(0, 0)], 1.0);
-        // Constant data reconstructed exactly: fvu 0, not NaN.
-        assert_eq!(m[metrics::FVU], 0.0);
-        assert_eq!(m[metrics::STRIPE_ENTROPY], 0.0, "a single stripe has zero entropy");
+        assert_eq!(m.len(), 7, "per-class statistics are no scalars: {m:?}");
     }
 
     /// Many rows (several parallel chunks) against a plain serial computation.
@@ -511,10 +495,12 @@ mod tests {
             dim,
             num_stripes: s,
             stripe_dim: d,
+            routing: None,
             atoms: &[],
             labels: None,
             truth: None,
-        });
+        })
+        .scalars;
         let sse: f64 = x.iter().zip(&recon).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
         let mut sst = 0.0;
         for j in 0..dim {
@@ -542,10 +528,12 @@ mod tests {
             dim: 4,
             num_stripes: 2,
             stripe_dim: 3,
+            routing: None,
             atoms: &[],
             labels: None,
             truth: None,
-        });
+        })
+        .scalars;
         assert_eq!((m[metrics::MSE], m[metrics::L0], m[metrics::FVU]), (0.0, 0.0, 0.0));
         assert_eq!((m[metrics::DEAD_NEURONS], m[metrics::DEAD_STRIPES]), (1.0, 1.0));
     }
@@ -568,10 +556,12 @@ mod tests {
             dim: 3,
             num_stripes: 2,
             stripe_dim: 2,
+            routing: None,
             atoms,
             labels: None,
             truth: Some(truth),
         })
+        .scalars
     }
 
     #[test]
@@ -646,10 +636,12 @@ mod tests {
             dim,
             num_stripes: stripes,
             stripe_dim: fpc,
+            routing: None,
             atoms: &atoms,
             labels: None,
             truth: Some(&d.truth),
-        });
+        })
+        .scalars;
         assert_eq!(m[metrics::FVU], 0.0);
         assert!(close(m[metrics::L0], 4.0));
         assert!(close(m[metrics::ACTIVE_STRIPES], 2.0));
@@ -660,21 +652,125 @@ mod tests {
         assert!((m[metrics::STRIPE_ENTROPY] - 8f64.ln()).abs() < 0.02);
     }
 
+    /// Five rows, two stripes of two codes, labels 0, 2, 2, 0, 2 (class 1 absent), router
+    /// scores given: every per-class number worked out by hand.
+    fn labelled_pass() -> Evaluation {
+        let x = [1.0, 1.0, 2.0, 0.0, 0.0, 2.0, 3.0, 3.0, 4.0, 4.0];
+        let recon = [1.0, 0.0, 2.0, 0.0, 1.0, 2.0, 3.0, 1.0, 4.0, 4.0];
+        #[rustfmt::skip]
+        let codes = [
+            0.5, 0.0,  0.0, 0.0, // class 0: stripe 0
+            0.0, 0.0,  0.0, 2.0, // class 2: stripe 1
+            1.0, 1.0,  0.0, 3.0, // class 2: both
+            0.0, 0.0,  0.0, 0.0, // class 0: none
+            0.0, 0.0,  0.0, 0.0, // class 2: none
+        ];
+        let routing = [0.5, -1.0, 0.0, 2.0, 1.0, 1.0, 1.5, 0.0, 2.0, 0.0];
+        let labels = [0u32, 2, 2, 0, 2];
+        evaluate(&EvalInputs {
+            x: &x,
+            recon: &recon,
+            codes: &codes,
+            dim: 2,
+            num_stripes: 2,
+            stripe_dim: 2,
+            routing: Some(&routing),
+            atoms: &[],
+            labels: Some(&labels),
+            truth: None,
+        })
+    }
+
     #[test]
-    fn huge_labels_skip_class_usage() {
+    fn per_class_stripe_activations_routing_scores_and_losses() {
+        let e = labelled_pass();
+        let c = e.classes.expect("labels give per-class statistics");
+        assert_eq!((c.num_stripes(), c.num_classes()), (2, 3));
+        assert_eq!(c.class_samples(), [2, 0, 3]);
+        assert_eq!(c.present_classes().collect::<Vec<_>>(), [0, 2]);
+        // Stripe 0: one class-0 row, one class-2 row; stripe 1: two class-2 rows.
+        assert_eq!(c.active_counts(), [1, 0, 1, 0, 0, 2]);
+        // Class 0 rows score (0.5, -1) and (1.5, 0); class 2 rows (0, 2), (1, 1), (2, 0).
+        assert_eq!(c.routing_scores().unwrap(), [1.0, 0.0, 1.0, -0.5, 0.0, 1.0]);
+        // Squared errors per row: 1, 0, 1, 4, 0 over dim 2: class 0 (1 + 4) / 4, class 2
+        // (0 + 1 + 0) / 6.
+        assert_eq!(c.class_mse(), [1.25, 0.0, 1.0 / 6.0]);
+        // The per-class losses are the overall MSE split by class.
+        assert!(close(e.scalars[metrics::MSE], 6.0 / 10.0));
+    }
+
+    #[test]
+    fn without_router_scores_or_labels_fewer_statistics() {
+        let x = [0.0f32; 3];
+        let base = EvalInputs {
+            x: &x,
+            recon: &x,
+            codes: &[1.0, 0.0, 0.0],
+            dim: 1,
+            num_stripes: 1,
+            stripe_dim: 1,
+            routing: Some(&[0.25, 0.5, 0.75]),
+            atoms: &[],
+            labels: None,
+            truth: None,
+        };
+        assert_eq!(evaluate(&base).classes, None, "no labels, no per-class statistics");
+        let c = evaluate(&EvalInputs { routing: None, labels: Some(&[1, 1, 0]), ..base })
+            .classes
+            .unwrap();
+        assert_eq!((c.active_counts(), c.routing_scores()), (&[0, 1][..], None));
+        let c = evaluate(&EvalInputs { labels: Some(&[1, 1, 0]), ..base }).classes.unwrap();
+        assert_eq!(c.routing_scores().unwrap(), [0.75, 0.375]);
+    }
+
+    /// Many rows (several parallel chunks) against a serial count.
+    #[test]
+    fn per_class_counts_survive_parallel_chunks() {
+        let (rows, s) = (1000usize, 3usize);
+        let codes: Vec<f32> = (0..rows * s).map(|i| ((i * 7) % 4 == 0) as u8 as f32).collect();
+        let labels: Vec<u32> = (0..rows).map(|r| (r % 5) as u32).collect();
+        let x = vec![0.0f32; rows];
+        let c = evaluate(&EvalInputs {
+            x: &x,
+            recon: &x,
+            codes: &codes,
+            dim: 1,
+            num_stripes: s,
+            stripe_dim: 1,
+            routing: None,
+            atoms: &[],
+            labels: Some(&labels),
+            truth: None,
+        })
+        .classes
+        .unwrap();
+        for stripe in 0..s {
+            for class in 0..5 {
+                let want = (0..rows)
+                    .filter(|&r| r % 5 == class && codes[r * s + stripe] != 0.0)
+                    .count() as u64;
+                assert_eq!(c.active(stripe, class), want, "stripe {stripe} class {class}");
+            }
+        }
+        assert_eq!(c.class_samples(), [200; 5]);
+    }
+
+    #[test]
+    fn huge_labels_skip_class_statistics() {
         let x = [0.0f32; 2];
-        let m = evaluate(&EvalInputs {
+        let e = evaluate(&EvalInputs {
             x: &x,
             recon: &x,
             codes: &[1.0, 0.0],
             dim: 1,
             num_stripes: 1,
             stripe_dim: 1,
+            routing: None,
             atoms: &[],
             labels: Some(&[3_000_000_000, 1]),
             truth: None,
         });
-        assert!(!m.keys().any(|k| k.starts_with(metrics::CLASS_STRIPE_USAGE_PREFIX)));
-        assert_eq!(m[metrics::L0], 0.5);
+        assert_eq!(e.classes, None);
+        assert_eq!(e.scalars[metrics::L0], 0.5);
     }
 }
