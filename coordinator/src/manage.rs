@@ -4,7 +4,7 @@
 use crate::model::TrialStatus;
 use crate::report::{Cells, write_aligned};
 use crate::spec::SweepSpec;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use anyhow::Context as _;
 use std::path::PathBuf;
 
@@ -136,11 +136,54 @@ fn existing(db: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every sweep and its trials (without configs): from the file, or, while a coordinator holds
+/// it, from that coordinator.
+fn sweeps_and_trials(
+    db: &std::path::Path,
+) -> anyhow::Result<(Vec<crate::model::SweepRecord>, Vec<crate::model::TrialRecord>)> {
+    let from_file = || -> Result<_, StoreError> {
+        let store = Store::open_read_only(db)?;
+        let sweeps = store.sweeps()?;
+        let mut trials = Vec::new();
+        for s in &sweeps {
+            trials.extend(store.trials_without_configs(&s.name)?);
+        }
+        Ok((sweeps, trials))
+    };
+    match from_file() {
+        Ok(found) => Ok(found),
+        Err(StoreError::InUse { path }) => {
+            let url = running_coordinator(&path)?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let json = runtime
+                .block_on(crate::service::report::fetch_records(&url, None, None))
+                .with_context(|| {
+                    format!("{} is held by the coordinator at {url}", path.display())
+                })?;
+            Ok((json.sweeps, json.trials))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The URL of the coordinator holding `db`, from the address file it writes beside it.
+fn running_coordinator(db: &std::path::Path) -> anyhow::Result<String> {
+    let file = crate::run::address_file(db);
+    let addr = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "{} is locked by another process, and {} (where a coordinator writes its address) \
+             cannot be read",
+            db.display(),
+            file.display()
+        )
+    })?;
+    Ok(format!("http://{}", addr.trim()))
+}
+
 /// The sweeps of the database, oldest first, with their trials per state.
 pub fn list(args: &ListArgs) -> anyhow::Result<String> {
     existing(&args.db)?;
-    let store = Store::open_read_only(&args.db)?;
-    let mut sweeps = store.sweeps()?;
+    let (mut sweeps, all_trials) = sweeps_and_trials(&args.db)?;
     if sweeps.is_empty() {
         return Ok(format!("{} holds no sweep\n", args.db.display()));
     }
@@ -161,7 +204,7 @@ pub fn list(args: &ListArgs) -> anyhow::Result<String> {
     .to_vec();
     let mut body = Cells::new(header.len(), sweeps.len());
     for s in &sweeps {
-        let trials = store.trials_without_configs(&s.name)?;
+        let trials: Vec<_> = all_trials.iter().filter(|t| t.sweep == s.name).collect();
         let count = |st: TrialStatus| trials.iter().filter(|t| t.status == st).count();
         let method = SweepSpec::parse(&s.yaml, &s.name)
             .map(|spec| spec.method.name().to_string())
@@ -187,7 +230,15 @@ pub fn list(args: &ListArgs) -> anyhow::Result<String> {
 pub fn delete(args: &DeleteArgs) -> anyhow::Result<String> {
     existing(&args.db)?;
     let names: Vec<String> = {
-        let store = Store::open_read_only(&args.db)?;
+        let store = match Store::open_read_only(&args.db) {
+            Err(StoreError::InUse { path }) => anyhow::bail!(
+                "{} is in use by a running coordinator ({}); stop it before deleting a sweep \
+                 (nothing was changed)",
+                path.display(),
+                running_coordinator(&path).unwrap_or_else(|_| "address unknown".into())
+            ),
+            other => other?,
+        };
         let names = store.sweeps()?.into_iter().map(|s| s.name).collect::<Vec<_>>();
         if !names.contains(&args.sweep) {
             let hint = msae_shared::suggest::closest(&args.sweep, names.iter().map(String::as_str))
