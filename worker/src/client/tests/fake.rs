@@ -19,6 +19,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
+/// One upload the fake received: the lease, each file's reassembled bytes in arrival order,
+/// and whether the completion of that lease had arrived before.
+pub(super) type Upload = (String, Vec<(String, Vec<u8>)>, bool);
+
 /// Everything the fake saw, and how it should answer.
 #[derive(Clone, Default)]
 pub(super) struct FakeState {
@@ -50,9 +54,8 @@ pub(super) struct FakeState {
     pub(super) long_poll: bool,
     /// Behave like a coordinator that predates `lease_next`: ignore it.
     pub(super) legacy: bool,
-    /// Uploads received: the lease and each file's reassembled bytes, in arrival order, with
-    /// whether the completion of that lease had arrived before.
-    pub(super) uploads: Vec<(String, Vec<(String, Vec<u8>)>, bool)>,
+    /// Uploads received, in arrival order.
+    pub(super) uploads: Vec<Upload>,
     /// Uploads are answered not accepted, permanently, with this reason.
     pub(super) refuse_upload: Option<String>,
 }
