@@ -6,10 +6,11 @@
 //! Built from stored records only, so it works on a database file as well as on a snapshot sent
 //! by a running coordinator. Rendered as an aligned table for people, RFC 4180 CSV for
 //! spreadsheets and dataframes (one row per trial, failed ones included with their error), or
-//! pretty JSON that deserializes back into [`Report`].
+//! pretty JSON that deserializes back into [`Report`]. Which metrics and how much of each
+//! trial's config the rows carry is chosen by [`Columns`] ([`columns`]).
 
 use crate::model::{Goal, SweepRecord, TrialRecord, TrialStatus};
-use crate::spec::{MetricSpec, SweepSpec};
+use crate::spec::{Distribution, MetricSpec, ParamSpec, SweepSpec};
 use msae_shared::metrics;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -56,6 +57,9 @@ pub struct ReportRow {
     pub attempts: u32,
     pub duration_s: Option<f64>,
     pub worker: Option<String>,
+    /// The trial's whole config as it ran, with `--config full` (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<Value>,
 }
 
 /// One failed trial with why.
@@ -67,6 +71,9 @@ pub struct FailedRow {
     /// The reason of each failed attempt, oldest first.
     pub reasons: Vec<String>,
     pub worker: Option<String>,
+    /// As [`ReportRow::config`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<Value>,
 }
 
 /// The ranked results of one sweep.
@@ -84,6 +91,48 @@ pub struct Report {
     /// How the rows were narrowed (`--l0-band`, `--pareto`), said under the table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The axis each swept parameter's distribution calls for in a plot; parameters swept over
+    /// a list of values are left out (their values decide).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub param_scales: BTreeMap<String, ParamScale>,
+}
+
+/// The axis a parameter's distribution calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamScale {
+    /// `log_uniform_values`.
+    Log,
+    /// `uniform`, `int_uniform`, `q_uniform`: drawn evenly, so shown evenly even where the
+    /// values happen to span decades.
+    Linear,
+}
+
+impl ParamScale {
+    /// The axis `param`'s distribution calls for, if it is a numeric distribution.
+    fn of(param: &ParamSpec) -> Option<ParamScale> {
+        match param {
+            ParamSpec::Distribution(Distribution::LogUniformValues { .. }) => Some(ParamScale::Log),
+            ParamSpec::Distribution(
+                Distribution::Uniform { .. }
+                | Distribution::IntUniform { .. }
+                | Distribution::QUniform { .. },
+            ) => Some(ParamScale::Linear),
+            _ => None,
+        }
+    }
+}
+
+/// What a report ranks by and which columns it carries: the `report` flags, and the fields of
+/// the Report RPC.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReportOptions {
+    /// Keep the best N.
+    pub top: Option<usize>,
+    /// Rank by this metric instead of the sweep's.
+    pub metric: Option<String>,
+    pub goal: Option<Goal>,
+    pub columns: Columns,
 }
 
 /// The L0 metric's name (`--l0-band`).
@@ -222,14 +271,18 @@ pub fn pick_sweep<'a>(
 
 impl Report {
     /// Rank the completed `trials` of `sweep` by `metric` towards `goal`, then the pruned ones;
-    /// keep the best `top`.
+    /// keep the best `top`; carry the metrics and config `columns` asks for.
     pub fn build(
         sweep: &SweepRecord,
         metric: &str,
         goal: Goal,
         trials: &[TrialRecord],
         top: Option<usize>,
+        columns: &Columns,
     ) -> Report {
+        let config = |t: &TrialRecord| {
+            (columns.config == ConfigColumns::Full && !t.config.is_null()).then(|| t.config.clone())
+        };
         let mut counts = Counts { total: trials.len(), ..Counts::default() };
         let mut completed: Vec<&TrialRecord> = Vec::new();
         let mut failed = Vec::new();
@@ -251,6 +304,7 @@ impl Report {
                         attempts: t.attempt,
                         reasons: t.errors.clone(),
                         worker: t.worker.clone(),
+                        config: config(t),
                     });
                 }
                 TrialStatus::Running => counts.running += 1,
@@ -274,14 +328,21 @@ impl Report {
             .into_iter()
             .enumerate()
             .map(|(i, t)| {
-                let metrics = std::iter::once(metric)
-                    .chain(metrics::in_report())
-                    .filter_map(|m| {
-                        t.metrics
-                            .get(m)
-                            .map(|v| (m.to_string(), Some(*v).filter(|v| v.is_finite())))
-                    })
-                    .collect();
+                let finite = |v: f64| Some(v).filter(|v| v.is_finite());
+                let metrics = match &columns.metrics {
+                    // The usual table: a handful of lookups rather than a pass over every
+                    // metric (a trial may report hundreds of per-class usage values).
+                    MetricColumns::Key => std::iter::once(metric)
+                        .chain(metrics::in_report())
+                        .filter_map(|m| t.metrics.get(m).map(|v| (m.to_string(), finite(*v))))
+                        .collect(),
+                    keep => t
+                        .metrics
+                        .iter()
+                        .filter(|(m, _)| keep.keeps(m, metric))
+                        .map(|(m, v)| (m.clone(), finite(*v)))
+                        .collect(),
+                };
                 ReportRow {
                     rank: i + 1,
                     trial: t.index,
@@ -291,6 +352,7 @@ impl Report {
                     attempts: t.attempt,
                     duration_s: t.duration_s,
                     worker: t.worker.clone(),
+                    config: config(t),
                 }
             })
             .collect();
@@ -304,32 +366,47 @@ impl Report {
             counts,
             points: Vec::new(),
             note: None,
+            param_scales: BTreeMap::new(),
         }
     }
 
-    /// [`Report::build`] with the metric and goal of the sweep's own YAML. `metric_override`
+    /// [`Report::build`] with the metric and goal of the sweep's own YAML. `options.metric`
     /// ranks by another metric, in that metric's natural direction
-    /// ([`metrics::natural_goal`]) unless `goal_override` says otherwise. A stored YAML that no
+    /// ([`metrics::natural_goal`]) unless `options.goal` says otherwise. A stored YAML that no
     /// longer validates (the trial config changed since) still yields its `metric:` block when
-    /// it can be read at all. An override that is no known metric is refused
-    /// ([`check_rank_metric`]).
+    /// it can be read at all. An override or a picked metric that is no known metric is
+    /// refused ([`check_rank_metric`]).
     pub fn for_sweep(
         sweep: &SweepRecord,
         trials: &[TrialRecord],
-        top: Option<usize>,
-        metric_override: Option<&str>,
-        goal_override: Option<Goal>,
+        options: &ReportOptions,
     ) -> Result<Report, String> {
-        let (spec_metric, spec_planned, repeats) = match SweepSpec::parse(&sweep.yaml, &sweep.name)
-        {
-            Ok(spec) => (spec.metric.clone(), spec.planned_trials(), spec.repeats),
+        let (top, metric_override, goal_override) =
+            (options.top, options.metric.as_deref(), options.goal);
+        let (spec_metric, spec_planned, repeats, param_scales) = match SweepSpec::parse(
+            &sweep.yaml,
+            &sweep.name,
+        ) {
+            Ok(spec) => {
+                let scales = spec
+                    .parameters
+                    .iter()
+                    .filter_map(|(name, p)| Some((name.clone(), ParamScale::of(p)?)))
+                    .collect();
+                (spec.metric.clone(), spec.planned_trials(), spec.repeats, scales)
+            }
             Err(e) => {
                 tracing::warn!(sweep = %sweep.name, "stored sweep YAML does not validate any more ({e}); reading its metric block only");
-                (metric_block(&sweep.yaml).unwrap_or_default(), None, 1)
+                (metric_block(&sweep.yaml).unwrap_or_default(), None, 1, BTreeMap::new())
             }
         };
         if let Some(m) = metric_override {
             check_rank_metric(m, &spec_metric.name, trials)?;
+        }
+        if let MetricColumns::Pick(names) = &options.columns.metrics {
+            for m in names {
+                check_rank_metric(m, &spec_metric.name, trials)?;
+            }
         }
         let metric = metric_override.unwrap_or(&spec_metric.name);
         // Another metric than the sweep's ranks in its own natural direction.
@@ -338,7 +415,8 @@ impl Report {
         } else {
             metrics::natural_goal(metric)
         });
-        let mut report = Report::build(sweep, metric, goal, trials, top);
+        let mut report = Report::build(sweep, metric, goal, trials, top, &options.columns);
+        report.param_scales = param_scales;
         if repeats > 1 {
             report.points = rank_points(trials, metric, goal, repeats);
             if let Some(n) = top {
@@ -425,7 +503,6 @@ impl Report {
             r.rank = i + 1;
         }
     }
-
 }
 
 /// Checks a metric to rank by (`report --metric`): a standard metric, the sweep's own, or one
@@ -444,10 +521,20 @@ pub fn check_rank_metric(
         .filter(|t| matches!(t.status, TrialStatus::Completed | TrialStatus::Pruned))
         .flat_map(|t| t.metrics.keys().map(String::as_str))
         .collect();
-    if reported.contains(metric) {
+    check_known_metric(metric, sweep_metric, &reported)
+}
+
+/// [`check_rank_metric`] against the names `reported` by the trials.
+pub(crate) fn check_known_metric(
+    metric: &str,
+    sweep_metric: &str,
+    reported: &BTreeSet<&str>,
+) -> Result<(), String> {
+    if metric == sweep_metric || metrics::is_standard(metric) || reported.contains(metric) {
         return Ok(());
     }
-    let known: BTreeSet<&str> = metrics::STANDARD.iter().copied().chain(reported).collect();
+    let known: BTreeSet<&str> =
+        metrics::STANDARD.iter().copied().chain(reported.iter().copied()).collect();
     let close = msae_shared::suggest::closest(metric, known.iter().copied())
         .map(|c| format!("; did you mean `{c}`?"))
         .unwrap_or_default();
@@ -484,8 +571,11 @@ fn metric_block(yaml_text: &str) -> Option<MetricSpec> {
     Some(spec)
 }
 
+pub mod columns;
 mod render;
 #[cfg(test)]
 mod tests;
+
+pub use columns::{Columns, ConfigColumns, MetricColumns};
 
 pub(crate) use render::{Cells, write_aligned};

@@ -1,10 +1,10 @@
 //! The report as text: an aligned table for people, RFC 4180 CSV for spreadsheets.
 
+use super::columns::{CONFIG_PREFIX, flatten};
 use super::{Report, ReportFormat};
 use crate::model::TrialStatus;
-use msae_shared::metrics;
 use serde_json::Value;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 impl Report {
@@ -21,24 +21,10 @@ impl Report {
         }
     }
 
-    /// Metric columns: the sweep metric first, then the key metrics any row has.
+    /// The metric columns' names, in order.
+    #[cfg(test)]
     pub(super) fn metric_columns(&self) -> Vec<String> {
-        let present: BTreeSet<&str> =
-            self.rows.iter().flat_map(|r| r.metrics.keys().map(String::as_str)).collect();
-        std::iter::once(self.metric.as_str())
-            .chain(metrics::in_report().filter(|m| *m != self.metric && present.contains(m)))
-            .map(str::to_string)
-            .collect()
-    }
-
-    fn param_columns(&self) -> Vec<String> {
-        let names: BTreeSet<&String> = self
-            .rows
-            .iter()
-            .flat_map(|r| r.params.keys())
-            .chain(self.failed.iter().flat_map(|f| f.params.keys()))
-            .collect();
-        names.into_iter().cloned().collect()
+        self.column_set().metrics.into_iter().map(|m| m.name).collect()
     }
 
     fn table(&self) -> String {
@@ -53,46 +39,62 @@ impl Report {
         if let Some(note) = &self.note {
             let _ = writeln!(out, "{note}:");
         }
-        let metric_cols = self.metric_columns();
-        let param_cols = self.param_columns();
+        let cols = self.column_set();
         if self.rows.is_empty() {
             // Rows can only be missing for want of completed trials: `top` is at least 1.
             out.push_str("no completed trials yet\n");
         } else {
             let mut header: Vec<String> = vec!["rank".into(), "trial".into()];
-            header.extend(metric_cols.iter().cloned());
-            header.extend(param_cols.iter().cloned());
-            header.extend(["status", "attempts", "duration"].map(String::from));
-            // Numbers right-aligned; parameters are right-aligned only if every value is a number.
-            let mut right = vec![true; 2 + metric_cols.len()];
+            header.extend(cols.params.iter().cloned());
+            header.extend(cols.metrics.iter().map(|m| m.header.clone()));
+            header.extend(["status", "attempts", "worker", "duration"].map(String::from));
+            header.extend(cols.config.iter().map(|p| format!("{CONFIG_PREFIX}{p}")));
+            // Numbers right-aligned; parameters and settings are right-aligned only if every
+            // value is a number.
+            let configs: Vec<BTreeMap<String, Value>> = if cols.config.is_empty() {
+                Vec::new()
+            } else {
+                self.rows
+                    .iter()
+                    .map(|r| r.config.as_ref().map(flatten).unwrap_or_default())
+                    .collect()
+            };
+            let mut right = vec![true; 2];
             right.extend(
-                param_cols.iter().map(|p| {
-                    self.rows.iter().all(|r| r.params.get(p).is_none_or(Value::is_number))
-                }),
+                cols.params.iter().map(|p| numeric(self.rows.iter().map(|r| r.params.get(p)))),
             );
-            right.extend([false, true, true]);
+            right.extend(cols.metrics.iter().map(|_| true));
+            right.extend([false, true, false, true]);
+            right.extend(cols.config.iter().map(|p| numeric(configs.iter().map(|c| c.get(p)))));
             let mut body = Cells::new(header.len(), self.rows.len());
-            for r in &self.rows {
+            for (i, r) in self.rows.iter().enumerate() {
                 body.push(r.rank);
                 body.push(r.trial);
-                for m in &metric_cols {
-                    match r.metrics.get(m) {
-                        Some(Some(v)) => body.push(fmt_num(*v)),
-                        Some(None) => body.push("nan"),
-                        None => body.push("-"),
-                    }
-                }
-                for p in &param_cols {
+                for p in &cols.params {
                     match r.params.get(p) {
                         Some(v) => body.push(show_value(v)),
                         None => body.push("-"),
                     }
                 }
+                for m in &cols.metrics {
+                    match r.metrics.get(&m.name) {
+                        Some(Some(v)) => body.push(fmt_num(*v)),
+                        Some(None) => body.push("nan"),
+                        None => body.push("-"),
+                    }
+                }
                 body.push(status_name(r.status));
                 body.push(r.attempts);
+                body.push(r.worker.as_deref().unwrap_or("-"));
                 match r.duration_s {
                     Some(d) => body.push(fmt_duration(d)),
                     None => body.push("-"),
+                }
+                for p in &cols.config {
+                    match configs.get(i).and_then(|c| c.get(p)) {
+                        Some(v) => body.push(show_value(v)),
+                        None => body.push("-"),
+                    }
                 }
             }
             write_aligned(&mut out, &header, &body, &right);
@@ -121,14 +123,16 @@ impl Report {
         }
         if !self.failed.is_empty() {
             let _ = writeln!(out, "\nfailed trials ({}):", self.failed.len());
-            let header: Vec<String> = ["trial", "attempts", "reason"].map(String::from).to_vec();
+            let header: Vec<String> =
+                ["trial", "attempts", "worker", "reason"].map(String::from).to_vec();
             let mut body = Cells::new(header.len(), self.failed.len());
             for f in &self.failed {
                 body.push(f.trial);
                 body.push(f.attempts);
+                body.push(f.worker.as_deref().unwrap_or("-"));
                 body.push(reason_line(&f.reasons));
             }
-            write_aligned(&mut out, &header, &body, &[true, true, false]);
+            write_aligned(&mut out, &header, &body, &[true, true, false, false]);
         }
         if !self.points.is_empty() {
             self.points_table(&mut out);
@@ -181,46 +185,54 @@ impl Report {
     }
 
     fn csv(&self) -> String {
-        let metric_cols = self.metric_columns();
-        let param_cols = self.param_columns();
-        let mut header: Vec<String> =
-            ["rank", "trial", "status", "attempts", "duration_s"].map(String::from).to_vec();
-        header.extend(metric_cols.iter().cloned());
-        header.extend(param_cols.iter().cloned());
+        let cols = self.column_set();
+        let mut header: Vec<String> = vec!["rank".into(), "trial".into()];
+        header.extend(cols.params.iter().cloned());
+        header.extend(cols.metrics.iter().map(|m| m.header.clone()));
+        header.extend(["status", "attempts", "worker", "duration_s"].map(String::from));
+        header.extend(cols.config.iter().map(|p| format!("{CONFIG_PREFIX}{p}")));
         header.push("error".into());
         let mut out = String::new();
         csv_line(&mut out, &header);
+        let settings = |config: Option<&Value>, cells: &mut Vec<String>| {
+            let flat = config.map(flatten).unwrap_or_default();
+            cells.extend(
+                cols.config.iter().map(|p| flat.get(p).map(show_value).unwrap_or_default()),
+            );
+        };
         for r in &self.rows {
-            let mut cells = vec![
-                r.rank.to_string(),
-                r.trial.to_string(),
-                status_name(r.status).into(),
-                r.attempts.to_string(),
-                r.duration_s.map(|d| d.to_string()).unwrap_or_default(),
-            ];
-            cells.extend(metric_cols.iter().map(|m| match r.metrics.get(m) {
+            let mut cells = vec![r.rank.to_string(), r.trial.to_string()];
+            cells.extend(
+                cols.params.iter().map(|p| r.params.get(p).map(show_value).unwrap_or_default()),
+            );
+            cells.extend(cols.metrics.iter().map(|m| match r.metrics.get(&m.name) {
                 Some(Some(v)) => v.to_string(),
                 Some(None) => "NaN".into(),
                 None => String::new(),
             }));
-            cells.extend(
-                param_cols.iter().map(|p| r.params.get(p).map(show_value).unwrap_or_default()),
-            );
+            cells.extend([
+                status_name(r.status).into(),
+                r.attempts.to_string(),
+                r.worker.clone().unwrap_or_default(),
+                r.duration_s.map(|d| d.to_string()).unwrap_or_default(),
+            ]);
+            settings(r.config.as_ref(), &mut cells);
             cells.push(String::new());
             csv_line(&mut out, &cells);
         }
         for f in &self.failed {
-            let mut cells = vec![
-                String::new(),
-                f.trial.to_string(),
+            let mut cells = vec![String::new(), f.trial.to_string()];
+            cells.extend(
+                cols.params.iter().map(|p| f.params.get(p).map(show_value).unwrap_or_default()),
+            );
+            cells.extend(cols.metrics.iter().map(|_| String::new()));
+            cells.extend([
                 "failed".into(),
                 f.attempts.to_string(),
+                f.worker.clone().unwrap_or_default(),
                 String::new(),
-            ];
-            cells.extend(metric_cols.iter().map(|_| String::new()));
-            cells.extend(
-                param_cols.iter().map(|p| f.params.get(p).map(show_value).unwrap_or_default()),
-            );
+            ]);
+            settings(f.config.as_ref(), &mut cells);
             cells.push(f.reasons.join("\n"));
             csv_line(&mut out, &cells);
         }
@@ -228,6 +240,10 @@ impl Report {
     }
 }
 
+/// Whether a column of values is right-aligned: every value present is a number.
+fn numeric<'a>(mut values: impl Iterator<Item = Option<&'a Value>>) -> bool {
+    values.all(|v| v.is_none_or(Value::is_number))
+}
 
 fn status_name(s: TrialStatus) -> &'static str {
     s.name()
@@ -249,7 +265,7 @@ fn reason_line(reasons: &[String]) -> String {
 }
 
 /// A parameter value for display: strings bare, numbers short, anything else as JSON.
-fn show_value(v: &Value) -> String {
+pub(super) fn show_value(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Number(n) if n.is_f64() => fmt_num(n.as_f64().unwrap_or(f64::NAN)),
