@@ -132,6 +132,11 @@ pub struct ReportArgs {
     /// and json).
     #[arg(long, value_enum)]
     pub config: Option<ConfigColumns>,
+    /// Also draw the sweep into FILE (.svg or .png): the metric against each swept parameter,
+    /// the frontier of the --pareto metrics (default fvu,l0) and the --top trials (default 10)
+    /// in parallel coordinates.
+    #[arg(long, value_name = "FILE", value_parser = crate::report::plot::parse_target)]
+    pub plot: Option<PathBuf>,
 }
 
 /// `--pareto X,Y`: two metric names.
@@ -281,7 +286,7 @@ impl SweepExit {
 /// `msae-coordinator report`: the rendered report, from the database file, or from the
 /// coordinator that holds it (which renders it).
 pub async fn report_command(args: &ReportArgs) -> anyhow::Result<String> {
-    if args.pareto.is_some() || args.l0_band.is_some() {
+    if args.pareto.is_some() || args.l0_band.is_some() || args.plot.is_some() {
         return narrowed_report(args).await;
     }
     if let Some(url) = &args.coordinator {
@@ -329,8 +334,9 @@ fn report_options(args: &ReportArgs) -> ReportOptions {
     }
 }
 
-/// A report narrowed (`--l0-band`, `--pareto`) here: from the whole report with every metric
-/// (as JSON, wherever it comes from), which narrowing needs whatever the rendered report shows.
+/// A report narrowed (`--l0-band`, `--pareto`) or drawn (`--plot`) here: from the whole report
+/// with every metric (as JSON, wherever it comes from), which narrowing and the plot need
+/// whatever the rendered report shows.
 async fn narrowed_report(args: &ReportArgs) -> anyhow::Result<String> {
     let columns = report_options(args).columns;
     let whole = ReportArgs {
@@ -338,6 +344,7 @@ async fn narrowed_report(args: &ReportArgs) -> anyhow::Result<String> {
         format: ReportFormat::Json,
         pareto: None,
         l0_band: None,
+        plot: None,
         metrics: Some(MetricColumns::All),
         config: Some(columns.config),
         ..args.clone()
@@ -351,8 +358,17 @@ async fn narrowed_report(args: &ReportArgs) -> anyhow::Result<String> {
     if let Some((lo, hi)) = args.l0_band {
         report.within(crate::report::L0, lo, hi).map_err(anyhow::Error::msg)?;
     }
+    // The plot draws every trial; the frontier is taken first, so metrics it cannot use are
+    // refused before a file is written.
+    let whole = args.plot.as_ref().map(|_| report.clone());
     if let Some((x, y)) = &args.pareto {
         report.pareto(x, y).map_err(anyhow::Error::msg)?;
+    }
+    if let (Some(path), Some(whole)) = (&args.plot, &whole) {
+        let options =
+            crate::report::plot::PlotOptions { top: args.top, frontier: args.pareto.clone() };
+        let drawn = crate::report::plot::write(whole, path, &options)?;
+        eprintln!("plot of {} written to {}", drawn, path.display());
     }
     report.keep_metrics(&columns.metrics);
     if let Some(n) = args.top {
@@ -529,6 +545,7 @@ mod tests {
             l0_band: None,
             metrics: None,
             config: None,
+            plot: None,
         }
     }
 
@@ -551,25 +568,60 @@ mod tests {
         }
     }
 
-    /// Issue 10: `--metrics` and `--config` are read.
+    /// Issue 10: `--metrics`, `--config` and `--plot` are read, and a plot file whose
+    /// extension names no format is refused before anything runs.
     #[test]
-    fn column_flags_are_checked() {
+    fn column_and_plot_flags_are_checked() {
         use clap::Parser;
         let parsed = |args: &[&str]| match Cli::try_parse_from(["m", "report"].iter().chain(args)) {
             Ok(Cli { command: Some(Command::Report(r)), .. }) => Ok(r),
             Ok(_) => panic!("not a report"),
             Err(e) => Err(e.to_string()),
         };
-        let r = parsed(&["--metrics", "l0, fvu", "--config", "full"]).unwrap();
+        let r = parsed(&["--metrics", "l0, fvu", "--config", "full", "--plot", "s.svg"]).unwrap();
         assert_eq!(r.metrics, Some(MetricColumns::Pick(vec!["l0".into(), "fvu".into()])));
-        assert_eq!(r.config, Some(ConfigColumns::Full));
+        assert_eq!((r.config, r.plot), (Some(ConfigColumns::Full), Some(PathBuf::from("s.svg"))));
         assert_eq!(parsed(&["--metrics", "all"]).unwrap().metrics, Some(MetricColumns::All));
         let r = parsed(&[]).unwrap();
-        assert_eq!((r.metrics, r.config), (None, None));
+        assert_eq!((r.metrics, r.config, r.plot), (None, None, None));
+        let e = parsed(&["--plot", "sweep.jpg"]).unwrap_err();
+        assert!(e.contains("cannot plot to a .jpg file (`sweep.jpg`)"), "{e}");
         let e = parsed(&["--config", "everything"]).unwrap_err();
         assert!(e.contains("everything") && e.contains("swept"), "{e}");
         let e = parsed(&["--metrics", ","]).unwrap_err();
         assert!(e.contains("--metrics"), "{e}");
+    }
+
+    /// `report --plot` on a database file writes both formats, with a panel per swept
+    /// parameter, and still prints the report.
+    #[tokio::test]
+    async fn report_plots_a_stored_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("s.redb");
+        let yaml = crate::bench::report::report_bench_yaml("s", 20);
+        crate::bench::report::fill_store(&db, &yaml, 20).unwrap();
+        for name in ["s.svg", "s.png"] {
+            let path = dir.path().join(name);
+            let args = ReportArgs {
+                plot: Some(path.clone()),
+                format: ReportFormat::Csv,
+                ..report_args(&db)
+            };
+            let csv = report_command(&args).await.unwrap();
+            assert_eq!(csv.lines().count(), 21, "{csv}");
+            assert!(csv.starts_with("rank,trial,layer_k,lr,seed,fvu,mse,l0,"), "{csv}");
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(bytes.len() > 20_000, "{name}: {} bytes", bytes.len());
+            if name.ends_with(".svg") {
+                let svg = String::from_utf8(bytes).unwrap();
+                for p in ["layer_k", "lr", "seed"] {
+                    assert!(svg.contains(&format!("\nfvu vs {p} (20 trials)\n")), "{p}: {svg}");
+                }
+                assert!(svg.contains("\nlr, log scale\n"), "lr is log_uniform_values");
+            } else {
+                assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+            }
+        }
     }
 
     /// Item 12b: an error prints each cause once, as the binary prints it.

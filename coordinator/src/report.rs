@@ -7,7 +7,8 @@
 //! by a running coordinator. Rendered as an aligned table for people, RFC 4180 CSV for
 //! spreadsheets and dataframes (one row per trial, failed ones included with their error), or
 //! pretty JSON that deserializes back into [`Report`]. Which metrics and how much of each
-//! trial's config the rows carry is chosen by [`Columns`] ([`columns`]).
+//! trial's config the rows carry is chosen by [`Columns`] ([`columns`]); `report --plot` draws
+//! the report ([`plot`]).
 
 use crate::model::{Goal, SweepRecord, TrialRecord, TrialStatus};
 use crate::spec::{Distribution, MetricSpec, ParamSpec, SweepSpec};
@@ -572,6 +573,7 @@ fn metric_block(yaml_text: &str) -> Option<MetricSpec> {
 }
 
 pub mod columns;
+pub mod plot;
 mod render;
 #[cfg(test)]
 mod tests;

@@ -115,6 +115,7 @@ fn run_in(dir: &Path, args: &ReportBenchArgs) -> anyhow::Result<Vec<ReportBenchR
         l0_band: None,
         metrics: None,
         config: None,
+        plot: None,
     };
     let mut results = vec![time_path(&runtime, "file", &report_args(None), args)?];
 

@@ -715,7 +715,7 @@ async fn report_larger_than_a_message_streams_in_pieces() {
 
 /// Issue 10: every column option gives over gRPC (`report --coordinator URL`) the report that
 /// the same code gives on the stored records; a request without the new fields (an older
-/// client) gets its format's default columns; narrowing works from the reply.
+/// client) gets its format's default columns; narrowing and `--plot` work from the reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_report_rpc_gives_the_local_report_for_every_column_option() {
     let yaml = "name: grid\nmetric: {name: fvu, goal: minimize}\n";
@@ -764,6 +764,7 @@ async fn the_report_rpc_gives_the_local_report_for_every_column_option() {
         l0_band: None,
         metrics,
         config,
+        plot: None,
     };
     let picks = MetricColumns::Pick(vec!["zz_custom".into(), "l0".into()]);
     for format in [ReportFormat::Table, ReportFormat::Csv, ReportFormat::Json] {
@@ -796,9 +797,11 @@ async fn the_report_rpc_gives_the_local_report_for_every_column_option() {
     let text = within(collect_text(within(c.report(old)).await.unwrap().into_inner())).await;
     let all = Report::for_sweep(&sweep, &stored, &ReportQuery::new(ReportFormat::Csv).options());
     assert_eq!(text.unwrap(), all.unwrap().render(ReportFormat::Csv));
-    // Narrowed from the reply.
+    // Narrowed and plotted from the reply.
+    let plot = dir.path().join("grid.svg");
     let narrowed = crate::cli::ReportArgs {
         pareto: Some(("fvu".into(), "l0".into())),
+        plot: Some(plot.clone()),
         top: Some(3),
         ..args(ReportFormat::Table, Some(MetricColumns::Pick(vec!["mmcs".into()])), None)
     };
@@ -809,6 +812,8 @@ async fn the_report_rpc_gives_the_local_report_for_every_column_option() {
         "{table}"
     );
     assert!(!header.contains("l0"), "l0 narrowed the rows but was not picked: {table}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.contains("Pareto frontier of fvu and l0"), "{svg}");
     s.stop().await;
 }
 
