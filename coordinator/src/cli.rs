@@ -3,7 +3,9 @@
 //! Kept in the library so tests drive the same code the binary runs.
 
 use crate::model::{SweepRecord, TrialRecord};
-use crate::report::{Report, ReportFormat, pick_sweep};
+use crate::report::{
+    ConfigColumns, MetricColumns, Report, ReportFormat, ReportOptions, pick_sweep,
+};
 use crate::run::{RunOptions, address_file, run_sweep};
 use crate::store::{Store, StoreError};
 use anyhow::Context;
@@ -128,6 +130,22 @@ pub struct ReportArgs {
     /// Rank only trials whose L0 lies in [LO, HI]: SAEs compare at matched sparsity.
     #[arg(long, value_name = "LO:HI", value_parser = parse_band)]
     pub l0_band: Option<(f64, f64)>,
+    /// Metrics to show: `key` (the ranking metric and the key standard metrics; the table's
+    /// default), `all` (every metric the trials reported; the default for csv and json), or
+    /// names separated by commas (with the ranking metric). Columns keep one order: the metric
+    /// table's, then other metrics alphabetically.
+    #[arg(long, value_name = "key|all|A,B,..", value_parser = MetricColumns::parse)]
+    pub metrics: Option<MetricColumns>,
+    /// How much of each trial's config to show: `swept` (the swept parameters; the table's
+    /// default) or `full` (every other setting too, as config.PATH columns; the default for csv
+    /// and json).
+    #[arg(long, value_enum)]
+    pub config: Option<ConfigColumns>,
+    /// Also draw the sweep into FILE (.svg or .png): the metric against each swept parameter,
+    /// the frontier of the --pareto metrics (default fvu,l0) and the --top trials (default 10)
+    /// in parallel coordinates.
+    #[arg(long, value_name = "FILE", value_parser = crate::report::plot::parse_target)]
+    pub plot: Option<PathBuf>,
 }
 
 /// `--pareto X,Y`: two metric names.
@@ -278,27 +296,8 @@ impl SweepExit {
 /// `msae-coordinator report`: the rendered report, from the database file, or from the
 /// coordinator that holds it (which renders it).
 pub async fn report_command(args: &ReportArgs) -> anyhow::Result<String> {
-    if args.pareto.is_some() || args.l0_band.is_some() {
-        // Narrowed here from the whole report (as JSON, wherever it comes from), then ranked.
-        let whole = ReportArgs {
-            top: None,
-            format: ReportFormat::Json,
-            pareto: None,
-            l0_band: None,
-            ..args.clone()
-        };
-        let json = Box::pin(report_command(&whole)).await?;
-        let mut report: Report = serde_json::from_str(&json).context("reading the report")?;
-        if let Some((lo, hi)) = args.l0_band {
-            report.within(crate::report::L0, lo, hi).map_err(anyhow::Error::msg)?;
-        }
-        if let Some((x, y)) = &args.pareto {
-            report.pareto(x, y).map_err(anyhow::Error::msg)?;
-        }
-        if let Some(n) = args.top {
-            report.rows.truncate(n);
-        }
-        return Ok(report.render(args.format));
+    if args.pareto.is_some() || args.l0_band.is_some() || args.plot.is_some() {
+        return narrowed_report(args).await;
     }
     if let Some(url) = &args.coordinator {
         return ask_coordinator(url, args).await;
@@ -306,9 +305,13 @@ pub async fn report_command(args: &ReportArgs) -> anyhow::Result<String> {
     if !args.db.exists() {
         anyhow::bail!("no such database {} (run a sweep first, or pass --db)", args.db.display());
     }
+    let options = report_options(args);
     let db = args.db.clone();
     let sweep = args.sweep.clone();
-    let opened = tokio::task::spawn_blocking(move || read_store(&db, sweep.as_deref())).await?;
+    // The configs are most of a record: read only when the report shows them.
+    let configs = options.columns.config == ConfigColumns::Full;
+    let opened =
+        tokio::task::spawn_blocking(move || read_store(&db, sweep.as_deref(), configs)).await?;
     let (sweep, trials) = match opened {
         Ok(found) => found,
         Err(ReadError::Store(StoreError::InUse { path })) => {
@@ -327,8 +330,60 @@ pub async fn report_command(args: &ReportArgs) -> anyhow::Result<String> {
         Err(ReadError::Store(e)) => return Err(e.into()),
         Err(ReadError::NoSweep(why)) => anyhow::bail!("{why} in {}", args.db.display()),
     };
-    let report = Report::for_sweep(&sweep, &trials, args.top, args.metric.as_deref(), args.goal)
+    let report = Report::for_sweep(&sweep, &trials, &options).map_err(anyhow::Error::msg)?;
+    Ok(report.render(args.format))
+}
+
+/// What `args` asks the report to rank by and show.
+fn report_options(args: &ReportArgs) -> ReportOptions {
+    ReportOptions {
+        top: args.top,
+        metric: args.metric.clone(),
+        goal: args.goal,
+        columns: crate::report::Columns::for_format(args.format, args.metrics.clone(), args.config),
+    }
+}
+
+/// A report narrowed (`--l0-band`, `--pareto`) or drawn (`--plot`) here: from the whole report
+/// with every metric (as JSON, wherever it comes from), which narrowing and the plot need
+/// whatever the rendered report shows.
+async fn narrowed_report(args: &ReportArgs) -> anyhow::Result<String> {
+    let columns = report_options(args).columns;
+    let whole = ReportArgs {
+        top: None,
+        format: ReportFormat::Json,
+        pareto: None,
+        l0_band: None,
+        plot: None,
+        metrics: Some(MetricColumns::All),
+        config: Some(columns.config),
+        ..args.clone()
+    };
+    let json = Box::pin(report_command(&whole)).await?;
+    let mut report: Report = serde_json::from_str(&json).context("reading the report")?;
+    columns
+        .metrics
+        .check(&report.metric, &report.reported_metrics())
         .map_err(anyhow::Error::msg)?;
+    if let Some((lo, hi)) = args.l0_band {
+        report.within(crate::report::L0, lo, hi).map_err(anyhow::Error::msg)?;
+    }
+    // The plot draws every trial; the frontier is taken first, so metrics it cannot use are
+    // refused before a file is written.
+    let whole = args.plot.as_ref().map(|_| report.clone());
+    if let Some((x, y)) = &args.pareto {
+        report.pareto(x, y).map_err(anyhow::Error::msg)?;
+    }
+    if let (Some(path), Some(whole)) = (&args.plot, &whole) {
+        let options =
+            crate::report::plot::PlotOptions { top: args.top, frontier: args.pareto.clone() };
+        let drawn = crate::report::plot::write(whole, path, &options)?;
+        eprintln!("plot of {} written to {}", drawn, path.display());
+    }
+    report.keep_metrics(&columns.metrics);
+    if let Some(n) = args.top {
+        report.rows.truncate(n);
+    }
     Ok(report.render(args.format))
 }
 
@@ -348,11 +403,16 @@ impl From<StoreError> for ReadError {
 fn read_store(
     db: &std::path::Path,
     sweep: Option<&str>,
+    configs: bool,
 ) -> Result<(SweepRecord, Vec<TrialRecord>), ReadError> {
     let store = Store::open_read_only(db)?;
     let sweeps = store.sweeps()?;
     let sweep = pick_sweep(&sweeps, sweep).map_err(ReadError::NoSweep)?.clone();
-    let trials = store.trials_without_configs(&sweep.name)?;
+    let trials = if configs {
+        store.trials(&sweep.name)?
+    } else {
+        store.trials_without_configs(&sweep.name)?
+    };
     Ok((sweep, trials))
 }
 
@@ -365,6 +425,8 @@ async fn ask_coordinator(url: &str, args: &ReportArgs) -> anyhow::Result<String>
         top: args.top,
         records: false,
         format: args.format,
+        metrics: args.metrics.clone(),
+        config: args.config,
     };
     crate::service::report::fetch_text(url, &query, args.token.as_deref()).await
 }
@@ -499,6 +561,9 @@ mod tests {
             token: None,
             pareto: None,
             l0_band: None,
+            metrics: None,
+            config: None,
+            plot: None,
         }
     }
 
@@ -518,6 +583,62 @@ mod tests {
         ] {
             let e = Cli::try_parse_from(["m", "report", bad[0], bad[1]]).unwrap_err().to_string();
             assert!(e.contains(bad[1]), "{e}");
+        }
+    }
+
+    /// Issue 10: `--metrics`, `--config` and `--plot` are read, and a plot file whose
+    /// extension names no format is refused before anything runs.
+    #[test]
+    fn column_and_plot_flags_are_checked() {
+        use clap::Parser;
+        let parsed = |args: &[&str]| match Cli::try_parse_from(["m", "report"].iter().chain(args)) {
+            Ok(Cli { command: Some(Command::Report(r)), .. }) => Ok(r),
+            Ok(_) => panic!("not a report"),
+            Err(e) => Err(e.to_string()),
+        };
+        let r = parsed(&["--metrics", "l0, fvu", "--config", "full", "--plot", "s.svg"]).unwrap();
+        assert_eq!(r.metrics, Some(MetricColumns::Pick(vec!["l0".into(), "fvu".into()])));
+        assert_eq!((r.config, r.plot), (Some(ConfigColumns::Full), Some(PathBuf::from("s.svg"))));
+        assert_eq!(parsed(&["--metrics", "all"]).unwrap().metrics, Some(MetricColumns::All));
+        let r = parsed(&[]).unwrap();
+        assert_eq!((r.metrics, r.config, r.plot), (None, None, None));
+        let e = parsed(&["--plot", "sweep.jpg"]).unwrap_err();
+        assert!(e.contains("cannot plot to a .jpg file (`sweep.jpg`)"), "{e}");
+        let e = parsed(&["--config", "everything"]).unwrap_err();
+        assert!(e.contains("everything") && e.contains("swept"), "{e}");
+        let e = parsed(&["--metrics", ","]).unwrap_err();
+        assert!(e.contains("--metrics"), "{e}");
+    }
+
+    /// `report --plot` on a database file writes both formats, with a panel per swept
+    /// parameter, and still prints the report.
+    #[tokio::test]
+    async fn report_plots_a_stored_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("s.redb");
+        let yaml = crate::bench::report::report_bench_yaml("s", 20);
+        crate::bench::report::fill_store(&db, &yaml, 20).unwrap();
+        for name in ["s.svg", "s.png"] {
+            let path = dir.path().join(name);
+            let args = ReportArgs {
+                plot: Some(path.clone()),
+                format: ReportFormat::Csv,
+                ..report_args(&db)
+            };
+            let csv = report_command(&args).await.unwrap();
+            assert_eq!(csv.lines().count(), 21, "{csv}");
+            assert!(csv.starts_with("rank,trial,layer_k,lr,seed,fvu,mse,l0,"), "{csv}");
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(bytes.len() > 20_000, "{name}: {} bytes", bytes.len());
+            if name.ends_with(".svg") {
+                let svg = String::from_utf8(bytes).unwrap();
+                for p in ["layer_k", "lr", "seed"] {
+                    assert!(svg.contains(&format!("\nfvu vs {p} (20 trials)\n")), "{p}: {svg}");
+                }
+                assert!(svg.contains("\nlr, log scale\n"), "lr is log_uniform_values");
+            } else {
+                assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+            }
         }
     }
 

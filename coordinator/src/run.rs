@@ -6,7 +6,7 @@
 //! and shuts down with everything committed.
 
 use crate::progress::ProgressDisplay;
-use crate::report::{Report, ReportFormat};
+use crate::report::{Report, ReportFormat, ReportOptions};
 use crate::scheduler::{Counts, Scheduler, SchedulerPolicy, SweepInput};
 use crate::spec::SweepSpec;
 use crate::store::Store;
@@ -251,8 +251,9 @@ pub async fn run_sweep(
     if opts.report
         && let Some(record) = sweeps.iter().find(|s| s.name == sweep)
     {
-        // No metric override: nothing to refuse.
-        if let Ok(report) = Report::for_sweep(record, &records, Some(20), None, None) {
+        // No metric override and no picked metrics: nothing to refuse.
+        let top20 = ReportOptions { top: Some(20), ..ReportOptions::default() };
+        if let Ok(report) = Report::for_sweep(record, &records, &top20) {
             let text = report.render(ReportFormat::Table);
             msae_shared::signal::print_stdout(text.trim_end())?;
         }

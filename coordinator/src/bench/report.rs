@@ -113,6 +113,9 @@ fn run_in(dir: &Path, args: &ReportBenchArgs) -> anyhow::Result<Vec<ReportBenchR
         token: None,
         pareto: None,
         l0_band: None,
+        metrics: None,
+        config: None,
+        plot: None,
     };
     let mut results = vec![time_path(&runtime, "file", &report_args(None), args)?];
 

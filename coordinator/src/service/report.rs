@@ -16,9 +16,11 @@
 //! The client end: [`request_report`] (connect, authenticate, ask), then [`collect_text`],
 //! [`collect_report`] or [`collect_records`]; [`fetch_text`] and [`fetch_records`] do both.
 
-use super::{MAX_ID_LEN, ReportJson, check_name, status_of};
+use super::{MAX_ID_LEN, ReportJson, check_len, check_name, status_of};
 use crate::model::{Goal, SweepRecord, TrialRecord};
-use crate::report::{Report, ReportFormat, pick_sweep};
+use crate::report::{
+    Columns, ConfigColumns, MetricColumns, Report, ReportFormat, ReportOptions, pick_sweep,
+};
 use crate::scheduler::SchedulerHandle;
 use anyhow::Context;
 use msae_shared::proto;
@@ -51,6 +53,39 @@ pub struct ReportQuery {
     /// Raw trial records instead of a ranked report.
     pub records: bool,
     pub format: ReportFormat,
+    /// The metrics each row carries; `None`: the format's default.
+    pub metrics: Option<MetricColumns>,
+    /// How much of each trial's config the rows carry; `None`: the format's default.
+    pub config: Option<ConfigColumns>,
+}
+
+/// Most bytes of the `metrics` field: room for a few hundred metric names.
+const MAX_METRICS_LEN: usize = 64 * MAX_ID_LEN;
+
+impl ReportQuery {
+    /// A ranked report of the latest sweep in `format`, with that format's columns.
+    pub fn new(format: ReportFormat) -> ReportQuery {
+        ReportQuery {
+            sweep: None,
+            metric: None,
+            goal: None,
+            top: None,
+            records: false,
+            format,
+            metrics: None,
+            config: None,
+        }
+    }
+
+    /// What the ranked report ranks by and shows.
+    pub fn options(&self) -> ReportOptions {
+        ReportOptions {
+            top: self.top,
+            metric: self.metric.clone(),
+            goal: self.goal,
+            columns: Columns::for_format(self.format, self.metrics.clone(), self.config),
+        }
+    }
 }
 
 impl TryFrom<proto::ReportRequest> for ReportQuery {
@@ -85,6 +120,27 @@ impl TryFrom<proto::ReportRequest> for ReportQuery {
                 ))
             })?,
         };
+        let metrics = match r.metrics.as_str() {
+            "" => None,
+            text => {
+                check_len("metrics", text, MAX_METRICS_LEN)?;
+                // Checked whole: parsing trims the names, and a control character is refused
+                // wherever it stands, as in every other name.
+                for name in text.split(',') {
+                    check_name("metrics", name)?;
+                }
+                Some(MetricColumns::parse(text).map_err(Status::invalid_argument)?)
+            }
+        };
+        let config = match r.config.as_str() {
+            "" => None,
+            name => Some(ConfigColumns::from_name(name).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "config must be \"swept\" or \"full\", got {:?}",
+                    truncated(name)
+                ))
+            })?),
+        };
         let some = |s: String| (!s.is_empty()).then_some(s);
         Ok(ReportQuery {
             sweep: some(r.sweep),
@@ -93,6 +149,8 @@ impl TryFrom<proto::ReportRequest> for ReportQuery {
             top,
             records: r.records,
             format,
+            metrics,
+            config,
         })
     }
 }
@@ -107,6 +165,8 @@ impl From<&ReportQuery> for proto::ReportRequest {
             top: q.top.map(|n| n as u64),
             records: q.records,
             format: q.format.name().to_string(),
+            metrics: q.metrics.as_ref().map(MetricColumns::name).unwrap_or_default(),
+            config: q.config.map(|c| c.name().to_string()).unwrap_or_default(),
         }
     }
 }
@@ -141,18 +201,24 @@ pub async fn answer(scheduler: &SchedulerHandle, q: ReportQuery) -> Result<Repor
     // acknowledged, so the commit is what workers have been told.
     let store = scheduler.store();
     let wanted = q.sweep.clone();
+    let options = q.options();
+    // The configs are most of a record: read only when the report shows them.
+    let configs = options.columns.config == ConfigColumns::Full;
     let (sweep, trials) = tokio::task::spawn_blocking(move || {
         let sweeps = store.sweeps().map_err(|e| Status::internal(e.to_string()))?;
         let sweep = pick_sweep(&sweeps, wanted.as_deref()).map_err(Status::not_found)?.clone();
-        let trials = store
-            .trials_without_configs(&sweep.name)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let trials = if configs {
+            store.trials(&sweep.name)
+        } else {
+            store.trials_without_configs(&sweep.name)
+        }
+        .map_err(|e| Status::internal(e.to_string()))?;
         Ok::<_, Status>((sweep, trials))
     })
     .await
     .map_err(|e| Status::internal(format!("reading the report: {e}")))??;
     Ok(spawn_chunks(move |out| {
-        let report = Report::for_sweep(&sweep, &trials, q.top, q.metric.as_deref(), q.goal)
+        let report = Report::for_sweep(&sweep, &trials, &options)
             .map_err(|e| Stop::Failed(Status::invalid_argument(e)))?;
         drop(trials);
         send_text(out, &report.render(q.format))
@@ -292,11 +358,8 @@ pub async fn fetch_records(
 ) -> anyhow::Result<ReportJson> {
     let query = ReportQuery {
         sweep: sweep.map(str::to_string),
-        metric: None,
-        goal: None,
-        top: None,
         records: true,
-        format: ReportFormat::Table,
+        ..ReportQuery::new(ReportFormat::Table)
     };
     let stream = request_report(url, &query, token).await?;
     collect_records(stream)

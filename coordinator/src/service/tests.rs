@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::model::TrialStatus;
-use crate::report::ReportFormat;
+use crate::report::{ConfigColumns, MetricColumns, Report, ReportFormat};
 use crate::scheduler::tests::{ListStrategy, actor_policy, make_config};
 use crate::scheduler::{Scheduler, SchedulerPolicy, SweepInput};
 use crate::store::Store;
@@ -532,14 +532,7 @@ async fn token_is_required_when_configured() {
 async fn the_report_client_asks_with_its_token() {
     let s = server(2, Some("s3cret")).await;
     let url = format!("http://{}", s.addr);
-    let json = ReportQuery {
-        sweep: None,
-        metric: None,
-        goal: None,
-        top: None,
-        records: false,
-        format: ReportFormat::Json,
-    };
+    let json = ReportQuery::new(ReportFormat::Json);
     let text = within(report::fetch_text(&url, &json, Some("s3cret"))).await.unwrap();
     let parsed: crate::report::Report = serde_json::from_str(&text).unwrap();
     assert_eq!(parsed.sweep, "grid");
@@ -558,30 +551,29 @@ async fn the_report_client_asks_with_its_token() {
 #[test]
 fn report_query_round_trips_through_its_request() {
     let queries = [
-        ReportQuery {
-            sweep: None,
-            metric: None,
-            goal: None,
-            top: None,
-            records: true,
-            format: ReportFormat::Table,
-        },
+        ReportQuery { records: true, ..ReportQuery::new(ReportFormat::Table) },
         ReportQuery {
             sweep: Some("grid".into()),
             metric: Some("mmcs".into()),
             goal: Some(crate::model::Goal::Maximize),
             top: Some(3),
-            records: false,
-            format: ReportFormat::Csv,
+            ..ReportQuery::new(ReportFormat::Csv)
         },
         ReportQuery {
-            sweep: None,
-            metric: None,
             goal: Some(crate::model::Goal::Minimize),
-            top: None,
-            records: false,
-            format: ReportFormat::Json,
+            ..ReportQuery::new(ReportFormat::Json)
         },
+        ReportQuery {
+            metrics: Some(MetricColumns::Pick(vec!["l0".into(), "my_score".into()])),
+            config: Some(ConfigColumns::Full),
+            ..ReportQuery::new(ReportFormat::Table)
+        },
+        ReportQuery {
+            metrics: Some(MetricColumns::All),
+            config: Some(ConfigColumns::Swept),
+            ..ReportQuery::new(ReportFormat::Csv)
+        },
+        ReportQuery { metrics: Some(MetricColumns::Key), ..ReportQuery::new(ReportFormat::Json) },
     ];
     for q in queries {
         assert_eq!(ReportQuery::try_from(proto::ReportRequest::from(&q)).unwrap(), q);
@@ -654,9 +646,47 @@ fn wide_params(i: u64) -> crate::scheduler::Params {
 /// A server whose store already holds `n` completed trials of sweep "grid" (resumed), written
 /// in one commit: far quicker than completing them over gRPC.
 async fn server_with_completed(n: u64) -> Server {
+    let yaml = "name: grid\nmetric: {name: loss, goal: minimize}\n";
+    let trials = (0..n)
+        .map(|i| {
+            // Ranked in reverse index order, so order is checked, not assumed.
+            completed_trial(i, BTreeMap::from([("loss".to_string(), (n - i) as f64)]))
+        })
+        .collect();
+    server_with_records(yaml, trials).await
+}
+
+/// A completed trial of sweep "grid" at point `i` of [`WideStrategy`], with `metrics`.
+fn completed_trial(i: u64, metrics: BTreeMap<String, f64>) -> TrialRecord {
+    let params = wide_params(i);
+    TrialRecord {
+        sweep: "grid".into(),
+        index: i,
+        config: serde_json::json!({ "params": params }),
+        params,
+        status: TrialStatus::Completed,
+        attempt: 1,
+        lease: None,
+        step: 10,
+        metrics,
+        progress: BTreeMap::new(),
+        curve: Vec::new(),
+        errors: Vec::new(),
+        worker: Some("w".into()),
+        artifact: None,
+        weights: None,
+        created_ms: 1,
+        finished_ms: Some(2),
+        duration_s: Some(0.5),
+    }
+}
+
+/// A server resuming sweep "grid" (`yaml`) whose store holds `trials` (the points of a
+/// [`WideStrategy`] as long), written in one commit.
+async fn server_with_records(yaml: &str, trials: Vec<TrialRecord>) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big.redb");
-    let yaml = "name: grid\nmetric: {name: loss, goal: minimize}\n";
+    let n = trials.len() as u64;
     {
         let store = Store::open(&path).unwrap();
         let mut batch = crate::store::WriteBatch::new();
@@ -669,29 +699,8 @@ async fn server_with_completed(n: u64) -> Server {
             finished: false,
             uid: None,
         });
-        for i in 0..n {
-            let params = wide_params(i);
-            batch.put_trial(&TrialRecord {
-                sweep: "grid".into(),
-                index: i,
-                config: serde_json::json!({ "params": params }),
-                params,
-                status: TrialStatus::Completed,
-                attempt: 1,
-                lease: None,
-                step: 10,
-                // Ranked in reverse index order, so order is checked, not assumed.
-                metrics: BTreeMap::from([("loss".to_string(), (n - i) as f64)]),
-                progress: BTreeMap::new(),
-                curve: Vec::new(),
-                errors: Vec::new(),
-                worker: Some("w".into()),
-                artifact: None,
-                weights: None,
-                created_ms: 1,
-                finished_ms: Some(2),
-                duration_s: Some(0.5),
-            });
+        for t in &trials {
+            batch.put_trial(t);
         }
         store.write(&batch).unwrap();
     }
@@ -759,6 +768,110 @@ async fn report_larger_than_a_message_streams_in_pieces() {
     s.stop().await;
 }
 
+/// Issue 10: every column option gives over gRPC (`report --coordinator URL`) the report that
+/// the same code gives on the stored records; a request without the new fields (an older
+/// client) gets its format's default columns; narrowing and `--plot` work from the reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_rpc_gives_the_local_report_for_every_column_option() {
+    let yaml = "name: grid\nmetric: {name: fvu, goal: minimize}\n";
+    let mut trials: Vec<TrialRecord> = (0..6u64)
+        .map(|i| {
+            let x = i as f64;
+            let mut t = completed_trial(
+                i,
+                BTreeMap::from([
+                    ("fvu".to_string(), 0.5 / (1.0 + x)),
+                    ("l0".to_string(), 4.0 + 3.0 * x),
+                    ("mmcs".to_string(), 0.9),
+                    ("steps".to_string(), 100.0),
+                    ("zz_custom".to_string(), x),
+                ]),
+            );
+            t.config = serde_json::json!({
+                "x": i, "note": t.params["note"], "steps": 100, "data": {"dim": 64}
+            });
+            t.worker = Some(format!("w{}", i % 2));
+            t.attempt = 1 + (i % 2) as u32;
+            t.duration_s = Some(1.0 + x);
+            t
+        })
+        .collect();
+    trials[4].status = TrialStatus::Pruned;
+    trials[5].status = TrialStatus::Failed;
+    trials[5].metrics.clear();
+    trials[5].errors = vec!["out of memory".into()];
+    let s = server_with_records(yaml, trials).await;
+    let url = format!("http://{}", s.addr);
+    let store = s.scheduler.store();
+    let sweep = store.sweeps().unwrap().into_iter().find(|w| w.name == "grid").unwrap();
+    let stored = store.trials("grid").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let args = |format, metrics: Option<MetricColumns>, config| crate::cli::ReportArgs {
+        db: dir.path().join("unused.redb"),
+        sweep: None,
+        top: None,
+        metric: None,
+        goal: None,
+        format,
+        coordinator: Some(url.clone()),
+        token: None,
+        pareto: None,
+        l0_band: None,
+        metrics,
+        config,
+        plot: None,
+    };
+    let picks = MetricColumns::Pick(vec!["zz_custom".into(), "l0".into()]);
+    for format in [ReportFormat::Table, ReportFormat::Csv, ReportFormat::Json] {
+        for metrics in
+            [None, Some(MetricColumns::Key), Some(MetricColumns::All), Some(picks.clone())]
+        {
+            for config in [None, Some(ConfigColumns::Swept), Some(ConfigColumns::Full)] {
+                let a = args(format, metrics.clone(), config);
+                let remote = within(crate::cli::report_command(&a)).await.unwrap();
+                let q =
+                    ReportQuery { metrics: metrics.clone(), config, ..ReportQuery::new(format) };
+                let local = Report::for_sweep(&sweep, &stored, &q.options()).unwrap();
+                assert_eq!(remote, local.render(format), "{format:?} {metrics:?} {config:?}");
+            }
+        }
+    }
+    // The full CSV holds the config's other settings and the picked metrics in order.
+    let csv = within(crate::cli::report_command(&args(ReportFormat::Csv, Some(picks), None)))
+        .await
+        .unwrap();
+    let header = csv.lines().next().unwrap();
+    assert_eq!(
+        header,
+        "rank,trial,note,x,fvu,l0,zz_custom,status,attempts,worker,duration_s,files,config.data.dim,\
+         config.steps,error"
+    );
+    // An older client sends neither field: its format's defaults (every metric and setting).
+    let mut c = s.client().await;
+    let old = proto::ReportRequest { format: "csv".into(), ..Default::default() };
+    let text = within(collect_text(within(c.report(old)).await.unwrap().into_inner())).await;
+    let all = Report::for_sweep(&sweep, &stored, &ReportQuery::new(ReportFormat::Csv).options());
+    assert_eq!(text.unwrap(), all.unwrap().render(ReportFormat::Csv));
+    // Narrowed and plotted from the reply.
+    let plot = dir.path().join("grid.svg");
+    let narrowed = crate::cli::ReportArgs {
+        pareto: Some(("fvu".into(), "l0".into())),
+        plot: Some(plot.clone()),
+        top: Some(3),
+        ..args(ReportFormat::Table, Some(MetricColumns::Pick(vec!["mmcs".into()])), None)
+    };
+    let table = within(crate::cli::report_command(&narrowed)).await.unwrap();
+    let header = table.lines().nth(2).unwrap();
+    assert!(
+        header.starts_with("rank  trial  note") && header.contains(" fvu  mmcs  status"),
+        "{table}"
+    );
+    assert!(!header.contains("l0"), "l0 narrowed the rows but was not picked: {table}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.contains("Pareto frontier of fvu and l0"), "{svg}");
+    s.stop().await;
+}
+
 /// Item 12a: a report of zero trials is refused, not answered with an empty table.
 #[tokio::test]
 async fn report_options_are_checked() {
@@ -769,10 +882,23 @@ async fn report_options_are_checked() {
         proto::ReportRequest { goal: "sideways".into(), ..Default::default() },
         proto::ReportRequest { metric: "fvu\n".into(), ..Default::default() },
         proto::ReportRequest { format: "yaml".into(), ..Default::default() },
+        proto::ReportRequest { config: "everything".into(), ..Default::default() },
+        proto::ReportRequest { metrics: "fvu,,l0".into(), ..Default::default() },
+        proto::ReportRequest { metrics: "fvu,l0\n".into(), ..Default::default() },
+        proto::ReportRequest { metrics: "l".repeat(64 * MAX_ID_LEN + 1), ..Default::default() },
     ] {
         let e = within(c.report(request.clone())).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{request:?}: {e}");
     }
+    // A picked metric no trial reports (a typo) is refused once the records are read.
+    let typo = proto::ReportRequest { metrics: "fuv".into(), ..Default::default() };
+    let stream = within(c.report(typo)).await.unwrap().into_inner();
+    let e = within(collect_text(stream)).await.unwrap_err();
+    assert!(
+        matches!(&e, FetchError::Refused(s) if s.code() == tonic::Code::InvalidArgument
+            && s.message().contains("did you mean `fvu`?")),
+        "{e}"
+    );
     s.stop().await;
 }
 
