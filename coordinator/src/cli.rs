@@ -79,9 +79,17 @@ pub struct RunArgs {
     /// (stored as NAME-2, NAME-3, ...).
     #[arg(long)]
     pub new_sweep: bool,
-    /// Shared secret workers must send (`authorization: Bearer TOKEN`).
-    #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
+    /// Shared secret workers must send (`authorization: Bearer TOKEN`). Required to listen
+    /// on a non-loopback address (unless --insecure).
+    #[arg(long, env = "MSAE_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
     pub token: Option<String>,
+    /// Read the token from FILE (keeps it out of process listings and the environment).
+    #[arg(long, value_name = "FILE", env = "MSAE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Listen on a non-loopback address without a token: anyone who reaches the port can take
+    /// and report trials.
+    #[arg(long)]
+    pub insecure: bool,
     /// A lease expires when its worker has not reported for this long; its trial is re-leased.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
@@ -220,7 +228,8 @@ pub async fn run_command(args: &RunArgs) -> anyhow::Result<SweepExit> {
     opts.logdir = (args.logdir != "none").then(|| PathBuf::from(&args.logdir));
     opts.artifacts = args.artifacts.clone();
     opts.new_sweep = args.new_sweep;
-    opts.token = args.token.clone();
+    opts.token = msae_shared::auth::resolve(args.token.as_deref(), args.token_file.as_deref())?;
+    check_exposure(args.listen, opts.token.is_some(), args.insecure)?;
     opts.lease_ttl = args.lease_ttl;
     opts.max_upload = args.max_upload_mb << 20;
     opts.progress = !args.quiet;
@@ -252,6 +261,23 @@ pub async fn run_command(args: &RunArgs) -> anyhow::Result<SweepExit> {
         );
     }
     Ok(SweepExit::of(&summary))
+}
+
+/// Refuses to serve a non-loopback address without a token (unless `--insecure`): an open port
+/// lets anyone on the network take trials and report results.
+pub fn check_exposure(listen: SocketAddr, has_token: bool, insecure: bool) -> anyhow::Result<()> {
+    if listen.ip().is_loopback() || has_token {
+        return Ok(());
+    }
+    if insecure {
+        tracing::warn!(%listen, "listening without a token (--insecure): anyone who reaches this port can take and report trials");
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to listen on {listen} without a token: anyone who reaches the port could take \
+         and report trials. Set one with --token-file FILE (or MSAE_TOKEN) and give workers the \
+         same, or pass --insecure on a trusted network"
+    )
 }
 
 /// How a sweep run ended, as the process exit status says it (documented in the README).
@@ -503,6 +529,30 @@ pub fn main() -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_ports_need_a_token_or_insecure() {
+        let any: SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:50051".parse().unwrap();
+        let e = check_exposure(any, false, false).unwrap_err().to_string();
+        assert!(
+            e.contains("refusing to listen on 0.0.0.0:50051") && e.contains("--token-file"),
+            "{e}"
+        );
+        check_exposure(any, true, false).unwrap();
+        check_exposure(any, false, true).unwrap();
+        check_exposure(local, false, false).unwrap();
+        check_exposure("[::1]:1".parse().unwrap(), false, false).unwrap();
+        let both = <Cli as clap::Parser>::try_parse_from([
+            "msae-coordinator",
+            "s.yaml",
+            "--token",
+            "a",
+            "--token-file",
+            "f",
+        ]);
+        assert!(both.unwrap_err().to_string().contains("cannot be used with"));
+    }
 
     #[test]
     fn durations() {

@@ -449,7 +449,11 @@ pub async fn serve(
         }
         s
     });
+    // Health answers without a token: probes and load balancers carry none.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
     tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

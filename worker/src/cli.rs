@@ -59,9 +59,13 @@ pub struct WorkerArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// Shared secret expected by the coordinator (`authorization: Bearer TOKEN`).
-    #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "MSAE_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
     pub token: Option<String>,
-    /// Keep each trial's weights and resolved config under DIR/<sweep>/<trial>.
+    /// Read the token from FILE (keeps it out of process listings and the environment).
+    #[arg(long, value_name = "FILE", env = "MSAE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Also keep each trial's files (weights, config, metrics) on this machine under
+    /// DIR/<sweep>/<trial> (the coordinator keeps its own copy).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Exit after this many trials.
@@ -171,7 +175,7 @@ pub fn worker_command(args: &WorkerArgs) -> anyhow::Result<()> {
         opts.name = name.clone();
     }
     opts.gpu = args.device.gpu;
-    opts.token = args.token.clone();
+    opts.token = msae_shared::auth::resolve(args.token.as_deref(), args.token_file.as_deref())?;
     opts.out_dir = args.out.clone();
     opts.max_trials = args.max_trials;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

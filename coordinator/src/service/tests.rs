@@ -1294,3 +1294,28 @@ async fn status_lists_workers_their_trials_and_counts() {
     assert!(text.contains("gpu-box") && text.contains("idle"), "{text}");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_serving_without_the_token() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let s = server(1, Some("s3cret")).await;
+    let channel = within(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", s.addr)).unwrap().connect(),
+    )
+    .await
+    .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", "msae.v1.Coordinator"] {
+        let reply = within(health.check(HealthCheckRequest { service: service.into() }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.status(), ServingStatus::Serving, "{service:?}");
+    }
+    // The coordinator's own RPCs still want the token.
+    let mut c = s.client().await;
+    let e = within(c.status(proto::StatusRequest {})).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    s.stop().await;
+}
