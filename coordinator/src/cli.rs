@@ -6,7 +6,7 @@ use crate::model::{SweepRecord, TrialRecord};
 use crate::report::{
     ConfigColumns, MetricColumns, Report, ReportFormat, ReportOptions, pick_sweep,
 };
-use crate::run::{RunOptions, address_file, run_sweep};
+use crate::run::{RunOptions, run_sweep};
 use crate::store::{Store, StoreError};
 use anyhow::Context;
 use msae_shared::signal::print_stdout;
@@ -90,6 +90,16 @@ pub struct RunArgs {
     /// and report trials.
     #[arg(long)]
     pub insecure: bool,
+    /// Serve TLS with this certificate (PEM, with --tls-key); workers then use https:// URLs
+    /// and --tls-ca.
+    #[arg(long, value_name = "FILE", env = "MSAE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", env = "MSAE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM) from workers and clients.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// A lease expires when its worker has not reported for this long; its trial is re-leased.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
@@ -102,6 +112,30 @@ pub struct RunArgs {
     /// Print one JSON line with trials, wall and CPU seconds at exit (used by `bench`).
     #[arg(long, hide = true)]
     pub print_stats: bool,
+}
+
+/// What a client of a TLS coordinator trusts (`report`, `status`, `export`, `list`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// For an https:// coordinator: the CA certificate (PEM) that signed its certificate.
+    #[arg(long, value_name = "FILE", env = "MSAE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a coordinator that requires one (with --tls-key).
+    #[arg(long, value_name = "FILE", env = "MSAE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", env = "MSAE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn client(&self) -> msae_shared::tls::ClientTls {
+        msae_shared::tls::ClientTls {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        }
+    }
 }
 
 /// Options of `msae-coordinator report`.
@@ -131,6 +165,8 @@ pub struct ReportArgs {
     /// Token of the running coordinator.
     #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Only the Pareto frontier of two metrics, each in its natural direction (e.g. `fvu,l0`:
     /// no listed trial has both a lower FVU and a lower L0 than another), sorted by the second.
     #[arg(long, value_name = "X,Y", value_parser = parse_pair)]
@@ -230,6 +266,14 @@ pub async fn run_command(args: &RunArgs) -> anyhow::Result<SweepExit> {
     opts.new_sweep = args.new_sweep;
     opts.token = msae_shared::auth::resolve(args.token.as_deref(), args.token_file.as_deref())?;
     check_exposure(args.listen, opts.token.is_some(), args.insecure)?;
+    opts.tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(msae_shared::tls::ServerTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls_client_ca.clone(),
+        }),
+        _ => None,
+    };
     opts.lease_ttl = args.lease_ttl;
     opts.max_upload = args.max_upload_mb << 20;
     opts.progress = !args.quiet;
@@ -341,17 +385,9 @@ pub async fn report_command(args: &ReportArgs) -> anyhow::Result<String> {
     let (sweep, trials) = match opened {
         Ok(found) => found,
         Err(ReadError::Store(StoreError::InUse { path })) => {
-            let addr_file = address_file(&path);
-            let addr = std::fs::read_to_string(&addr_file).with_context(|| {
-                format!(
-                    "{} is locked by a running coordinator, and {} (where it writes its \
-                     address) cannot be read; pass --coordinator http://HOST:PORT",
-                    path.display(),
-                    addr_file.display()
-                )
-            })?;
-            tracing::debug!("database in use: asking the coordinator at {}", addr.trim());
-            return ask_coordinator(&format!("http://{}", addr.trim()), args).await;
+            let url = crate::run::running_url(&path)?;
+            tracing::debug!("database in use: asking the coordinator at {url}");
+            return ask_coordinator(&url, args).await;
         }
         Err(ReadError::Store(e)) => return Err(e.into()),
         Err(ReadError::NoSweep(why)) => anyhow::bail!("{why} in {}", args.db.display()),
@@ -454,7 +490,7 @@ async fn ask_coordinator(url: &str, args: &ReportArgs) -> anyhow::Result<String>
         metrics: args.metrics.clone(),
         config: args.config,
     };
-    crate::service::report::fetch_text(url, &query, args.token.as_deref()).await
+    crate::service::report::fetch_text(url, &query, args.token.as_deref(), &args.tls.client()).await
 }
 
 /// The whole `msae-coordinator` program (the binary and the end-to-end tests call this).
@@ -609,6 +645,7 @@ mod tests {
             format: ReportFormat::Table,
             coordinator: None,
             token: None,
+            tls: Default::default(),
             pareto: None,
             l0_band: None,
             metrics: None,

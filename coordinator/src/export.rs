@@ -3,7 +3,6 @@
 
 use crate::model::{SweepRecord, TrialRecord, TrialStatus};
 use crate::report::pick_sweep;
-use crate::run::address_file;
 use crate::spec::SweepSpec;
 use crate::store::{Store, StoreError};
 use crate::weights::WeightStore;
@@ -34,6 +33,8 @@ pub struct ExportArgs {
     /// Token of the running coordinator, when it holds the database.
     #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: crate::cli::TlsArgs,
 }
 
 /// The sweep and its trials, from the file, or from the coordinator that holds it.
@@ -55,17 +56,14 @@ async fn records(args: &ExportArgs) -> anyhow::Result<(SweepRecord, Vec<TrialRec
     let (sweeps, trials) = match read {
         Ok(found) => found,
         Err(StoreError::InUse { path }) => {
-            let addr_file = address_file(&path);
-            let addr = std::fs::read_to_string(&addr_file).with_context(|| {
-                format!(
-                    "{} is locked by a running coordinator, and {} (its address) cannot be read",
-                    path.display(),
-                    addr_file.display()
-                )
-            })?;
-            let url = format!("http://{}", addr.trim());
-            let json =
-                crate::service::report::fetch_records(&url, None, args.token.as_deref()).await?;
+            let url = crate::run::running_url(&path)?;
+            let json = crate::service::report::fetch_records(
+                &url,
+                None,
+                args.token.as_deref(),
+                &args.tls.client(),
+            )
+            .await?;
             (json.sweeps, json.trials)
         }
         Err(e) => return Err(e.into()),

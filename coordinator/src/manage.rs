@@ -14,6 +14,11 @@ pub struct ListArgs {
     /// Database file.
     #[arg(long, env = "MSAE_DB", default_value = "msae.redb")]
     pub db: PathBuf,
+    /// Token of the running coordinator, when it holds the database.
+    #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: crate::cli::TlsArgs,
 }
 
 /// Options of `delete`.
@@ -42,12 +47,14 @@ pub struct StatusArgs {
     /// Token of the running coordinator.
     #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: crate::cli::TlsArgs,
 }
 
 /// The coordinator `args` names, or the one whose address file lies beside `--db`.
 fn coordinator_url(args: &StatusArgs) -> anyhow::Result<String> {
     if let Some(url) = &args.coordinator {
-        return Ok(if url.contains("://") { url.clone() } else { format!("http://{url}") });
+        return Ok(crate::run::url_of(url));
     }
     let file = crate::run::address_file(&args.db);
     let addr = std::fs::read_to_string(&file).with_context(|| {
@@ -57,20 +64,30 @@ fn coordinator_url(args: &StatusArgs) -> anyhow::Result<String> {
             file.display()
         )
     })?;
-    Ok(format!("http://{}", addr.trim()))
+    Ok(crate::run::url_of(addr.trim()))
 }
 
 /// `msae-coordinator status`: the running coordinator's sweep, workers and throughput.
 pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
     use msae_shared::proto;
     let url = coordinator_url(args)?;
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())
-        .with_context(|| format!("invalid coordinator URL {url:?}"))?
+    let channel = args
+        .tls
+        .client()
+        .endpoint(&url)
+        .map_err(anyhow::Error::msg)?
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(10))
         .connect()
         .await
-        .with_context(|| format!("cannot reach the coordinator at {url} (is it running?)"))?;
+        .with_context(|| {
+            let hint = if url.starts_with("https://") && args.coordinator.is_none() {
+                "; with TLS, name it as its certificate does: --coordinator https://NAME:PORT"
+            } else {
+                ""
+            };
+            format!("cannot reach the coordinator at {url} (is it running?){hint}")
+        })?;
     let mut client = proto::coordinator_client::CoordinatorClient::new(channel);
     let mut request = tonic::Request::new(proto::StatusRequest {});
     if let Some(token) = &args.token {
@@ -139,10 +156,10 @@ fn existing(db: &std::path::Path) -> anyhow::Result<()> {
 /// Every sweep and its trials (without configs): from the file, or, while a coordinator holds
 /// it, from that coordinator.
 fn sweeps_and_trials(
-    db: &std::path::Path,
+    args: &ListArgs,
 ) -> anyhow::Result<(Vec<crate::model::SweepRecord>, Vec<crate::model::TrialRecord>)> {
     let from_file = || -> Result<_, StoreError> {
-        let store = Store::open_read_only(db)?;
+        let store = Store::open_read_only(&args.db)?;
         let sweeps = store.sweeps()?;
         let mut trials = Vec::new();
         for s in &sweeps {
@@ -153,10 +170,15 @@ fn sweeps_and_trials(
     match from_file() {
         Ok(found) => Ok(found),
         Err(StoreError::InUse { path }) => {
-            let url = running_coordinator(&path)?;
+            let url = crate::run::running_url(&path)?;
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let json = runtime
-                .block_on(crate::service::report::fetch_records(&url, None, None))
+                .block_on(crate::service::report::fetch_records(
+                    &url,
+                    None,
+                    args.token.as_deref(),
+                    &args.tls.client(),
+                ))
                 .with_context(|| {
                     format!("{} is held by the coordinator at {url}", path.display())
                 })?;
@@ -166,24 +188,10 @@ fn sweeps_and_trials(
     }
 }
 
-/// The URL of the coordinator holding `db`, from the address file it writes beside it.
-fn running_coordinator(db: &std::path::Path) -> anyhow::Result<String> {
-    let file = crate::run::address_file(db);
-    let addr = std::fs::read_to_string(&file).with_context(|| {
-        format!(
-            "{} is locked by another process, and {} (where a coordinator writes its address) \
-             cannot be read",
-            db.display(),
-            file.display()
-        )
-    })?;
-    Ok(format!("http://{}", addr.trim()))
-}
-
 /// The sweeps of the database, oldest first, with their trials per state.
 pub fn list(args: &ListArgs) -> anyhow::Result<String> {
     existing(&args.db)?;
-    let (mut sweeps, all_trials) = sweeps_and_trials(&args.db)?;
+    let (mut sweeps, all_trials) = sweeps_and_trials(args)?;
     if sweeps.is_empty() {
         return Ok(format!("{} holds no sweep\n", args.db.display()));
     }
@@ -235,7 +243,7 @@ pub fn delete(args: &DeleteArgs) -> anyhow::Result<String> {
                 "{} is in use by a running coordinator ({}); stop it before deleting a sweep \
                  (nothing was changed)",
                 path.display(),
-                running_coordinator(&path).unwrap_or_else(|_| "address unknown".into())
+                crate::run::running_url(&path).unwrap_or_else(|_| "address unknown".into())
             ),
             other => other?,
         };
@@ -348,7 +356,7 @@ mod tests {
     #[test]
     fn list_counts_each_sweep_s_trials() {
         let (_dir, path) = db();
-        let out = list(&ListArgs { db: path }).unwrap();
+        let out = list(&ListArgs { db: path, token: None, tls: Default::default() }).unwrap();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 3, "{out}");
         assert!(lines[1].starts_with("alpha  grid    2025-12-01 00:00"), "{out}");

@@ -48,6 +48,8 @@ pub struct RunOptions {
     pub lease_ttl: Duration,
     /// The most bytes of one uploaded trial file.
     pub max_upload: u64,
+    /// Serve TLS on `listen` (local workers then use a loopback port of their own).
+    pub tls: Option<msae_shared::tls::ServerTls>,
     /// Show live progress on stderr.
     pub progress: bool,
     /// Print the ranked report when the sweep ends.
@@ -69,6 +71,7 @@ impl RunOptions {
             token: None,
             lease_ttl: Duration::from_secs(30),
             max_upload: DEFAULT_MAX_UPLOAD_MB << 20,
+            tls: None,
             progress: true,
             report: true,
         }
@@ -94,6 +97,26 @@ pub fn address_file(db: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The URL of the coordinator holding `db`, from the address file it writes beside it
+/// (`HOST:PORT`, or a whole `https://` URL when it serves TLS).
+pub fn running_url(db: &Path) -> anyhow::Result<String> {
+    let file = address_file(db);
+    let addr = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "{} is locked by another process, and {} (where a running coordinator writes its \
+             address) cannot be read; pass --coordinator URL",
+            db.display(),
+            file.display()
+        )
+    })?;
+    Ok(url_of(addr.trim()))
+}
+
+/// A URL from what a user or the address file gives: `HOST:PORT` means `http://HOST:PORT`.
+pub fn url_of(addr: &str) -> String {
+    if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
+}
+
 /// Read and validate a sweep file; the error names the file, line and column.
 pub fn load_spec(path: &Path) -> anyhow::Result<(SweepSpec, String)> {
     let text = std::fs::read_to_string(path)
@@ -109,6 +132,7 @@ pub async fn run_sweep(
 ) -> anyhow::Result<RunSummary> {
     let (spec, yaml) = load_spec(&opts.sweep)?;
     crate::preflight::check_data(&spec, opts.local_workers)?;
+    let tls = opts.tls.as_ref().map(|t| t.config()).transpose().map_err(anyhow::Error::msg)?;
     // Bind before touching the database: a busy port must fail before anything starts.
     let listener = tokio::net::TcpListener::bind(opts.listen).await.with_context(|| {
         format!("cannot listen on {} (another coordinator? use --listen)", opts.listen)
@@ -156,18 +180,38 @@ pub async fn run_sweep(
     let sweep = scheduler.sweep_name().to_string();
 
     let addr_file = address_file(&opts.db);
-    if let Err(e) = std::fs::write(&addr_file, addr.to_string()) {
+    let published = if tls.is_some() { format!("https://{addr}") } else { addr.to_string() };
+    if let Err(e) = std::fs::write(&addr_file, published) {
         tracing::warn!("cannot write {}: {e}", addr_file.display());
     }
     tracing::info!(%sweep, %addr, db = %opts.db.display(), "coordinator listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server = {
+    // With TLS, local workers talk plain gRPC on a loopback port of their own (the certificate
+    // names the host remote workers use, not 127.0.0.1); the token still applies there.
+    let local_listener = match (&tls, opts.local_workers) {
+        (Some(_), n) if n > 0 => Some(
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .context("cannot open a loopback port for the local workers")?,
+        ),
+        _ => None,
+    };
+    let local_url = match &local_listener {
+        Some(l) => format!("http://{}", l.local_addr()?),
+        None => format!("http://{addr}"),
+    };
+    let mut servers = Vec::new();
+    for (listener, tls) in
+        [Some((listener, tls)), local_listener.map(|l| (l, None))].into_iter().flatten()
+    {
         let scheduler = scheduler.clone();
         let token = opts.token.clone();
         let stop = wait_for(stop_rx.clone());
-        tokio::spawn(async move { crate::service::serve(listener, scheduler, token, stop).await })
-    };
+        servers.push(tokio::spawn(async move {
+            crate::service::serve(listener, scheduler, token, tls, stop).await
+        }));
+    }
     let tensorboard = opts.logdir.clone().map(|root| {
         let params: Vec<_> = spec
             .parameters
@@ -182,7 +226,7 @@ pub async fn run_sweep(
     // Local workers stop first, while the server still answers their Release calls.
     let (workers_stop_tx, workers_stop_rx) = watch::channel(false);
     let local = crate::embedded::LocalWorkers {
-        url: format!("http://{addr}"),
+        url: local_url,
         count: opts.local_workers,
         name: "local".into(),
         gpu: opts.local_gpu,
@@ -231,10 +275,12 @@ pub async fn run_sweep(
     if let Some(handle) = display {
         let _ = handle.await;
     }
-    match tokio::time::timeout(Duration::from_secs(5), server).await {
-        Ok(Ok(Err(e))) => tracing::warn!("gRPC server error: {e}"),
-        Err(_) => tracing::warn!("gRPC server did not stop within 5 s"),
-        _ => {}
+    for server in servers {
+        match tokio::time::timeout(Duration::from_secs(5), server).await {
+            Ok(Ok(Err(e))) => tracing::warn!("gRPC server error: {e}"),
+            Err(_) => tracing::warn!("gRPC server did not stop within 5 s"),
+            _ => {}
+        }
     }
     // The event stream closes when the last scheduler handle is gone (the server held one):
     // the TensorBoard writer then drains what is left and closes its files.

@@ -430,12 +430,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-/// Serves the coordinator on `listener` until `shutdown` resolves. Connections get
+/// Serves the coordinator on `listener` (over TLS with `tls`) until `shutdown` resolves. Connections get
 /// `TCP_NODELAY` (small request/reply messages; Nagle would add delay to every round trip).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     scheduler: SchedulerHandle,
     token: Option<String>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let service = edge::StatusEdge(tonic::service::interceptor::InterceptedService::new(
@@ -452,7 +453,11 @@ pub async fn serve(
     // Health answers without a token: probes and load balancers carry none.
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)

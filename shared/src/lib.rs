@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod runner;
 pub mod signal;
 pub mod suggest;
+pub mod tls;
 pub mod upload;
 pub mod yaml;
 

@@ -99,7 +99,8 @@ pub fn report_rpc(port: u16) -> Option<ReportJson> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let url = format!("http://127.0.0.1:{port}");
-        let fut = msae_coordinator::service::report::fetch_records(&url, None, None);
+        let tls = msae_shared::tls::ClientTls::default();
+        let fut = msae_coordinator::service::report::fetch_records(&url, None, None, &tls);
         tokio::time::timeout(Duration::from_secs(5), fut).await.ok()?.ok()
     })
 }

@@ -111,6 +111,7 @@ fn run_in(dir: &Path, args: &ReportBenchArgs) -> anyhow::Result<Vec<ReportBenchR
         format: ReportFormat::Table,
         coordinator,
         token: None,
+        tls: Default::default(),
         pareto: None,
         l0_band: None,
         metrics: None,

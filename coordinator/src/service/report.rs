@@ -25,6 +25,7 @@ use crate::scheduler::SchedulerHandle;
 use anyhow::Context;
 use msae_shared::proto;
 use msae_shared::proto::report_chunk::Part;
+use msae_shared::tls::ClientTls;
 use serde::Serialize;
 use std::pin::Pin;
 use std::time::Duration;
@@ -315,9 +316,11 @@ pub async fn request_report(
     url: &str,
     query: &ReportQuery,
     token: Option<&str>,
+    tls: &ClientTls,
 ) -> anyhow::Result<tonic::Streaming<proto::ReportChunk>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("invalid coordinator URL {url:?}"))?
+    let channel = tls
+        .endpoint(url)
+        .map_err(anyhow::Error::msg)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .connect()
@@ -342,8 +345,9 @@ pub async fn fetch_text(
     url: &str,
     query: &ReportQuery,
     token: Option<&str>,
+    tls: &ClientTls,
 ) -> anyhow::Result<String> {
-    let stream = request_report(url, query, token).await?;
+    let stream = request_report(url, query, token, tls).await?;
     collect_text(stream)
         .await
         .with_context(|| format!("reading the report of the coordinator at {url}"))
@@ -355,13 +359,14 @@ pub async fn fetch_records(
     url: &str,
     sweep: Option<&str>,
     token: Option<&str>,
+    tls: &ClientTls,
 ) -> anyhow::Result<ReportJson> {
     let query = ReportQuery {
         sweep: sweep.map(str::to_string),
         records: true,
         ..ReportQuery::new(ReportFormat::Table)
     };
-    let stream = request_report(url, &query, token).await?;
+    let stream = request_report(url, &query, token, tls).await?;
     collect_records(stream)
         .await
         .with_context(|| format!("reading the records of the coordinator at {url}"))

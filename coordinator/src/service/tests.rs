@@ -45,10 +45,15 @@ async fn server_with(n: usize, token: Option<&str>, policy: SchedulerPolicy) -> 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task =
-        tokio::spawn(serve(listener, scheduler.clone(), token.map(String::from), async move {
+    let task = tokio::spawn(serve(
+        listener,
+        scheduler.clone(),
+        token.map(String::from),
+        None,
+        async move {
             let _ = rx.await;
-        }));
+        },
+    ));
     Server { addr, scheduler, stop: Some(tx), task, _dir: dir }
 }
 
@@ -533,16 +538,26 @@ async fn the_report_client_asks_with_its_token() {
     let s = server(2, Some("s3cret")).await;
     let url = format!("http://{}", s.addr);
     let json = ReportQuery::new(ReportFormat::Json);
-    let text = within(report::fetch_text(&url, &json, Some("s3cret"))).await.unwrap();
+    let text =
+        within(report::fetch_text(&url, &json, Some("s3cret"), &Default::default())).await.unwrap();
     let parsed: crate::report::Report = serde_json::from_str(&text).unwrap();
     assert_eq!(parsed.sweep, "grid");
-    let e = within(report::fetch_text(&url, &json, None)).await.unwrap_err().to_string();
+    let e = within(report::fetch_text(&url, &json, None, &Default::default()))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(&format!("the coordinator at {url} refused the report")), "{e}");
-    let records = within(report::fetch_records(&url, Some("grid"), Some("s3cret"))).await.unwrap();
+    let records =
+        within(report::fetch_records(&url, Some("grid"), Some("s3cret"), &Default::default()))
+            .await
+            .unwrap();
     assert_eq!(records.sweeps.len(), 1);
     // Trials are proposed as they are needed: at least the first is stored.
     assert!(!records.trials.is_empty() && records.trials.iter().all(|t| t.sweep == "grid"));
-    let e = within(report::fetch_text("not a url", &json, None)).await.unwrap_err().to_string();
+    let e = within(report::fetch_text("not a url", &json, None, &Default::default()))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("invalid coordinator URL"), "{e}");
     s.stop().await;
 }
@@ -722,7 +737,7 @@ async fn server_with_records(yaml: &str, trials: Vec<TrialRecord>) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, scheduler.clone(), None, async move {
+    let task = tokio::spawn(serve(listener, scheduler.clone(), None, None, async move {
         let _ = rx.await;
     }));
     Server { addr, scheduler, stop: Some(tx), task, _dir: dir }
@@ -815,6 +830,7 @@ async fn the_report_rpc_gives_the_local_report_for_every_column_option() {
         format,
         coordinator: Some(url.clone()),
         token: None,
+        tls: Default::default(),
         pareto: None,
         l0_band: None,
         metrics,
@@ -1317,5 +1333,124 @@ async fn health_answers_serving_without_the_token() {
     let mut c = s.client().await;
     let e = within(c.status(proto::StatusRequest {})).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    s.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+
+/// A CA, a server certificate for `localhost` and a client certificate, as PEM files in `dir`.
+fn write_pki(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    for (name, san) in [("server", "localhost"), ("client", "worker-1")] {
+        let key = KeyPair::generate().unwrap();
+        let cert =
+            CertificateParams::new(vec![san.to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+async fn tls_server(dir: &std::path::Path, client_ca: bool) -> Server {
+    let tls = msae_shared::tls::ServerTls {
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+        client_ca: client_ca.then(|| dir.join("ca.pem")),
+    }
+    .config()
+    .unwrap();
+    let db = tempfile::tempdir().unwrap();
+    let store = Store::open(db.path().join("tls.redb")).unwrap();
+    let input = SweepInput {
+        name: "grid".into(),
+        yaml: "name: grid".into(),
+        fingerprint: "fp".into(),
+        new_sweep: false,
+    };
+    let scheduler = Scheduler::start(
+        store,
+        input,
+        actor_policy(),
+        Box::new(ListStrategy::new(1)),
+        make_config(),
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, scheduler.clone(), None, Some(tls), async move {
+        let _ = rx.await;
+    }));
+    Server { addr, scheduler, stop: Some(tx), task, _dir: db }
+}
+
+async fn register_over(tls: &msae_shared::tls::ClientTls, url: &str) -> Result<String, String> {
+    let endpoint = tls.endpoint(url)?.connect_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| format!("{e:?}"))?;
+    let mut c = CoordinatorClient::new(channel);
+    c.register(proto::RegisterRequest {
+        protocol_version: msae_shared::PROTOCOL_VERSION,
+        name: "tls".into(),
+        device: "cpu".into(),
+    })
+    .await
+    .map(|r| r.into_inner().worker_id)
+    .map_err(|s| format!("{s:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_clients_that_trust_its_ca_and_only_them() {
+    let pki = tempfile::tempdir().unwrap();
+    write_pki(pki.path());
+    let s = tls_server(pki.path(), false).await;
+    let url = format!("https://localhost:{}", s.addr.port());
+    let trusting =
+        msae_shared::tls::ClientTls { ca: Some(pki.path().join("ca.pem")), ..Default::default() };
+    assert!(within(register_over(&trusting, &url)).await.is_ok());
+    // No CA for an https URL: refused before connecting, saying what to pass.
+    let e = within(register_over(&Default::default(), &url)).await.unwrap_err();
+    assert!(e.contains("--tls-ca"), "{e}");
+    // Trusting another CA: the handshake fails.
+    let other = tempfile::tempdir().unwrap();
+    write_pki(other.path());
+    let stranger =
+        msae_shared::tls::ClientTls { ca: Some(other.path().join("ca.pem")), ..Default::default() };
+    assert!(within(register_over(&stranger, &url)).await.is_err());
+    // Plain gRPC to the TLS port gets nowhere.
+    let plain = format!("http://127.0.0.1:{}", s.addr.port());
+    assert!(within(register_over(&Default::default(), &plain)).await.is_err());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_ca_requires_client_certificates() {
+    let pki = tempfile::tempdir().unwrap();
+    write_pki(pki.path());
+    let s = tls_server(pki.path(), true).await;
+    let url = format!("https://localhost:{}", s.addr.port());
+    let ca = Some(pki.path().join("ca.pem"));
+    let anonymous = msae_shared::tls::ClientTls { ca: ca.clone(), ..Default::default() };
+    assert!(within(register_over(&anonymous, &url)).await.is_err(), "no client certificate");
+    let known = msae_shared::tls::ClientTls {
+        ca,
+        cert: Some(pki.path().join("client.pem")),
+        key: Some(pki.path().join("client.key")),
+    };
+    assert!(within(register_over(&known, &url)).await.is_ok());
+    // A certificate and key that do not go together are refused at start, naming the files.
+    let bad = msae_shared::tls::ServerTls {
+        cert: pki.path().join("server.pem"),
+        key: pki.path().join("client.key"),
+        client_ca: None,
+    };
+    let e = bad.config().unwrap_err();
+    assert!(e.contains("server.pem") && e.contains("client.key"), "{e}");
+    let missing = msae_shared::tls::ServerTls { cert: pki.path().join("nope.pem"), ..bad };
+    assert!(missing.config().unwrap_err().contains("nope.pem"));
     s.stop().await;
 }

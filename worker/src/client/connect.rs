@@ -7,7 +7,7 @@ use tonic::Status;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Adds `authorization: Bearer TOKEN` to every call when a token is set.
 #[derive(Clone)]
@@ -26,8 +26,10 @@ pub(super) type Client = CoordinatorClient<InterceptedService<Channel, BearerAut
 
 /// A client of `opts.coordinator`; Err for a bad URL or a token that cannot be a header.
 pub(super) fn connect(opts: &ClientOptions) -> anyhow::Result<Client> {
-    let endpoint = Endpoint::from_shared(opts.coordinator.clone())
-        .map_err(|e| anyhow::anyhow!("invalid coordinator URL {:?}: {e}", opts.coordinator))?
+    let endpoint = opts
+        .tls
+        .endpoint(&opts.coordinator)
+        .map_err(anyhow::Error::msg)?
         .connect_timeout(opts.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))

@@ -14,6 +14,8 @@ pub struct ClientOptions {
     pub gpu: Option<usize>,
     /// Shared secret sent as `authorization: Bearer TOKEN`.
     pub token: Option<String>,
+    /// What to trust for an https:// coordinator (and a client certificate, if it asks).
+    pub tls: msae_shared::tls::ClientTls,
     /// Artifacts of a trial go to `{out_dir}/{sweep}/{index}` when set.
     pub out_dir: Option<PathBuf>,
     /// Exit after handling this many leases.
@@ -43,6 +45,7 @@ impl ClientOptions {
             name: default_worker_name(),
             gpu: None,
             token: None,
+            tls: Default::default(),
             out_dir: None,
             max_trials: None,
             poll_wait: Duration::from_secs(20),
