@@ -465,4 +465,6 @@ pub async fn serve(
 }
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;
