@@ -12,8 +12,8 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 const TRIALS: usize = 400;
-/// Long enough that 4 workers need about 20 s for the sweep: the chaos rounds (about 3 s each)
-/// must all happen before it ends.
+/// Long enough that 4 workers need at least 20 s for the sweep: the chaos rounds (5 s in all on
+/// a 2-core machine, most of it waiting for leases to expire) must all happen before it ends.
 const SLEEP_MS: u64 = 200;
 const WORKERS: usize = 4;
 const ROUNDS: usize = 3;
