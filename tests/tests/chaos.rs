@@ -79,25 +79,37 @@ fn chaos_every_trial_completes_exactly_once() {
         let name = format!("w{victim}-{}", round + 1);
         fleet.workers[victim] = (name.clone(), spawn_worker(dir.path(), port, &name));
 
-        // Another worker, one that holds a lease, stalls past the lease's TTL.
-        let (i, name) = wait_until(Duration::from_secs(30), "a worker holding a lease", || {
-            let r = report_rpc(port)?;
-            r.trials.iter().filter(|t| t.status == TrialStatus::Running).find_map(|t| {
-                let holder = t.worker.as_deref()?;
-                let i = fleet.workers.iter().position(|(n, _)| n == holder)?;
-                (i != victim).then(|| (i, holder.to_string()))
-            })
-        });
-        sigstop(&fleet.workers[i].1);
-        wait_until(Duration::from_secs(30), "the frozen worker's lease to expire", || {
-            let r = report_rpc(port)?;
-            let holds = r.trials.iter().any(|t| {
-                t.status == TrialStatus::Running && t.worker.as_deref() == Some(name.as_str())
+        // Another worker stalls past its lease's TTL. It must hold a lease while frozen, as
+        // the coordinator sees it once requests it had in flight are answered; otherwise it is
+        // resumed and another is tried.
+        let (i, name) =
+            wait_until(Duration::from_secs(30), "a frozen worker holding a lease", || {
+                let r = report_rpc(port)?;
+                let (i, name) =
+                    r.trials.iter().filter(|t| t.status == TrialStatus::Running).find_map(|t| {
+                        let holder = t.worker.as_deref()?;
+                        let i = fleet.workers.iter().position(|(n, _)| n == holder)?;
+                        (i != victim).then(|| (i, holder.to_string()))
+                    })?;
+                sigstop(&fleet.workers[i].1);
+                std::thread::sleep(Duration::from_millis(200));
+                if report_rpc(port).is_some_and(|r| holds_lease(&r, &name)) {
+                    return Some((i, name));
+                }
+                sigcont(&fleet.workers[i].1);
+                None
             });
-            (!holds).then_some(())
+        let refused_before = log_of(dir.path(), &name).matches(REFUSED).count();
+        wait_until(Duration::from_secs(30), "the frozen worker's lease to expire", || {
+            (!holds_lease(&report_rpc(port)?, &name)).then_some(())
         });
         sigcont(&fleet.workers[i].1);
-        *frozen.entry(name).or_default() += 1;
+        *frozen.entry(name.clone()).or_default() += 1;
+        // Back, it delivers a result for a trial that is no longer its own (before the
+        // coordinator goes down, or the restarted one would refuse it as well).
+        wait_until(Duration::from_secs(30), "the frozen worker's stale result refused", || {
+            (log_of(dir.path(), &name).matches(REFUSED).count() > refused_before).then_some(())
+        });
 
         // The coordinator dies mid-sweep and comes back on the same file and address.
         kill9(fleet.coordinator.as_mut().unwrap());
@@ -137,6 +149,14 @@ fn chaos_every_trial_completes_exactly_once() {
          {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Whether the report shows a trial running under `worker`'s lease.
+fn holds_lease(report: &msae_coordinator::service::ReportJson, worker: &str) -> bool {
+    report
+        .trials
+        .iter()
+        .any(|t| t.status == TrialStatus::Running && t.worker.as_deref() == Some(worker))
 }
 
 fn log_of(dir: &Path, worker: &str) -> String {
