@@ -1182,6 +1182,7 @@ async fn a_failed_commit_stops_the_scheduler_and_acknowledges_nothing_it_did_not
     let g0 = within(h.lease(&w, Duration::ZERO)).await.unwrap().lease.unwrap();
     let g1 = within(h.lease(&w, Duration::ZERO)).await.unwrap().lease.unwrap();
     assert!(within(h.complete(&g0.lease_id, success(0.5))).await.unwrap().accepted);
+    let mut events = h.events_lossless();
 
     fault.fail_after(0);
     let refused = within(h.complete(&g1.lease_id, success(0.2))).await;
@@ -1196,6 +1197,12 @@ async fn a_failed_commit_stops_the_scheduler_and_acknowledges_nothing_it_did_not
     assert!(matches!(within(h.finished()).await, Err(SchedulerError::Commit(_))));
     assert!(within(h.lease(&w, Duration::ZERO)).await.is_err(), "a stopped scheduler leases");
     drop(h);
+    // Observers (TensorBoard) hear only of committed changes.
+    while let Ok(event) = events.try_recv() {
+        let refused =
+            matches!(&event, SchedulerEvent::TrialFinished { record, .. } if record.index == 1);
+        assert!(!refused, "{event:?}");
+    }
 
     let store = reopen(&path).await;
     let trials = store.trials("s").unwrap();
