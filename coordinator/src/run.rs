@@ -140,6 +140,8 @@ pub async fn run_sweep(
     let addr = listener.local_addr()?;
     let db = opts.db.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&db)).await??;
+    #[cfg(feature = "fault-injection")]
+    arm_write_fault(&store);
     // Opened only once the database is ours: its lock keeps a second coordinator from
     // emptying this one's staging area.
     let weights = if spec.keep_weights.uploads() {
@@ -238,7 +240,8 @@ pub async fn run_sweep(
 
     let mut counts_rx = scheduler.counts();
     let finished = tokio::select! {
-        result = scheduler.finished() => { result?; true }
+        // A store error is reported below, after the cleanup, from the counts.
+        result = scheduler.finished() => result.is_ok(),
         () = shutdown => {
             eprintln!("stopping: no new trials are dispatched; running trials are handed back");
             false
@@ -292,7 +295,11 @@ pub async fn run_sweep(
     }
     let _ = std::fs::remove_file(&addr_file);
     if let Some(error) = &counts.error {
-        anyhow::bail!("the scheduler stopped: {error}");
+        anyhow::bail!(
+            "the sweep stopped because the database could not be written ({error}); every \
+             result acknowledged before that is stored, and nothing after it was acknowledged: \
+             fix the cause (a full disk?) and run the same command again to resume"
+        );
     }
     if opts.report
         && let Some(record) = sweeps.iter().find(|s| s.name == sweep)
@@ -305,6 +312,20 @@ pub async fn run_sweep(
         }
     }
     Ok(RunSummary { sweep, addr, counts, finished })
+}
+
+/// Tests make the database fail like a full disk after N commits with
+/// `MSAE_FAULT_FAIL_WRITES_AFTER=N` (only in builds with the `fault-injection` feature).
+#[cfg(feature = "fault-injection")]
+fn arm_write_fault(store: &Store) {
+    let Ok(text) = std::env::var("MSAE_FAULT_FAIL_WRITES_AFTER") else { return };
+    match text.parse::<u64>() {
+        Ok(n) => {
+            tracing::warn!(commits = n, "fault injection: database writes fail after {n} commits");
+            store.write_fault().fail_after(n);
+        }
+        Err(e) => tracing::warn!("ignoring MSAE_FAULT_FAIL_WRITES_AFTER={text:?}: {e}"),
+    }
 }
 
 /// Resolves when the watch flips to true (or its sender is gone).

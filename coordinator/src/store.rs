@@ -49,9 +49,10 @@ pub enum StoreError {
         "{path} is not a msae/redb database or is corrupted ({detail}); the file was left untouched"
     )]
     NotADatabase { path: PathBuf, detail: String },
-    /// The file was not shut down cleanly and a read-only open cannot repair it.
+    /// The file was not shut down cleanly, or is damaged (a truncated file looks the same to a
+    /// read-only open), and a read-only open can neither repair nor check it.
     #[error(
-        "{path} was not shut down cleanly and needs recovery, which a read-only open cannot do; start the coordinator on it once (it recovers the file) or ask a running coordinator"
+        "{path} was not shut down cleanly or is damaged (truncated?): a read-only open can neither recover nor check it, and left it untouched; start the coordinator on it once (it recovers a file a crash left, and refuses a damaged one without changing it) or ask a running coordinator"
     )]
     NeedsRecovery { path: PathBuf },
     // The causes below are part of the message and deliberately not named `source`: thiserror
@@ -90,6 +91,41 @@ enum Db {
 pub struct Store {
     db: Db,
     path: PathBuf,
+    #[cfg(any(test, feature = "fault-injection"))]
+    fault: WriteFault,
+}
+
+/// Fault injection for tests (feature `fault-injection`): makes [`Store::write`] fail as a full
+/// disk would, so what the coordinator does with a failed commit can be checked without a
+/// small filesystem to fill. Shared with the store it came from, so it can be armed after the
+/// store has been handed over.
+#[cfg(any(test, feature = "fault-injection"))]
+#[derive(Debug, Clone)]
+pub struct WriteFault(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+#[cfg(any(test, feature = "fault-injection"))]
+impl WriteFault {
+    const NEVER: u64 = u64::MAX;
+
+    fn new() -> Self {
+        WriteFault(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(Self::NEVER)))
+    }
+
+    /// The next `commits` writes succeed; every write after them fails, writing nothing.
+    pub fn fail_after(&self, commits: u64) {
+        self.0.store(commits, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether this write must fail; counts it down otherwise.
+    fn strikes(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let step = |left: u64| match left {
+            0 => None,
+            Self::NEVER => Some(Self::NEVER),
+            n => Some(n - 1),
+        };
+        self.0.fetch_update(SeqCst, SeqCst, step).is_err()
+    }
 }
 
 /// Serialised records to commit together in one write transaction.
@@ -135,7 +171,12 @@ impl Store {
     pub fn open(path: impl AsRef<Path>) -> Result<Store> {
         let path = path.as_ref().to_path_buf();
         let db = Database::create(&path).map_err(|e| open_error(&path, e))?;
-        let store = Store { db: Db::ReadWrite(db), path };
+        let store = Store {
+            db: Db::ReadWrite(db),
+            path,
+            #[cfg(any(test, feature = "fault-injection"))]
+            fault: WriteFault::new(),
+        };
         store.init_schema()?;
         Ok(store)
     }
@@ -151,7 +192,12 @@ impl Store {
             .set_cache_size(READ_ONLY_CACHE_BYTES)
             .open_read_only(&path)
             .map_err(|e| open_error(&path, e))?;
-        let store = Store { db: Db::ReadOnly(db), path };
+        let store = Store {
+            db: Db::ReadOnly(db),
+            path,
+            #[cfg(any(test, feature = "fault-injection"))]
+            fault: WriteFault::new(),
+        };
         store.check_schema()?;
         Ok(store)
     }
@@ -159,6 +205,12 @@ impl Store {
     /// The file this store was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The handle that makes this store's writes fail (tests only).
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub fn write_fault(&self) -> WriteFault {
+        self.fault.clone()
     }
 
     fn redb(&self, context: &'static str, e: impl std::fmt::Display) -> StoreError {
@@ -240,6 +292,16 @@ impl Store {
         };
         if batch.is_empty() {
             return Ok(());
+        }
+        #[cfg(any(test, feature = "fault-injection"))]
+        if self.fault.strikes() {
+            return Err(StoreError::Io {
+                path: self.path.clone(),
+                error: std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    "no space left on device (injected fault)",
+                ),
+            });
         }
         let txn = db.begin_write().map_err(|e| self.redb("starting a write", e))?;
         {

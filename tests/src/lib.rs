@@ -134,7 +134,34 @@ pub fn kill9(child: &mut Child) {
 
 /// Send SIGTERM (the polite stop a scheduler sends).
 pub fn sigterm(child: &Child) {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    signal(child, "TERM");
+}
+
+/// Freeze a process with SIGSTOP (a stalled machine: its connections stay open, it says
+/// nothing).
+pub fn sigstop(child: &Child) {
+    signal(child, "STOP");
+}
+
+/// Resume a process frozen with [`sigstop`].
+pub fn sigcont(child: &Child) {
+    signal(child, "CONT");
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill").args([&format!("-{name}"), &child.id().to_string()]).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -{name} {} failed", child.id());
+}
+
+/// Runs `e2e-coordinator` with `args` (a subcommand such as `report`, `list`, `export`) to its
+/// end.
+pub fn coordinator_command(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(bin("e2e-coordinator")).args(args).output().expect("running e2e-coordinator")
+}
+
+/// SHA-256 of a file's bytes, to show that a command left it as it was.
+pub fn file_digest(path: &Path) -> String {
+    msae_shared::upload::sha256_hex(&std::fs::read(path).expect("reading a file to hash"))
 }
 
 /// Wait for a child to exit, killing it after `timeout`.

@@ -1,6 +1,7 @@
 //! Fault tests with real processes on 127.0.0.1: a worker killed mid-trial, the coordinator
 //! killed and restarted mid-sweep, a worker stopped with SIGTERM, report beside a live
-//! coordinator, and bad sweep files.
+//! coordinator, bad sweep files, and a database that is corrupt, truncated, locked or cannot
+//! be written.
 
 use msae_coordinator::model::{TrialRecord, TrialStatus};
 use msae_tests::*;
@@ -308,15 +309,157 @@ fn a_corrupt_database_is_named_and_left_untouched() {
         stderr.contains("corrupt.redb") && stderr.contains("not a msae/redb database"),
         "{stderr}"
     );
-    let out = std::process::Command::new(bin("e2e-coordinator"))
-        .args(["report", "--db"])
-        .arg(&db)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("corrupt.redb"), "{stderr}");
     assert_eq!(std::fs::read(&db).unwrap(), garbage, "the file was modified");
+    every_command_refuses(&db, &["not a msae/redb database", "damaged"]);
+}
+
+/// `report`, `list`, `export` and `delete` (with and without --yes) on a database they cannot
+/// read: each exits non-zero with a message naming the file and one of `problems`, and leaves
+/// the file's bytes as they were.
+fn every_command_refuses(db: &std::path::Path, problems: &[&str]) {
+    let name = db.file_name().unwrap().to_string_lossy().into_owned();
+    let out_dir = db.with_extension("export");
+    let commands: [&[&str]; 5] = [
+        &["report"],
+        &["list"],
+        &["export", "--trial", "0", "--out", out_dir.to_str().unwrap()],
+        &["delete", "c"],
+        &["delete", "c", "--yes"],
+    ];
+    let before = file_digest(db);
+    for args in commands {
+        let mut argv: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        argv.extend([std::ffi::OsStr::new("--db"), db.as_os_str()]);
+        let out = coordinator_command(&argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} accepted {name}: {stderr}");
+        assert!(stderr.contains(&name), "{args:?}: the file is not named: {stderr}");
+        assert!(problems.iter().any(|p| stderr.contains(p)), "{args:?}: no problem in: {stderr}");
+        assert_eq!(file_digest(db), before, "{args:?} modified {name}");
+    }
+}
+
+/// A database written by a real sweep, then cut to half its size (a copy that stopped
+/// short, a full disk during a backup): every command names it and the damage, and none
+/// writes to it, the sweep command (which could repair a file a crash left) included.
+#[test]
+fn a_truncated_database_is_named_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("c.yaml");
+    std::fs::write(&sweep, noop_sweep("c", 40, 0, 1)).unwrap();
+    let db = dir.path().join("cut.redb");
+    let quiet = ["--quiet", "--no-report", "--logdir", "none"];
+    let out = run_to_end(&sweep, &db, &quiet);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let whole = std::fs::read(&db).unwrap();
+    std::fs::write(&db, &whole[..whole.len() / 2]).unwrap();
+    let before = file_digest(&db);
+
+    let out = run_to_end(&sweep, &db, &quiet);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a sweep ran on a truncated file: {stderr}");
+    assert!(stderr.contains("cut.redb") && stderr.contains("truncated"), "{stderr}");
+    assert!(stderr.contains("left untouched"), "{stderr}");
+    assert_eq!(file_digest(&db), before, "the sweep command modified the file");
+    every_command_refuses(&db, &["truncated"]);
+}
+
+/// A second coordinator on a database that a running one holds is refused at once, naming
+/// the file and the reason, and the first carries on to the end; `delete` is refused too,
+/// while `report` and `list` ask the running coordinator.
+#[test]
+fn a_held_database_refuses_a_second_coordinator_and_the_first_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("c.yaml");
+    std::fs::write(&sweep, noop_sweep("c", 6, 100, 1)).unwrap();
+    let db = dir.path().join("held.redb");
+    let port = free_port();
+    let mut first = spawn_coordinator(dir.path(), &sweep, &db, port, &["--local-workers", "0"]);
+    wait_until(Duration::from_secs(60), "the first coordinator to listen", || report_rpc(port));
+
+    let out = run_to_end(&sweep, &db, &["--quiet", "--logdir", "none"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second coordinator ran: {stderr}");
+    assert!(
+        stderr.contains("held.redb") && stderr.contains("in use by another process"),
+        "{stderr}"
+    );
+    let db_arg = db.as_os_str();
+    let out = coordinator_command(&[
+        "delete".as_ref(),
+        "c".as_ref(),
+        "--yes".as_ref(),
+        "--db".as_ref(),
+        db_arg,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "deleted under a running coordinator: {stderr}");
+    assert!(stderr.contains("held.redb") && stderr.contains("nothing was changed"), "{stderr}");
+    for cmd in ["report", "list"] {
+        let out = coordinator_command(&[cmd.as_ref(), "--db".as_ref(), db_arg]);
+        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    let mut worker = spawn_worker(dir.path(), port, "w");
+    assert!(wait_exit(&mut first, Duration::from_secs(60), "first coordinator").success());
+    let _ = wait_exit(&mut worker, Duration::from_secs(30), "worker");
+    let trials = stored_trials(&db);
+    assert_eq!(trials.len(), 6);
+    assert!(trials.iter().all(|t| t.status == TrialStatus::Completed), "{trials:#?}");
+}
+
+/// A database write that fails (the disk is full; injected after N commits): the coordinator
+/// stops, exits non-zero saying which file could not be written and why, and every result a
+/// worker saw acknowledged is in the file afterwards.
+#[test]
+fn a_failing_database_write_stops_the_coordinator_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("full.yaml");
+    std::fs::write(&sweep, noop_sweep("full", 40, 50, 3)).unwrap();
+    let db = dir.path().join("full.redb");
+    let port = free_port();
+    let log_path = dir.path().join("coordinator.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut coordinator = std::process::Command::new(bin("e2e-coordinator"))
+        .arg(&sweep)
+        .arg("--db")
+        .arg(&db)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--logdir", "none", "--quiet", "--local-workers", "0"])
+        .env("MSAE_FAULT_FAIL_WRITES_AFTER", "15")
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut worker = spawn_worker(dir.path(), port, "w");
+    let status = wait_exit(&mut coordinator, Duration::from_secs(60), "coordinator");
+    // The worker keeps its undelivered result and retries; it has nothing more to tell.
+    kill9(&mut worker);
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(status.code(), Some(1), "{text}");
+    let last = text.lines().rfind(|l| l.starts_with("error:")).unwrap_or_default();
+    assert!(
+        last.contains("database could not be written")
+            && last.contains("full.redb")
+            && last.contains("no space left on device"),
+        "{text}"
+    );
+    assert!(!msae_coordinator::run::address_file(&db).exists(), "the address file was left");
+
+    let acknowledged: BTreeSet<u64> = std::fs::read_to_string(dir.path().join("worker-w.log"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("result accepted"))
+        .filter_map(|l| l.split_once("trial=full/")?.1.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(!acknowledged.is_empty(), "no result was acknowledged before the failure");
+    let trials = stored_trials(&db);
+    let completed: BTreeSet<u64> =
+        trials.iter().filter(|t| t.status == TrialStatus::Completed).map(|t| t.index).collect();
+    assert!(completed.len() < 40, "the failure came after the end of the sweep");
+    let lost: Vec<_> = acknowledged.difference(&completed).collect();
+    assert!(lost.is_empty(), "acknowledged but not stored: {lost:?} ({completed:?})");
 }
 
 #[test]

@@ -220,11 +220,13 @@ impl Actor {
                 tokio::task::spawn_blocking(move || discarded.iter().for_each(|d| store.remove(d)));
             }
             let events = self.core.take_events();
-            if !events.is_empty() {
+            // Events say what was committed; after a failed commit there is nothing to say
+            // (TensorBoard would record a result the file does not hold).
+            if error.is_none() && !events.is_empty() {
                 let mut sinks = self.lossless.lock().unwrap_or_else(|p| p.into_inner());
                 sinks.retain(|sink| events.iter().all(|e| sink.send(e.clone()).is_ok()));
             }
-            for event in events {
+            for event in events.into_iter().filter(|_| error.is_none()) {
                 // No receiver is fine: events are for optional observers.
                 let _ = self.events_tx.send(event);
             }

@@ -1164,3 +1164,51 @@ async fn a_swarm_is_dispatched_at_once_and_simplex_cells_run_side_by_side() {
         within(h.shutdown(Duration::ZERO)).await.unwrap();
     }
 }
+
+/// A commit that fails (a full disk) stops the scheduler: the request whose change it held is
+/// answered with the error, not acknowledged, nothing is taken afterwards, and the file still
+/// holds everything acknowledged before.
+#[tokio::test]
+async fn a_failed_commit_stops_the_scheduler_and_acknowledges_nothing_it_did_not_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("full.redb");
+    let store = Store::open(&path).unwrap();
+    let fault = store.write_fault();
+    let s = Box::new(ListStrategy::new(4));
+    let h = within(Scheduler::start(store, input("fp"), actor_policy(), s, make_config()))
+        .await
+        .unwrap();
+    let w = within(h.register("a", "cpu", V)).await.unwrap();
+    let g0 = within(h.lease(&w, Duration::ZERO)).await.unwrap().lease.unwrap();
+    let g1 = within(h.lease(&w, Duration::ZERO)).await.unwrap().lease.unwrap();
+    assert!(within(h.complete(&g0.lease_id, success(0.5))).await.unwrap().accepted);
+    let mut events = h.events_lossless();
+
+    fault.fail_after(0);
+    let refused = within(h.complete(&g1.lease_id, success(0.2))).await;
+    match &refused {
+        Err(SchedulerError::Commit(e)) => {
+            assert!(e.contains("full.redb") && e.contains("no space left"), "{e}")
+        }
+        other => panic!("a result that was not stored was answered with {other:?}"),
+    }
+    let counts = within(async { h.counts().wait_for(|c| c.stopped).await.unwrap().clone() }).await;
+    assert!(counts.error.as_deref().is_some_and(|e| e.contains("no space left")), "{counts:?}");
+    assert!(matches!(within(h.finished()).await, Err(SchedulerError::Commit(_))));
+    assert!(within(h.lease(&w, Duration::ZERO)).await.is_err(), "a stopped scheduler leases");
+    drop(h);
+    // Observers (TensorBoard) hear only of committed changes.
+    while let Ok(event) = events.try_recv() {
+        let refused =
+            matches!(&event, SchedulerEvent::TrialFinished { record, .. } if record.index == 1);
+        assert!(!refused, "{event:?}");
+    }
+
+    let store = reopen(&path).await;
+    let trials = store.trials("s").unwrap();
+    assert_eq!((trials[0].status, trials[0].metrics["loss"]), (TrialStatus::Completed, 0.5));
+    // The refused completion left trial 1 as last committed: running under the old lease, to
+    // expire and run again after a restart.
+    assert_eq!(trials[1].status, TrialStatus::Running, "{:?}", trials[1]);
+    assert!(trials[1..].iter().all(|t| t.status != TrialStatus::Completed), "{trials:#?}");
+}
