@@ -1454,3 +1454,153 @@ async fn a_client_ca_requires_client_certificates() {
     assert!(missing.config().unwrap_err().contains("nope.pem"));
     s.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile request sequences against a live server
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Junk {
+        Register(String, String, u32),
+        Lease(String, u32),
+        Progress(String, u64, f64),
+        Complete(String, bool, f64, f64),
+        Release(String, String),
+        Upload(String, String, u64, String),
+        Report(String, String, String),
+        Status,
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "\\PC{0,10}",
+            "[\\x00-\\x1f]{1,3}",
+            Just(String::new()),
+            Just("grid/0".to_string()),
+            Just("x".repeat(MAX_ID_LEN + 5)),
+        ]
+    }
+
+    fn number() -> impl Strategy<Value = f64> {
+        prop_oneof![any::<f64>(), Just(f64::NAN), Just(f64::INFINITY), Just(-1.0)]
+    }
+
+    fn junk() -> impl Strategy<Value = Junk> {
+        prop_oneof![
+            (text(), text(), any::<u32>()).prop_map(|(a, b, v)| Junk::Register(a, b, v)),
+            (text(), 0..50u32).prop_map(|(a, w)| Junk::Lease(a, w)),
+            (text(), any::<u64>(), number()).prop_map(|(a, s, v)| Junk::Progress(a, s, v)),
+            (text(), any::<bool>(), number(), number())
+                .prop_map(|(a, ok, v, d)| Junk::Complete(a, ok, v, d)),
+            (text(), text()).prop_map(|(a, b)| Junk::Release(a, b)),
+            (text(), text(), any::<u64>(), text())
+                .prop_map(|(a, f, n, h)| Junk::Upload(a, f, n, h)),
+            (text(), text(), text()).prop_map(|(a, b, c)| Junk::Report(a, b, c)),
+            Just(Junk::Status),
+        ]
+    }
+
+    async fn send(c: &mut CoordinatorClient<Channel>, j: Junk) -> Option<tonic::Code> {
+        let r = match j {
+            Junk::Register(name, device, v) => c
+                .register(proto::RegisterRequest { protocol_version: v, name, device })
+                .await
+                .map(drop),
+            Junk::Lease(worker_id, wait_ms) => {
+                c.lease(proto::LeaseRequest { worker_id, wait_ms }).await.map(drop)
+            }
+            Junk::Progress(lease_id, step, v) => c
+                .progress(proto::ProgressRequest {
+                    lease_id,
+                    step,
+                    scalars: HashMap::from([("loss".into(), v)]),
+                    evaluations: Vec::new(),
+                })
+                .await
+                .map(drop),
+            Junk::Complete(lease_id, success, v, d) => c
+                .complete(proto::CompleteRequest {
+                    lease_id,
+                    success,
+                    metrics: HashMap::from([("loss".into(), v)]),
+                    duration_s: d,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Junk::Release(lease_id, reason) => {
+                c.release(proto::ReleaseRequest { lease_id, reason }).await.map(drop)
+            }
+            Junk::Upload(lease_id, file, size, sha256) => {
+                let chunk = proto::UploadChunk { lease_id, file, size, sha256, data: vec![1; 8] };
+                c.upload(tokio_stream::iter(vec![chunk])).await.map(drop)
+            }
+            Junk::Report(sweep, metric, format) => {
+                match c
+                    .report(proto::ReportRequest { sweep, metric, format, ..Default::default() })
+                    .await
+                {
+                    Ok(stream) => {
+                        let mut stream = stream.into_inner();
+                        loop {
+                            match stream.message().await {
+                                Ok(Some(_)) => {}
+                                Ok(None) => break Ok(()),
+                                Err(e) => break Err(e),
+                            }
+                        }
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Junk::Status => c.status(proto::StatusRequest {}).await.map(drop),
+        };
+        r.err().map(|s| s.code())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn junk_requests_get_a_proper_status_and_change_no_stored_result(
+            sequence in proptest::collection::vec(junk(), 1..16)
+        ) {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let s = server_with_completed(3).await;
+                let before = within(s.scheduler.records("grid")).await.unwrap();
+                let mut c = s.client().await;
+                for j in sequence {
+                    let shown = format!("{j:?}");
+                    let code = within(send(&mut c, j)).await;
+                    prop_assert!(
+                        matches!(
+                            code,
+                            None | Some(
+                                tonic::Code::InvalidArgument
+                                    | tonic::Code::NotFound
+                                    | tonic::Code::FailedPrecondition
+                                    | tonic::Code::ResourceExhausted
+                            )
+                        ),
+                        "{shown}: {code:?}"
+                    );
+                }
+                let after = within(s.scheduler.records("grid")).await.unwrap();
+                let completed = |v: &[TrialRecord]| -> Vec<TrialRecord> {
+                    v.iter().filter(|t| t.status == TrialStatus::Completed).cloned().collect()
+                };
+                prop_assert_eq!(completed(&after), completed(&before));
+                s.stop().await;
+                Ok(())
+            })?;
+        }
+    }
+}
