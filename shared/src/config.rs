@@ -569,9 +569,23 @@ impl TrialConfig {
         Ok(cfg)
     }
 
+    /// The default config as JSON with every field present: fields left out of the serialised
+    /// form while unset (so stored configs keep their fingerprints) are put back, with their
+    /// default or null, so they can be named in sweeps.
+    pub fn schema_value() -> serde_json::Value {
+        let mut value = serde_json::to_value(TrialConfig::default()).expect("config serializes");
+        if let Some(serde_json::Value::Object(data)) = value.get_mut("data") {
+            for key in ["source", "scaling", "label_column", "header"] {
+                data.entry(key).or_insert(serde_json::Value::Null);
+            }
+            data.entry("mmap").or_insert(serde_json::Value::Bool(true));
+        }
+        value
+    }
+
     /// Whether `path` (dotted, e.g. `data.synthetic.noise_std`) names a field of the config.
     pub fn has_path(path: &str) -> bool {
-        let mut value = serde_json::to_value(TrialConfig::default()).expect("config serializes");
+        let mut value = Self::schema_value();
         for part in path.split('.') {
             match value {
                 serde_json::Value::Object(mut map) => match map.remove(part) {
@@ -598,8 +612,7 @@ impl TrialConfig {
             }
         }
         let mut out = Vec::new();
-        let value = serde_json::to_value(TrialConfig::default()).expect("config serializes");
-        walk("", &value, &mut out);
+        walk("", &Self::schema_value(), &mut out);
         out
     }
 
@@ -951,6 +964,10 @@ mod tests {
         assert!(TrialConfig::has_path("lr"));
         assert!(TrialConfig::has_path("data.synthetic.noise_std"));
         assert!(!TrialConfig::has_path("data.synthetic.nope"));
+        // Fields not serialised while unset can still be named in a sweep.
+        for p in ["data.source", "data.scaling", "data.label_column", "data.header", "data.mmap"] {
+            assert!(TrialConfig::has_path(p), "{p}");
+        }
         assert!(!TrialConfig::has_path("lr.x"));
         assert_eq!(TrialConfig::suggest_path("stripe_kk").as_deref(), Some("stripe_k"));
         assert_eq!(TrialConfig::suggest_path("zzzzzz"), None);
