@@ -19,6 +19,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
+/// One upload as the fake received it: the lease, each file's name and bytes, and whether
+/// the lease's completion had arrived first.
+pub(super) type Upload = (String, Vec<(String, Vec<u8>)>, bool);
+
 /// Everything the fake saw, and how it should answer.
 #[derive(Clone, Default)]
 pub(super) struct FakeState {
@@ -52,7 +56,7 @@ pub(super) struct FakeState {
     pub(super) legacy: bool,
     /// Uploads received: the lease and each file's reassembled bytes, in arrival order, with
     /// whether the completion of that lease had arrived before.
-    pub(super) uploads: Vec<(String, Vec<(String, Vec<u8>)>, bool)>,
+    pub(super) uploads: Vec<Upload>,
     /// Uploads are answered not accepted, permanently, with this reason.
     pub(super) refuse_upload: Option<String>,
 }
