@@ -131,14 +131,23 @@ impl Dataset {
         self.scaler.apply(out, dim);
     }
 
-    /// Visit every training row, scaled, in split order.
+    /// Visit every training row, scaled, in file order.
     pub fn for_each_train_row(&self, mut f: impl FnMut(&[f32])) {
         let mut buf = vec![0f32; self.dim];
-        for &i in &self.train_rows {
+        for i in self.train_rows_in_file_order() {
             self.samples.rows.row_into(i, &mut buf);
             self.scaler.apply(&mut buf, self.dim);
             f(&buf);
         }
+    }
+
+    /// The training row indices ascending: passes over all of them then read a mapped file
+    /// front to back instead of hopping around it (which, for a file larger than RAM, would
+    /// fetch each page many times).
+    pub fn train_rows_in_file_order(&self) -> Vec<usize> {
+        let mut rows = self.train_rows.clone();
+        rows.sort_unstable();
+        rows
     }
 
     /// Every training row, scaled, as one row-major buffer (a full copy: tests and small data).
@@ -454,7 +463,7 @@ pub fn prepare(samples: Arc<Samples>, cfg: &DataConfig, seed: u64) -> Result<Dat
     ds.scaler = match scaling {
         Some(s) => Scaler::fit_rows(s, ds.dim, |f| {
             let mut buf = vec![0f32; ds.dim];
-            for &i in &ds.train_rows {
+            for i in ds.train_rows_in_file_order() {
                 ds.samples.rows.row_into(i, &mut buf);
                 f(&buf);
             }
