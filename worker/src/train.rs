@@ -195,6 +195,8 @@ pub fn train_with(
     };
     let mut order: Vec<usize> = (0..n_train).collect();
     let mut cursor = 0;
+    // From here on the rows are read in shuffled batches.
+    data.samples.rows.advise(false);
     let mut batch = vec![0f32; b * dim];
 
     let total = total_steps as u64;

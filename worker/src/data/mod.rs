@@ -133,6 +133,7 @@ impl Dataset {
 
     /// Visit every training row, scaled, in file order.
     pub fn for_each_train_row(&self, mut f: impl FnMut(&[f32])) {
+        self.samples.rows.advise(true);
         let mut buf = vec![0f32; self.dim];
         for i in self.train_rows_in_file_order() {
             self.samples.rows.row_into(i, &mut buf);
@@ -462,6 +463,7 @@ pub fn prepare(samples: Arc<Samples>, cfg: &DataConfig, seed: u64) -> Result<Dat
     };
     ds.scaler = match scaling {
         Some(s) => Scaler::fit_rows(s, ds.dim, |f| {
+            ds.samples.rows.advise(true);
             let mut buf = vec![0f32; ds.dim];
             for i in ds.train_rows_in_file_order() {
                 ds.samples.rows.row_into(i, &mut buf);

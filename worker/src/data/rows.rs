@@ -156,8 +156,27 @@ impl Rows {
         }
     }
 
+    /// Tell the kernel how the mapped shards are about to be read. The passes over all rows
+    /// (the finite check, the scaling statistics, the data-mean bias) read front to back and want
+    /// read-ahead; batches read scattered rows, for which read-ahead fetches pages nobody asked
+    /// for: with a file larger than memory that multiplies the bytes read from disk many times.
+    /// Only a hint, shared by the trials reading the same map, so errors are ignored.
+    pub fn advise(&self, sequential: bool) {
+        #[cfg(unix)]
+        if let Rows::Mapped { shards, .. } = self {
+            let advice =
+                if sequential { memmap2::Advice::Sequential } else { memmap2::Advice::Random };
+            for s in shards {
+                let _ = s.map.advise(advice);
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = sequential;
+    }
+
     /// Visit every row in order, converted to f32.
     pub fn for_each(&self, mut f: impl FnMut(usize, &[f32])) {
+        self.advise(true);
         let mut buf = vec![0f32; self.cols()];
         for i in 0..self.len() {
             self.row_into(i, &mut buf);
@@ -206,11 +225,6 @@ fn open_map(path: &Path) -> Result<Arc<Mmap>, DataError> {
     // the cache key holds the file's size and mtime so a rewritten file is mapped afresh.
     let map = unsafe { Mmap::map(&file) }
         .map_err(|e| DataError::Io { path: path.to_path_buf(), error: e })?;
-    #[cfg(unix)]
-    {
-        // Batches read rows in shuffled order: read-ahead would fetch pages no step asks for.
-        let _ = map.advise(memmap2::Advice::Random);
-    }
     Ok(Arc::new(map))
 }
 
