@@ -64,6 +64,10 @@ pub struct RunArgs {
     /// Local workers train on CUDA device N (needs `--features msae-worker/cuda`).
     #[arg(long, value_name = "N")]
     pub gpu: Option<usize>,
+    /// Memory the local workers may keep loaded datasets in between trials, in MiB; they share
+    /// one cache, so two local workers hold one copy (0 = read the data for every trial).
+    #[arg(long, value_name = "MIB", default_value_t = 4096)]
+    pub data_cache_mb: usize,
     /// TensorBoard log directory (`tensorboard --logdir runs`); `none` disables it.
     #[arg(long, default_value = "runs")]
     pub logdir: String,
@@ -255,6 +259,7 @@ pub async fn run_command(args: &RunArgs) -> anyhow::Result<SweepExit> {
     };
     if args.local_workers > 0 {
         crate::embedded::check_device(args.gpu)?;
+        crate::embedded::set_data_cache_mb(args.data_cache_mb);
     }
     let mut opts = RunOptions::new(sweep);
     opts.db = args.db.clone();

@@ -92,6 +92,13 @@ pub fn check_device(gpu: Option<usize>) -> anyhow::Result<()> {
     }
 }
 
+/// Sets the budget of the data cache the local workers share.
+pub fn set_data_cache_mb(mb: usize) {
+    #[cfg(feature = "local-worker")]
+    msae_worker::data::cache::global().set_budget(mb << 20);
+    let _ = mb;
+}
+
 /// Loads `data` as a worker would, to find a bad file before any trial runs. Without the
 /// embedded worker there is nothing to load it with: the caller's cheaper checks stand alone.
 pub fn load_data(data: &DataConfig) -> anyhow::Result<()> {

@@ -39,9 +39,11 @@ pub fn data_configs(spec: &SweepSpec) -> Vec<DataConfig> {
 pub fn check_data(spec: &SweepSpec, local_workers: usize) -> anyhow::Result<()> {
     for data in data_configs(spec) {
         let files = data.path.iter().chain(data.labels.iter());
+        let shards_ok =
+            matches!(data.resolved_source(), Ok(DataSource::Npy | DataSource::Safetensors));
         let mut all_visible = true;
         for path in files {
-            if let Err(e) = check_readable(path) {
+            if let Err(e) = check_readable(path, shards_ok) {
                 if local_workers > 0 || path.exists() {
                     anyhow::bail!("{e} (data of sweep {})", spec.name);
                 }
@@ -58,11 +60,40 @@ pub fn check_data(spec: &SweepSpec, local_workers: usize) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn check_readable(path: &Path) -> Result<(), String> {
+/// A glob (`acts/*.npy`) of shards: its last component has a wildcard.
+fn is_glob(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n.to_string_lossy().contains(['*', '?']))
+}
+
+fn check_readable(path: &Path, shards_ok: bool) -> Result<(), String> {
+    if shards_ok && is_glob(path) {
+        // The matching itself is the worker's; here only the directory must be there.
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        return match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => Ok(()),
+            _ => Err(format!("{}: no such directory for {}", dir.display(), path.display())),
+        };
+    }
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => format!("{}: data file not found", path.display()),
         _ => format!("{}: cannot read: {e}", path.display()),
     })?;
+    if meta.is_dir() && shards_ok {
+        let has_shard = std::fs::read_dir(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                let n = e.file_name().to_string_lossy().to_ascii_lowercase();
+                n.ends_with(".npy") || n.ends_with(".safetensors")
+            });
+        if has_shard {
+            return Ok(());
+        }
+        return Err(format!(
+            "{}: is a directory with no .npy or .safetensors shard in it",
+            path.display()
+        ));
+    }
     if meta.is_dir() {
         return Err(format!("{}: is a directory, not a data file", path.display()));
     }
@@ -74,7 +105,10 @@ fn load_check(data: &DataConfig) -> anyhow::Result<()> {
     let size = |p: &Option<std::path::PathBuf>| {
         p.as_ref().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len())
     };
-    if size(&data.path) + size(&data.labels) > FULL_CHECK_BYTES {
+    let sharded =
+        [&data.path, &data.labels].into_iter().flatten().any(|p| p.is_dir() || is_glob(p));
+    // Shards can add up to any size; the workers check them when they load.
+    if sharded || size(&data.path) + size(&data.labels) > FULL_CHECK_BYTES {
         return Ok(());
     }
     crate::embedded::load_data(data)
@@ -106,6 +140,33 @@ mod tests {
         std::fs::create_dir(dir.path().join("x.npy")).unwrap();
         let e = check_data(&s, 0).unwrap_err().to_string();
         assert!(e.contains("is a directory"), "{e}");
+        // A directory of shards, or a glob of them, is a data set.
+        let shards = dir.path().join("shards");
+        std::fs::create_dir(&shards).unwrap();
+        let acts = msae_worker_npy(4, 3);
+        std::fs::write(shards.join("a.npy"), &acts).unwrap();
+        std::fs::write(shards.join("b.npy"), &acts).unwrap();
+        check_data(&spec(&format!("{{source: npy, path: {}}}", shards.display())), 1).unwrap();
+        check_data(&spec(&format!("{{path: {}/*.npy}}", shards.display())), 1).unwrap();
+        let e = check_data(&spec(&format!("{{path: {}/gone/*.npy}}", dir.path().display())), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no such directory"), "{e}");
+    }
+
+    /// A (rows, cols) float32 `.npy` file's bytes, written by hand so the test needs no worker.
+    fn msae_worker_npy(rows: usize, cols: usize) -> Vec<u8> {
+        let mut header =
+            format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        out.extend_from_slice(header.as_bytes());
+        out.extend((0..rows * cols).flat_map(|k| (k as f32).to_le_bytes()));
+        out
     }
 
     #[test]

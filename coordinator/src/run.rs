@@ -117,11 +117,14 @@ pub fn url_of(addr: &str) -> String {
     if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
 }
 
-/// Read and validate a sweep file; the error names the file, line and column.
+/// Read and validate a sweep file; the error names the file, line and column. Relative data
+/// paths are resolved against the file's directory.
 pub fn load_spec(path: &Path) -> anyhow::Result<(SweepSpec, String)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read sweep file {}", path.display()))?;
-    let spec = SweepSpec::parse(&text, &path.display().to_string()).map_err(anyhow::Error::new)?;
+    let mut spec =
+        SweepSpec::parse(&text, &path.display().to_string()).map_err(anyhow::Error::new)?;
+    spec.resolve_data_paths(path.parent().unwrap_or(Path::new("")));
     Ok((spec, text))
 }
 
@@ -331,4 +334,27 @@ fn arm_write_fault(store: &Store) {
 /// Resolves when the watch flips to true (or its sender is gone).
 async fn wait_for(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+
+    #[test]
+    fn relative_data_paths_resolve_from_the_sweep_files_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sweeps");
+        std::fs::create_dir(&sub).unwrap();
+        let file = sub.join("s.yaml");
+        std::fs::write(
+            &file,
+            "name: p\nmethod: grid\nbase:\n  data: {path: acts/x.npy, labels: /abs/l.npy}\n\
+             parameters:\n  lr: {values: [0.1]}\n",
+        )
+        .unwrap();
+        let (spec, _) = load_spec(&file).unwrap();
+        let data = &spec.base["data"];
+        assert_eq!(data["path"], sub.join("acts/x.npy").display().to_string());
+        assert_eq!(data["labels"], "/abs/l.npy", "absolute paths stay");
+    }
 }

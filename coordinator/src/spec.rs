@@ -504,6 +504,20 @@ fn ser_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::O
 }
 
 impl SweepSpec {
+    /// Make relative `data.path` and `data.labels` base values relative to `dir`, the sweep
+    /// file's directory: the files a sweep names must not depend on where the coordinator was
+    /// started, and local workers read them from that process's current directory.
+    pub fn resolve_data_paths(&mut self, dir: &std::path::Path) {
+        let Some(Value::Object(data)) = self.base.get_mut("data") else { return };
+        for key in ["path", "labels"] {
+            if let Some(Value::String(p)) = data.get_mut(key)
+                && std::path::Path::new(p.as_str()).is_relative()
+            {
+                *p = dir.join(&*p).display().to_string();
+            }
+        }
+    }
+
     /// Parse and fully validate a sweep YAML. `source` names the file in messages.
     pub fn parse(text: &str, source: &str) -> Result<SweepSpec, SpecError> {
         parse::Parser { text, source }.parse()
@@ -586,8 +600,7 @@ fn set_path(root: &mut Value, path: &str, value: Value) -> Result<(), ConfigErro
 }
 
 /// The default trial config as JSON: field types and paths are read from it.
-static DEFAULT_CONFIG: LazyLock<Value> =
-    LazyLock::new(|| serde_json::to_value(TrialConfig::default()).expect("config serializes"));
+static DEFAULT_CONFIG: LazyLock<Value> = LazyLock::new(TrialConfig::schema_value);
 
 fn default_at(path: &str) -> Option<&'static Value> {
     path.split('.').try_fold(&*DEFAULT_CONFIG, |v, part| v.get(part))

@@ -120,6 +120,8 @@ pub enum DataSource {
     Safetensors,
     /// MNIST IDX images (optionally gzipped), with an optional labels file.
     Mnist,
+    /// Comma-separated numbers, one sample a line (optionally a header and a label column).
+    Csv,
 }
 
 /// Per-feature scaling applied to the data (statistics from the training split).
@@ -242,18 +244,40 @@ pub struct DataConfig {
     /// given (see [`DataConfig::resolved_source`]), else synthetic.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<DataSource>,
-    /// Data file (npy, safetensors, mnist images).
+    /// Data file (npy, safetensors, mnist images, csv), or for npy/safetensors a directory or a
+    /// glob (`acts/*.npy`) of shards read as one dataset in name order. A relative path is
+    /// resolved against the directory of the YAML file that names it.
     pub path: Option<PathBuf>,
     /// Tensor name inside a safetensors file (default: the only tensor).
     pub tensor: Option<String>,
-    /// Labels file (MNIST IDX labels, or an .npy of integer labels) for per-class statistics.
+    /// Labels file (MNIST IDX labels, or an .npy of integer labels) for per-class statistics;
+    /// a directory or glob of label shards goes with sharded data.
     pub labels: Option<PathBuf>,
+    /// CSV only: the 0-based column holding each row's integer label (the original project's
+    /// `data.csv` has it first: 0). The other columns are the sample.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label_column: Option<usize>,
+    /// CSV only: whether the first line is a header. Absent: a first line with a field that is
+    /// not a number is taken for a header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<bool>,
     /// Fraction of samples held out for validation, in (0, 1).
     pub validation_fraction: f64,
-    pub scaling: Scaling,
+    /// Absent: integer data (uint8 images, CSV of 0..255 values) is divided by 255, other data is
+    /// left as it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<Scaling>,
     /// Use at most this many samples (0 = all).
     pub limit: usize,
+    /// Read uncompressed npy/safetensors files through a memory map (the default). `false` copies
+    /// them into memory instead (for comparison, or a file system where mapping misbehaves).
+    #[serde(skip_serializing_if = "is_true")]
+    pub mmap: bool,
     pub synthetic: SyntheticConfig,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Default for DataConfig {
@@ -263,9 +287,12 @@ impl Default for DataConfig {
             path: None,
             tensor: None,
             labels: None,
+            label_column: None,
+            header: None,
             validation_fraction: 0.1,
-            scaling: Scaling::None,
+            scaling: None,
             limit: 0,
+            mmap: true,
             synthetic: SyntheticConfig::default(),
         }
     }
@@ -455,6 +482,7 @@ impl DataSource {
             DataSource::Npy => "npy",
             DataSource::Safetensors => "safetensors",
             DataSource::Mnist => "mnist",
+            DataSource::Csv => "csv",
         }
     }
 
@@ -466,6 +494,8 @@ impl DataSource {
             Some(DataSource::Npy)
         } else if name.ends_with(".safetensors") {
             Some(DataSource::Safetensors)
+        } else if name.ends_with(".csv") {
+            Some(DataSource::Csv)
         } else if name.ends_with(".gz") || name.contains("idx") || name.contains("ubyte") {
             Some(DataSource::Mnist)
         } else {
@@ -486,8 +516,8 @@ impl DataConfig {
                     "data.source",
                     format!(
                         "not given, and the name of data.path ({}) does not say the format \
-                         (.npy, .safetensors, MNIST IDX or .gz); set data.source to npy, \
-                         safetensors or mnist",
+                         (.npy, .safetensors, .csv, MNIST IDX or .gz); set data.source to npy, \
+                         safetensors, csv or mnist (a directory of shards needs it too)",
                         p.display()
                     ),
                 )
@@ -498,6 +528,16 @@ impl DataConfig {
     /// True when the source was inferred from `path` rather than given.
     pub fn source_inferred(&self) -> bool {
         self.source.is_none() && self.path.is_some()
+    }
+
+    /// Make a relative `path` and `labels` relative to `base` (the directory of the YAML file
+    /// that names them), so a config means the same files whatever the current directory.
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        for p in [&mut self.path, &mut self.labels].into_iter().flatten() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
     }
 }
 
@@ -529,9 +569,23 @@ impl TrialConfig {
         Ok(cfg)
     }
 
+    /// The default config as JSON with every field present: fields left out of the serialised
+    /// form while unset (so stored configs keep their fingerprints) are put back, with their
+    /// default or null, so they can be named in sweeps.
+    pub fn schema_value() -> serde_json::Value {
+        let mut value = serde_json::to_value(TrialConfig::default()).expect("config serializes");
+        if let Some(serde_json::Value::Object(data)) = value.get_mut("data") {
+            for key in ["source", "scaling", "label_column", "header"] {
+                data.entry(key).or_insert(serde_json::Value::Null);
+            }
+            data.entry("mmap").or_insert(serde_json::Value::Bool(true));
+        }
+        value
+    }
+
     /// Whether `path` (dotted, e.g. `data.synthetic.noise_std`) names a field of the config.
     pub fn has_path(path: &str) -> bool {
-        let mut value = serde_json::to_value(TrialConfig::default()).expect("config serializes");
+        let mut value = Self::schema_value();
         for part in path.split('.') {
             match value {
                 serde_json::Value::Object(mut map) => match map.remove(part) {
@@ -558,8 +612,7 @@ impl TrialConfig {
             }
         }
         let mut out = Vec::new();
-        let value = serde_json::to_value(TrialConfig::default()).expect("config serializes");
-        walk("", &value, &mut out);
+        walk("", &Self::schema_value(), &mut out);
         out
     }
 
@@ -777,6 +830,18 @@ impl TrialConfig {
         if source != DataSource::Safetensors && d.tensor.is_some() {
             return unused("data.tensor", "from a safetensors file");
         }
+        if source != DataSource::Csv && d.label_column.is_some() {
+            return unused("data.label_column", "from a CSV file");
+        }
+        if source != DataSource::Csv && d.header.is_some() {
+            return unused("data.header", "from a CSV file");
+        }
+        if d.label_column.is_some() && d.labels.is_some() {
+            return Err(ConfigError::new(
+                "data.labels",
+                "data.label_column already gives the labels; set one of the two",
+            ));
+        }
         match source {
             DataSource::Synthetic => {
                 if d.path.is_some() {
@@ -802,7 +867,7 @@ impl TrialConfig {
                     ));
                 }
             }
-            DataSource::Npy | DataSource::Safetensors | DataSource::Mnist => {
+            DataSource::Npy | DataSource::Safetensors | DataSource::Mnist | DataSource::Csv => {
                 if d.path.is_none() {
                     return Err(ConfigError::new(
                         "data.path",
@@ -899,6 +964,10 @@ mod tests {
         assert!(TrialConfig::has_path("lr"));
         assert!(TrialConfig::has_path("data.synthetic.noise_std"));
         assert!(!TrialConfig::has_path("data.synthetic.nope"));
+        // Fields not serialised while unset can still be named in a sweep.
+        for p in ["data.source", "data.scaling", "data.label_column", "data.header", "data.mmap"] {
+            assert!(TrialConfig::has_path(p), "{p}");
+        }
         assert!(!TrialConfig::has_path("lr.x"));
         assert_eq!(TrialConfig::suggest_path("stripe_kk").as_deref(), Some("stripe_k"));
         assert_eq!(TrialConfig::suggest_path("zzzzzz"), None);

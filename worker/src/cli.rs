@@ -80,6 +80,10 @@ pub struct WorkerArgs {
     /// Exit after this many trials.
     #[arg(long, value_name = "N")]
     pub max_trials: Option<usize>,
+    /// Memory for loaded datasets kept across trials, in MiB (0 = read the data for every
+    /// trial). Memory-mapped files count only their bookkeeping: their pages are the kernel's.
+    #[arg(long, value_name = "MIB", default_value_t = crate::data::cache::DEFAULT_BUDGET_MB)]
+    pub data_cache_mb: usize,
 }
 
 /// Options of `msae-worker train`.
@@ -98,12 +102,15 @@ pub struct TrainArgs {
     pub device: DeviceArgs,
 }
 
-/// Read and validate a trial config file; errors name the file.
+/// Read and validate a trial config file; errors name the file. Relative data paths are
+/// resolved against the file's directory.
 pub fn read_config(path: &std::path::Path) -> anyhow::Result<TrialConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read trial config {}", path.display()))?;
-    TrialConfig::from_yaml(&text)
-        .with_context(|| format!("invalid trial config {}", path.display()))
+    let mut cfg = TrialConfig::from_yaml(&text)
+        .with_context(|| format!("invalid trial config {}", path.display()))?;
+    cfg.data.resolve_paths(path.parent().unwrap_or(std::path::Path::new("")));
+    Ok(cfg)
 }
 
 /// Which progress reports of `msae-worker train` get a line: every evaluation and the final
@@ -192,6 +199,7 @@ pub fn worker_command(args: &WorkerArgs) -> anyhow::Result<()> {
     };
     opts.out_dir = args.out.clone();
     opts.max_trials = args.max_trials;
+    crate::data::cache::global().set_budget(args.data_cache_mb << 20);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let summary = runtime.block_on(crate::client::run_worker(
         opts,
@@ -245,6 +253,18 @@ pub fn main() -> std::process::ExitCode {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn relative_data_paths_resolve_from_the_config_files_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("trials");
+        std::fs::create_dir(&sub).unwrap();
+        let file = sub.join("t.yaml");
+        std::fs::write(&file, "data: {path: ../acts/x.npy, labels: /abs/l.npy}\n").unwrap();
+        let cfg = read_config(&file).unwrap();
+        assert_eq!(cfg.data.path, Some(sub.join("../acts/x.npy")));
+        assert_eq!(cfg.data.labels.as_deref(), Some(std::path::Path::new("/abs/l.npy")));
+    }
 
     #[test]
     fn every_evaluation_gets_a_progress_line() {

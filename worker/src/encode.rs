@@ -54,6 +54,10 @@ fn read_data(path: &Path, tensor: Option<&str>) -> anyhow::Result<Matrix> {
         DataSource::Npy => data::npy::load_matrix(path)?,
         DataSource::Safetensors => data::safetensors_file::load_matrix(path, tensor)?,
         DataSource::Mnist => data::idx::load_images(path)?,
+        DataSource::Csv => {
+            let t = data::csv::load(path, None, None)?;
+            Matrix { rows: t.data.len() / t.cols, cols: t.cols, data: t.data }
+        }
         DataSource::Synthetic => anyhow::bail!("--data needs a file"),
     };
     if let Some((i, v)) = m.data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
@@ -181,7 +185,7 @@ mod tests {
         let file = dir.path().join("x.npy");
         write_npy(&file, made.num_samples, made.dim, &raw);
         cfg.data.path = Some(file);
-        cfg.data.scaling = scaling;
+        cfg.data.scaling = Some(scaling);
         cfg.data.synthetic = Default::default();
         let out = dir.path().join("trial");
         let options = RunOptions { gpu: None, out_dir: Some(out.clone()) };
@@ -189,7 +193,7 @@ mod tests {
 
         // The same validation rows, unscaled.
         let mut unscaled = cfg.data.clone();
-        unscaled.scaling = Scaling::None;
+        unscaled.scaling = Some(Scaling::None);
         let ds = data::load(&unscaled, cfg.seed).unwrap();
         let val = dir.path().join("val.npy");
         write_npy(&val, ds.n_val(), ds.dim, &ds.val);

@@ -151,7 +151,7 @@ pub fn train_with(
 ) -> anyhow::Result<TrialOutcome> {
     cfg.validate().map_err(TrainError::Config)?;
     let device = select_device(options.gpu)?;
-    let data = data::load(&cfg.data, cfg.seed).map_err(TrainError::Data)?;
+    let data = data::load_cached(&cfg.data, cfg.seed).map_err(TrainError::Data)?;
     let dim = data.dim;
     let n_train = data.n_train();
     anyhow::ensure!(n_train > 0, "the training split is empty");
@@ -161,7 +161,7 @@ pub fn train_with(
     let run_cfg = TrialConfig { run_steps_per_epoch: steps_per_epoch, ..cfg.clone() };
     let (mut trainer, trainer_name) = make_trainer(&run_cfg, dim, &device, backend)?;
     if cfg.decoder_bias_init == BiasInit::DataMean {
-        trainer.set_output_bias(&column_means(&data.train, dim))?;
+        trainer.set_output_bias(&train_column_means(&data))?;
     }
     tracing::info!(
         steps = total_steps,
@@ -176,11 +176,14 @@ pub fn train_with(
         "training started"
     );
 
-    // With no validation split, the training split stands in for it.
+    // With no validation split, the training split stands in for it (a copy, but only small
+    // data can have no validation rows: the split keeps at least one of any two).
+    let train_copy;
     let (eval_x, eval_labels) = if data.n_val() > 0 {
         (&data.val, data.val_labels.as_deref())
     } else {
-        (&data.train, data.train_labels.as_deref())
+        train_copy = data.train_matrix();
+        (&train_copy, data.train_labels.as_deref())
     };
 
     let b = cfg.batch_size.min(n_train);
@@ -192,6 +195,8 @@ pub fn train_with(
     };
     let mut order: Vec<usize> = (0..n_train).collect();
     let mut cursor = 0;
+    // From here on the rows are read in shuffled batches.
+    data.samples.rows.advise(false);
     let mut batch = vec![0f32; b * dim];
 
     let total = total_steps as u64;
@@ -209,10 +214,7 @@ pub fn train_with(
             cursor = 0;
         }
         // The last batch of an epoch wraps to the permutation's start to stay full.
-        for r in 0..b {
-            let i = order[(cursor + r) % n_train];
-            batch[r * dim..(r + 1) * dim].copy_from_slice(&data.train[i * dim..(i + 1) * dim]);
-        }
+        data.fill_batch((0..b).map(|r| order[(cursor + r) % n_train]), &mut batch);
         cursor += b;
         if let Some(noise) = &noise {
             batch.iter_mut().for_each(|v| *v += noise.sample(&mut rng));
@@ -337,6 +339,15 @@ pub fn train_with(
 }
 
 /// The mean of each column of a row-major (rows, dim) matrix.
+/// Per-dimension means of the scaled training rows, streamed rather than gathered.
+fn train_column_means(data: &data::Dataset) -> Vec<f32> {
+    let mut sum = vec![0f64; data.dim];
+    data.for_each_train_row(|row| sum.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64));
+    let rows = data.n_train().max(1) as f64;
+    sum.iter().map(|s| (s / rows) as f32).collect()
+}
+
+#[cfg(test)]
 fn column_means(x: &[f32], dim: usize) -> Vec<f32> {
     let mut sum = vec![0f64; dim];
     for row in x.chunks(dim) {
@@ -688,7 +699,7 @@ mod tests {
     fn the_reconstruction_bias_starts_at_the_training_mean() {
         let dir = tempfile::tempdir().unwrap();
         let data = crate::data::load(&small_cfg().data, small_cfg().seed).unwrap();
-        let mean = column_means(&data.train, data.dim);
+        let mean = column_means(&data.train_matrix(), data.dim);
         for (inter, name) in [(0, "decoder.bias"), (16, "output.bias")] {
             for (init, expect_mean) in [(BiasInit::DataMean, true), (BiasInit::Zero, false)] {
                 // One step at a negligible rate: the bias is where it started.

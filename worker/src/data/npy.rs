@@ -2,8 +2,8 @@
 //!
 //! Format: the magic `\x93NUMPY`, a major/minor version (1.0: u16 header length; 2.0 and 3.0:
 //! u32), then a Python dict literal such as `{'descr': '<f4', 'fortran_order': False,
-//! 'shape': (60000, 28, 28), }` and the raw little-endian data. Samples may be `<f4`, `<f8` or
-//! `|u1` (images); labels `|u1`, `<i4` or `<i8`. Fortran-ordered and big-endian arrays are
+//! 'shape': (60000, 28, 28), }` and the raw little-endian data. Samples may be `<f4`, `<f8`,
+//! `<f2`, bfloat16 (ml_dtypes saves it as `<V2`) or `|u1` (images); labels `|u1`, `<i4` or `<i8`. Fortran-ordered and big-endian arrays are
 //! refused with a message saying so, and the data length must match the shape exactly.
 
 use super::{DataError, Matrix};
@@ -108,8 +108,56 @@ pub fn labels_from_array(path: &Path, arr: NpyArray) -> Result<Vec<u32>, DataErr
         .collect()
 }
 
+/// Where an array's elements lie within the bytes of an `.npy` file, checked against its header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    pub shape: Vec<usize>,
+    /// The dtype string of the header, e.g. `<f4`.
+    pub descr: String,
+    /// The element type: `f4`, `f8`, `f2`, `bf16`, `u1`, `i4` or `i8`.
+    pub kind: &'static str,
+    /// Offset of the first element.
+    pub data_start: usize,
+}
+
 /// Parse the bytes of an `.npy` file; `path` is only used in error messages.
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<NpyArray, DataError> {
+    let Layout { shape, descr, kind, data_start } = layout(path, bytes)?;
+    let payload = &bytes[data_start..];
+    let data = match kind {
+        "f4" => NpyData::F32(
+            payload.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        ),
+        "f8" => NpyData::F64(
+            payload.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
+        ),
+        // Half precision widens to f32 exactly, so it needs no variant of its own.
+        "f2" => NpyData::F32(
+            payload
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        ),
+        "bf16" => NpyData::F32(
+            payload
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        ),
+        "u1" => NpyData::U8(payload.to_vec()),
+        "i4" => NpyData::I32(
+            payload.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect(),
+        ),
+        _ => NpyData::I64(
+            payload.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
+        ),
+    };
+    Ok(NpyArray { shape, descr, data })
+}
+
+/// Read the header of a whole `.npy` file's bytes (a memory map or a buffer) and check that the
+/// data after it is exactly what the header describes.
+pub fn layout(path: &Path, bytes: &[u8]) -> Result<Layout, DataError> {
     let p = || path.to_path_buf();
     if bytes.len() < 8 || !bytes.starts_with(MAGIC) {
         return Err(DataError::BadMagic {
@@ -169,6 +217,9 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<NpyArray, DataError> {
     let (kind, size) = match header.descr.as_str() {
         "<f4" | "=f4" => ("f4", 4),
         "<f8" | "=f8" => ("f8", 8),
+        "<f2" | "=f2" => ("f2", 2),
+        // NumPy has no bfloat16 of its own; ml_dtypes' bfloat16 arrays are saved as 2-byte voids.
+        "<V2" | "|V2" | "bfloat16" => ("bf16", 2),
         "|u1" | "<u1" | "=u1" => ("u1", 1),
         "<i4" | "=i4" => ("i4", 4),
         "<i8" | "=i8" => ("i8", 8),
@@ -177,7 +228,8 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<NpyArray, DataError> {
             return Err(DataError::Dtype {
                 path: p(),
                 found: format!("{d}{why}"),
-                expected: "<f4, <f8, |u1 (samples); |u1, <i4, <i8 (labels)".into(),
+                expected: "<f4, <f8, <f2, bfloat16 (<V2), |u1 (samples); |u1, <i4, <i8 (labels)"
+                    .into(),
             });
         }
     };
@@ -197,22 +249,7 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<NpyArray, DataError> {
     if payload.len() > count {
         return Err(DataError::TrailingData { path: p(), expected: count, actual: payload.len() });
     }
-    let data = match kind {
-        "f4" => NpyData::F32(
-            payload.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-        ),
-        "f8" => NpyData::F64(
-            payload.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
-        ),
-        "u1" => NpyData::U8(payload.to_vec()),
-        "i4" => NpyData::I32(
-            payload.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect(),
-        ),
-        _ => NpyData::I64(
-            payload.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
-        ),
-    };
-    Ok(NpyArray { shape: header.shape, descr: header.descr, data })
+    Ok(Layout { shape: header.shape, descr: header.descr, kind, data_start })
 }
 
 fn hex_prefix(bytes: &[u8], n: usize) -> String {

@@ -21,20 +21,7 @@ pub fn parse_matrix(path: &Path, bytes: &[u8], name: Option<&str>) -> Result<Mat
         path: p(),
         reason: format!("not a valid safetensors file: {e}"),
     })?;
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-    names.sort();
-    let chosen = match name {
-        Some(n) if names.iter().any(|x| x == n) => n.to_string(),
-        Some(n) => {
-            return Err(DataError::TensorNotFound {
-                path: p(),
-                name: n.to_string(),
-                available: names,
-            });
-        }
-        None if names.len() == 1 => names[0].clone(),
-        None => return Err(DataError::AmbiguousTensor { path: p(), available: names }),
-    };
+    let chosen = choose(path, &st, name)?;
     let view = st
         .tensor(&chosen)
         .map_err(|e| DataError::Header { path: p(), reason: format!("tensor {chosen:?}: {e}") })?;
@@ -83,6 +70,22 @@ pub fn parse_matrix(path: &Path, bytes: &[u8], name: Option<&str>) -> Result<Mat
         return Err(DataError::Truncated { path: p(), expected: rows * cols, actual: data.len() });
     }
     Ok(Matrix { data, rows, cols })
+}
+
+/// The tensor to read: `name` when the file has it, else the only tensor; errors list the names.
+pub fn choose(path: &Path, st: &SafeTensors, name: Option<&str>) -> Result<String, DataError> {
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    match name {
+        Some(n) if names.iter().any(|x| x == n) => Ok(n.to_string()),
+        Some(n) => Err(DataError::TensorNotFound {
+            path: path.to_path_buf(),
+            name: n.to_string(),
+            available: names,
+        }),
+        None if names.len() == 1 => Ok(names[0].clone()),
+        None => Err(DataError::AmbiguousTensor { path: path.to_path_buf(), available: names }),
+    }
 }
 
 #[cfg(test)]
