@@ -96,10 +96,10 @@ pub struct RunArgs {
     pub insecure: bool,
     /// Serve TLS with this certificate (PEM, with --tls-key); workers then use https:// URLs
     /// and --tls-ca.
-    #[arg(long, value_name = "FILE", env = "MSAE_TLS_CERT", requires = "tls_key")]
+    #[arg(long, value_name = "FILE", env = "MSAE_TLS_SERVER_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// The private key (PEM) of --tls-cert.
-    #[arg(long, value_name = "FILE", env = "MSAE_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE", env = "MSAE_TLS_SERVER_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Require client certificates signed by this CA (PEM) from workers and clients.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
@@ -118,29 +118,7 @@ pub struct RunArgs {
     pub print_stats: bool,
 }
 
-/// What a client of a TLS coordinator trusts (`report`, `status`, `export`, `list`).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct TlsArgs {
-    /// For an https:// coordinator: the CA certificate (PEM) that signed its certificate.
-    #[arg(long, value_name = "FILE", env = "MSAE_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM), for a coordinator that requires one (with --tls-key).
-    #[arg(long, value_name = "FILE", env = "MSAE_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// Client key (PEM) of --tls-cert.
-    #[arg(long, value_name = "FILE", env = "MSAE_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-}
-
-impl TlsArgs {
-    pub fn client(&self) -> msae_shared::tls::ClientTls {
-        msae_shared::tls::ClientTls {
-            ca: self.tls_ca.clone(),
-            cert: self.tls_cert.clone(),
-            key: self.tls_key.clone(),
-        }
-    }
-}
+pub use msae_shared::tls::TlsArgs;
 
 /// Options of `msae-coordinator report`.
 #[derive(Debug, Clone, clap::Args)]

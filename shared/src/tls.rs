@@ -81,3 +81,30 @@ impl ClientTls {
         endpoint.tls_config(config).map_err(|e| format!("TLS for {url}: {e}"))
     }
 }
+
+/// The client-side TLS flags, shared by the worker and the coordinator's client commands
+/// (`report`, `status`, `export`, `list`).
+#[cfg(feature = "clap")]
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// For an https:// coordinator: the CA certificate (PEM) that signed its certificate.
+    #[arg(long, value_name = "FILE", env = "MSAE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a coordinator that requires one (with --tls-key).
+    #[arg(long, value_name = "FILE", env = "MSAE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", env = "MSAE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+#[cfg(feature = "clap")]
+impl TlsArgs {
+    pub fn client(&self) -> ClientTls {
+        ClientTls {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        }
+    }
+}

@@ -64,15 +64,8 @@ pub struct WorkerArgs {
     /// Read the token from FILE (keeps it out of process listings and the environment).
     #[arg(long, value_name = "FILE", env = "MSAE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// For an https:// coordinator: the CA certificate (PEM) that signed its certificate.
-    #[arg(long, value_name = "FILE", env = "MSAE_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM), for a coordinator that requires one (with --tls-key).
-    #[arg(long, value_name = "FILE", env = "MSAE_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// Client key (PEM) of --tls-cert.
-    #[arg(long, value_name = "FILE", env = "MSAE_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: msae_shared::tls::TlsArgs,
     /// Also keep each trial's files (weights, config, metrics) on this machine under
     /// DIR/<sweep>/<trial> (the coordinator keeps its own copy).
     #[arg(long, value_name = "DIR")]
@@ -192,11 +185,7 @@ pub fn worker_command(args: &WorkerArgs) -> anyhow::Result<()> {
     }
     opts.gpu = args.device.gpu;
     opts.token = msae_shared::auth::resolve(args.token.as_deref(), args.token_file.as_deref())?;
-    opts.tls = msae_shared::tls::ClientTls {
-        ca: args.tls_ca.clone(),
-        cert: args.tls_cert.clone(),
-        key: args.tls_key.clone(),
-    };
+    opts.tls = args.tls.client();
     opts.out_dir = args.out.clone();
     opts.max_trials = args.max_trials;
     crate::data::cache::global().set_budget(args.data_cache_mb << 20);
