@@ -356,5 +356,19 @@ mod path_tests {
         let data = &spec.base["data"];
         assert_eq!(data["path"], sub.join("acts/x.npy").display().to_string());
         assert_eq!(data["labels"], "/abs/l.npy", "absolute paths stay");
+
+        // Swept paths resolve the same way.
+        std::fs::write(
+            &file,
+            "name: p\nmethod: grid\nbase: {data.source: npy}\n\
+             parameters:\n  data.path: {values: [a.npy, /abs/b.npy]}\n",
+        )
+        .unwrap();
+        let (spec, _) = load_spec(&file).unwrap();
+        let crate::spec::ParamSpec::Values(paths) = &spec.parameters["data.path"] else {
+            panic!("{:?}", spec.parameters["data.path"])
+        };
+        assert_eq!(paths[0], sub.join("a.npy").display().to_string());
+        assert_eq!(paths[1], "/abs/b.npy");
     }
 }

@@ -508,12 +508,29 @@ impl SweepSpec {
     /// file's directory: the files a sweep names must not depend on where the coordinator was
     /// started, and local workers read them from that process's current directory.
     pub fn resolve_data_paths(&mut self, dir: &std::path::Path) {
-        let Some(Value::Object(data)) = self.base.get_mut("data") else { return };
-        for key in ["path", "labels"] {
-            if let Some(Value::String(p)) = data.get_mut(key)
+        let resolve = |v: &mut Value| {
+            if let Value::String(p) = v
                 && std::path::Path::new(p.as_str()).is_relative()
             {
                 *p = dir.join(&*p).display().to_string();
+            }
+        };
+        if let Some(Value::Object(data)) = self.base.get_mut("data") {
+            for key in ["path", "labels"] {
+                if let Some(v) = data.get_mut(key) {
+                    resolve(v);
+                }
+            }
+        }
+        // Swept paths too (`data.path: {values: [a.npy, b.npy]}`).
+        for key in ["data.path", "data.labels"] {
+            match self.parameters.get_mut(key) {
+                Some(ParamSpec::Value(v)) => resolve(v),
+                Some(ParamSpec::Values(vs))
+                | Some(ParamSpec::Distribution(Distribution::Categorical { values: vs, .. })) => {
+                    vs.iter_mut().for_each(resolve)
+                }
+                _ => {}
             }
         }
     }
