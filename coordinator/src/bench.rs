@@ -57,12 +57,15 @@ pub struct BenchResult {
 }
 
 /// A grid sweep of exactly `trials` no-op points (lr x layer_k x seed).
+/// The benchmark's sweep: `trials` no-op points. It keeps no files (`keep_weights: none`), so it
+/// measures leasing and durable commits, as it did before trials uploaded their files.
 pub fn bench_sweep_yaml(name: &str, trials: usize) -> String {
     // Factor trials into a grid: seed values fill the rest after a 10 x 10 base.
     let per = trials.div_ceil(100).max(1);
     let mut yaml = format!(
         "name: {name}\nmethod: grid\nrun_cap: {trials}\nmax_attempts: 3\n\
-         task: {{kind: noop, sleep_ms: 0}}\nmetric: {{name: fvu, goal: minimize}}\nparameters:\n"
+         task: {{kind: noop, sleep_ms: 0}}\nmetric: {{name: fvu, goal: minimize}}\n\
+         keep_weights: none\nparameters:\n"
     );
     let lrs: Vec<String> = (1..=10).map(|i| format!("{}", i as f64 * 1e-4)).collect();
     yaml.push_str(&format!("  lr: {{values: [{}]}}\n", lrs.join(", ")));

@@ -19,7 +19,7 @@ use crate::spec::EarlyTerminate;
 use crate::store::WriteBatch;
 use crate::weights::KeepWeights;
 use msae_shared::class_stats::ClassStats;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// A registered worker.
@@ -71,6 +71,9 @@ pub(crate) struct Core {
     next_worker: u64,
     /// See [`Core::take_discarded`].
     discarded: Vec<String>,
+    /// Completed trials holding files with a finite sweep metric, best first (see
+    /// [`Core::trim_weights`]); None until first needed.
+    ranked: Option<BTreeSet<(Ranked, u64)>>,
 }
 
 impl Core {
@@ -106,6 +109,7 @@ impl Core {
             events: Vec::new(),
             next_worker: 1,
             discarded: Vec::new(),
+            ranked: None,
         }
     }
 
@@ -243,14 +247,7 @@ impl Core {
 
     /// The trial's sweep metric oriented so that smaller is better.
     fn oriented(&self, t: &TrialRecord) -> Option<f64> {
-        let v = *t.metrics.get(&self.policy.metric)?;
-        if !v.is_finite() {
-            return None;
-        }
-        Some(match self.policy.goal {
-            Goal::Minimize => v,
-            Goal::Maximize => -v,
-        })
+        oriented_value(&self.policy, t)
     }
 
     fn consider_best(&mut self, index: u64, oriented: f64, t: &TrialRecord) {
@@ -749,7 +746,7 @@ impl Core {
             }
         }
         if self.trials[index as usize].weights.is_some() {
-            self.trim_weights();
+            self.trim_weights(index);
         }
         // A pruned trial gives the search its last metric, as a completed one its final one.
         self.strategy.observe(index, v);
@@ -759,39 +756,75 @@ impl Core {
         CompleteAck { accepted: true, reason: String::new() }
     }
 
-    /// Applies `keep_weights` after a completion: trials that fell out of the kept ranks lose
-    /// their files (deleted by the actor once this commit is durable).
-    fn trim_weights(&mut self) {
+    /// Applies `keep_weights` after trial `index` completed with files: trials that fell out of
+    /// the kept ranks lose their files (deleted by the actor once this commit is durable).
+    /// Ranks are kept in `ranked` (built on first use, then updated per completion), so a
+    /// completion costs O(limit + log n), not a pass over the sweep.
+    fn trim_weights(&mut self, index: u64) {
         let keep = self.policy.keep_weights;
-        if keep == KeepWeights::All {
-            return;
+        let limit = match keep {
+            KeepWeights::All | KeepWeights::None => return,
+            KeepWeights::Best(n) => n,
+            KeepWeights::Auto => crate::weights::AUTO_BEST,
+        };
+        let droppable = |t: &TrialRecord| {
+            t.weights.as_ref().is_some_and(|w| !keep.keeps(Some(limit), w.bytes()))
+        };
+        let mut drop: Vec<u64> = Vec::new();
+        match self.ranked.as_mut() {
+            None => {
+                let mut ranked = BTreeSet::new();
+                for t in &self.trials {
+                    if t.status != TrialStatus::Completed || t.weights.is_none() {
+                        continue;
+                    }
+                    match self.oriented(t) {
+                        Some(v) => {
+                            ranked.insert((Ranked(v), t.index));
+                        }
+                        None if droppable(t) => drop.push(t.index),
+                        None => {}
+                    }
+                }
+                for (rank, &(_, i)) in ranked.iter().enumerate() {
+                    if rank as u64 >= limit && droppable(&self.trials[i as usize]) {
+                        drop.push(i);
+                    }
+                }
+                self.ranked = Some(ranked);
+            }
+            Some(ranked) => {
+                let t = &self.trials[index as usize];
+                match oriented_value(&self.policy, t) {
+                    Some(v) => {
+                        ranked.insert((Ranked(v), index));
+                        // Only the entry now at rank `limit` can have changed sides: those
+                        // after it were past the limit already, and kept only if not droppable.
+                        if let Some(&(_, i)) = ranked.iter().nth(limit as usize)
+                            && droppable(&self.trials[i as usize])
+                        {
+                            drop.push(i);
+                        }
+                    }
+                    None if droppable(t) => drop.push(index),
+                    None => {}
+                }
+            }
         }
-        let mut ranked: Vec<(f64, u64)> = self
-            .trials
-            .iter()
-            .filter(|t| t.status == TrialStatus::Completed && t.weights.is_some())
-            .filter_map(|t| self.oriented(t).map(|v| (v, t.index)))
-            .collect();
-        ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        let rank: HashMap<u64, u64> =
-            ranked.iter().enumerate().map(|(r, &(_, i))| (i, r as u64)).collect();
         let metric = self.policy.metric.clone();
-        let mut dropped = Vec::new();
-        for t in self.trials.iter_mut().filter(|t| t.status == TrialStatus::Completed) {
-            let Some(w) = &t.weights else { continue };
-            if keep.keeps(rank.get(&t.index).copied(), w.bytes()) {
-                continue;
+        for i in drop {
+            let t = &mut self.trials[i as usize];
+            let Some(w) = t.weights.take() else { continue };
+            if let (Some(ranked), Some(v)) = (self.ranked.as_mut(), oriented_value(&self.policy, t))
+            {
+                ranked.remove(&(Ranked(v), i));
             }
             t.errors.push(format!(
                 "files not kept: keep_weights {} and this trial is not among the best by {metric}",
                 keep.describe()
             ));
-            self.discarded.push(w.dir.clone());
-            t.weights = None;
-            dropped.push(t.index);
-        }
-        for index in dropped {
-            self.mark(index);
+            self.discarded.push(w.dir);
+            self.mark(i);
         }
     }
 
@@ -965,6 +998,37 @@ impl Core {
 }
 
 /// Sets the curve's value at `step` (kept in step order; a later attempt replaces a value).
+/// `t`'s sweep metric oriented so that smaller is better; None when absent or not finite.
+fn oriented_value(policy: &SchedulerPolicy, t: &TrialRecord) -> Option<f64> {
+    let v = *t.metrics.get(&policy.metric)?;
+    if !v.is_finite() {
+        return None;
+    }
+    Some(match policy.goal {
+        Goal::Minimize => v,
+        Goal::Maximize => -v,
+    })
+}
+
+/// An oriented metric ordered totally (finite values only reach it), for the ranks of
+/// `keep_weights`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Ranked(f64);
+
+impl Eq for Ranked {}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
 fn set_curve_point(curve: &mut Vec<(u64, f64)>, step: u64, value: f64) {
     match curve.binary_search_by_key(&step, |(s, _)| *s) {
         Ok(i) => curve[i].1 = value,
