@@ -43,13 +43,15 @@ async fn records(args: &ExportArgs) -> anyhow::Result<(SweepRecord, Vec<TrialRec
         anyhow::bail!("no such database {} (run a sweep first, or pass --db)", args.db.display());
     }
     let db = args.db.clone();
+    let wanted = args.sweep.clone();
+    // Only the chosen sweep's trials are read: a database may hold many large sweeps.
     let read = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
         let store = Store::open_read_only(&db)?;
         let sweeps = store.sweeps()?;
-        let mut trials = Vec::new();
-        for s in &sweeps {
-            trials.extend(store.trials_without_configs(&s.name)?);
-        }
+        let trials = match pick_sweep(&sweeps, wanted.as_deref()) {
+            Ok(s) => store.trials_without_configs(&s.name)?,
+            Err(_) => Vec::new(),
+        };
         Ok((sweeps, trials))
     })
     .await?;
@@ -59,7 +61,7 @@ async fn records(args: &ExportArgs) -> anyhow::Result<(SweepRecord, Vec<TrialRec
             let url = crate::run::running_url(&path)?;
             let json = crate::service::report::fetch_records(
                 &url,
-                None,
+                args.sweep.as_deref(),
                 args.token.as_deref(),
                 &args.tls.client(),
             )
