@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// No-op trials per run (a grid sweep of this many points).
     #[arg(long, default_value_t = 10_000)]
     pub trials: usize,
+    /// Spare leases each worker holds (`msae-worker --prefetch`); 0 = one lease at a time.
+    #[arg(long, value_name = "N", default_value_t = crate::embedded::DEFAULT_PREFETCH)]
+    pub prefetch: usize,
     /// Print one JSON object per run instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -54,6 +57,97 @@ pub struct BenchResult {
     pub trials_per_s: f64,
     pub coordinator_cpu_s: f64,
     pub cpu_ms_per_trial: f64,
+    /// The coordinator's peak resident memory (VmHWM), MiB.
+    pub peak_rss_mib: f64,
+    /// The run cut at 1,000, 10,000, 100,000... completed trials: is the rate flat?
+    pub windows: Vec<Window>,
+}
+
+/// From one checkpoint to the next: throughput, coordinator CPU and memory in that stretch.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Window {
+    /// Completed trials at the window's end (the first sample at or past the checkpoint).
+    pub upto: u64,
+    pub trials_per_s: f64,
+    pub cpu_ms_per_trial: f64,
+    /// Resident memory at the window's end, MiB.
+    pub rss_mib: f64,
+}
+
+/// One look at the coordinator process.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    completed: u64,
+    cpu_s: f64,
+    rss_mib: f64,
+    peak_rss_mib: f64,
+}
+
+/// CPU seconds (user + system) and resident memory of process `pid`, from /proc. None where
+/// there is no /proc (the windows are then left out).
+fn process_usage(pid: u32) -> Option<(f64, f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| -> Option<f64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    // /proc counts CPU in USER_HZ ticks, 100 per second on every Linux ABI.
+    Some((ticks / 100.0, kib("VmRSS:")? / 1024.0, kib("VmHWM:")? / 1024.0))
+}
+
+/// 1,000, 10,000, ... below `trials`, then `trials`.
+fn checkpoints(trials: u64) -> Vec<u64> {
+    let mut marks: Vec<u64> = std::iter::successors(Some(1_000u64), |m| m.checked_mul(10))
+        .take_while(|&m| m < trials)
+        .collect();
+    marks.push(trials);
+    marks
+}
+
+/// Samples the coordinator every [`SAMPLE_EVERY`] (completed trials over the Status RPC, CPU
+/// and memory from /proc) until `stop` is set; returns the samples.
+async fn sample(url: String, pid: u32, stop: tokio::sync::watch::Receiver<bool>) -> Vec<Sample> {
+    use msae_shared::proto::{StatusRequest, coordinator_client::CoordinatorClient};
+    let mut samples = Vec::new();
+    let Ok(mut client) = CoordinatorClient::connect(url).await else { return samples };
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    while !*stop.borrow() {
+        tick.tick().await;
+        let Ok(reply) = client.status(StatusRequest {}).await else { break };
+        let reply = reply.into_inner();
+        let Some((cpu_s, rss_mib, peak_rss_mib)) = process_usage(pid) else { break };
+        let completed = reply.completed + reply.failed + reply.pruned;
+        }
+        samples.push(Sample { at: Instant::now(), completed, cpu_s, rss_mib, peak_rss_mib });
+    }
+    samples
+}
+
+/// How often [`sample`] looks (a Status call lists every worker: not free at 1,000 of them).
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// The windows between checkpoints, from the samples (the first sample at or past each mark);
+/// the first window starts at the first sample, taken as the workers start.
+fn windows(samples: &[Sample], trials: u64) -> Vec<Window> {
+    let mut out = Vec::new();
+    let Some(mut from) = samples.first().copied() else { return out };
+    for mark in checkpoints(trials) {
+        let Some(to) = samples.iter().find(|s| s.completed >= mark) else { break };
+        let n = to.completed.saturating_sub(from.completed).max(1) as f64;
+        out.push(Window {
+            upto: to.completed,
+            trials_per_s: n / to.at.duration_since(from.at).as_secs_f64().max(1e-9),
+            cpu_ms_per_trial: (to.cpu_s - from.cpu_s) * 1000.0 / n,
+            rss_mib: to.rss_mib,
+        });
+        from = *to;
+    }
+    out
 }
 
 /// A grid sweep of exactly `trials` no-op points (lr x layer_k x seed).
@@ -89,25 +183,41 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if !args.json {
         writeln!(
             out,
-            "{:>8} {:>8} {:>9} {:>10} {:>14} {:>13}",
-            "workers", "trials", "wall_s", "trials/s", "coord_cpu_s", "cpu_ms/trial"
+            "{:>8} {:>8} {:>9} {:>10} {:>14} {:>13} {:>9}",
+            "workers", "trials", "wall_s", "trials/s", "coord_cpu_s", "cpu_ms/trial", "rss_MiB"
         )?;
     }
     for &workers in &args.workers {
-        let result = runtime.block_on(run_one(&exe, workers, args.trials))?;
+        let result = runtime.block_on(run_one(&exe, workers, args.trials, args.prefetch))?;
         if args.json {
             writeln!(out, "{}", serde_json::to_string(&result)?)?;
         } else {
             writeln!(
                 out,
-                "{:>8} {:>8} {:>9.2} {:>10.0} {:>14.2} {:>13.3}",
+                "{:>8} {:>8} {:>9.2} {:>10.0} {:>14.2} {:>13.3} {:>9.1}",
                 result.workers,
                 result.trials,
                 result.wall_s,
                 result.trials_per_s,
                 result.coordinator_cpu_s,
-                result.cpu_ms_per_trial
+                result.cpu_ms_per_trial,
+                result.peak_rss_mib,
             )?;
+            // The stretches between checkpoints, when there is more than one: a flat rate
+            // means the cost per trial does not grow with the sweep.
+            for w in result.windows.iter().filter(|_| result.windows.len() > 1) {
+                writeln!(
+                    out,
+                    "{:>8} {:>8} {:>9} {:>10.0} {:>14} {:>13.3} {:>9.1}",
+                    "",
+                    format!("..{}", w.upto),
+                    "",
+                    w.trials_per_s,
+                    "",
+                    w.cpu_ms_per_trial,
+                    w.rss_mib,
+                )?;
+            }
         }
         // Each result as soon as it is measured: a run takes a while.
         out.flush()?;
@@ -115,7 +225,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_one(exe: &Path, workers: usize, trials: usize) -> anyhow::Result<BenchResult> {
+async fn run_one(
+    exe: &Path,
+    workers: usize,
+    trials: usize,
+    prefetch: usize,
+) -> anyhow::Result<BenchResult> {
     let dir = std::env::temp_dir().join(format!("msae-bench-{}-{workers}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -145,6 +260,8 @@ async fn run_one(exe: &Path, workers: usize, trials: usize) -> anyhow::Result<Be
         anyhow::ensure!(Instant::now() < deadline, "the coordinator did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sampler = tokio::spawn(sample(format!("http://{addr}"), child.id().unwrap_or(0), stop_rx));
     let started = Instant::now();
     let bench_workers = crate::embedded::LocalWorkers {
         url: format!("http://{addr}"),
@@ -154,12 +271,15 @@ async fn run_one(exe: &Path, workers: usize, trials: usize) -> anyhow::Result<Be
         token: None,
         out_dir: None,
         runner: crate::embedded::Runner::Noop,
+        prefetch,
     };
     let handles = crate::embedded::spawn(&bench_workers, std::future::pending::<()>)?;
     let output = tokio::time::timeout(Duration::from_secs(3600), child.wait_with_output())
         .await
         .context("the benchmark sweep did not finish within an hour")??;
     let wall_s = started.elapsed().as_secs_f64();
+    let _ = stop_tx.send(true);
+    let samples = sampler.await.unwrap_or_default();
     for h in handles {
         if let Ok(Err(e)) = h.await {
             tracing::warn!("bench worker: {e:#}");
@@ -181,6 +301,8 @@ async fn run_one(exe: &Path, workers: usize, trials: usize) -> anyhow::Result<Be
         trials_per_s: completed as f64 / wall_s,
         coordinator_cpu_s: cpu,
         cpu_ms_per_trial: cpu * 1000.0 / completed.max(1) as f64,
+        peak_rss_mib: samples.last().map_or(0.0, |s| s.peak_rss_mib),
+        windows: windows(&samples, completed),
     })
 }
 

@@ -19,6 +19,9 @@ pub enum Runner {
     Noop,
 }
 
+/// Spare leases of local workers: `msae-worker --prefetch`'s default.
+pub const DEFAULT_PREFETCH: usize = 2;
+
 /// How to start embedded workers.
 #[derive(Debug, Clone)]
 pub struct LocalWorkers {
@@ -32,6 +35,8 @@ pub struct LocalWorkers {
     /// Keep each trial's weights and config under this directory.
     pub out_dir: Option<PathBuf>,
     pub runner: Runner,
+    /// Spare leases each worker may hold while trials are short (`msae-worker --prefetch`).
+    pub prefetch: usize,
 }
 
 #[cfg(feature = "local-worker")]
@@ -66,6 +71,7 @@ where
                 client.gpu = w.gpu;
                 client.token = w.token.clone();
                 client.out_dir = w.out_dir.clone();
+                client.prefetch = w.prefetch;
                 let (runner, stop) = (runner.clone(), stop());
                 tokio::spawn(async move { run_worker(client, runner, stop).await.map(|_| ()) })
             })

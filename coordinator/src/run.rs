@@ -238,6 +238,7 @@ pub async fn run_sweep(
         token: opts.token.clone(),
         out_dir: opts.artifacts.clone(),
         runner: crate::embedded::Runner::Sae,
+        prefetch: crate::embedded::DEFAULT_PREFETCH,
     };
     let workers = crate::embedded::spawn(&local, || wait_for(workers_stop_rx.clone()))?;
 

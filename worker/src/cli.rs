@@ -73,6 +73,11 @@ pub struct WorkerArgs {
     /// Exit after this many trials.
     #[arg(long, value_name = "N")]
     pub max_trials: Option<usize>,
+    /// While trials are short (under a second), hold up to N leases beyond the running one:
+    /// the next trial starts while the last result is still being committed. Longer trials
+    /// hold no spare (it would wait a whole trial on a lease another worker could run).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub prefetch: usize,
     /// Memory for loaded datasets kept across trials, in MiB (0 = read the data for every
     /// trial). Memory-mapped files count only their bookkeeping: their pages are the kernel's.
     #[arg(long, value_name = "MIB", default_value_t = crate::data::cache::DEFAULT_BUDGET_MB)]
@@ -188,6 +193,7 @@ pub fn worker_command(args: &WorkerArgs) -> anyhow::Result<()> {
     opts.tls = args.tls.client();
     opts.out_dir = args.out.clone();
     opts.max_trials = args.max_trials;
+    opts.prefetch = args.prefetch;
     crate::data::cache::global().set_budget(args.data_cache_mb << 20);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let summary = runtime.block_on(crate::client::run_worker(

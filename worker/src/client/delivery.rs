@@ -2,14 +2,16 @@
 //! result (kept and re-sent until the coordinator accepts or refuses it), or the lease itself,
 //! handed back.
 
+use super::connect::Client;
 use super::edge::{
     LeaseRef, NextLease, TrialResult, Verdict, complete_request, evaluation, progress_request,
 };
-use super::retry::{is_transient, timed};
-use super::stop::{StopCause, StopFlag};
+use super::options::{ClientOptions, WorkerSummary};
+use super::retry::{Backoff, is_transient, timed};
+use super::stop::{ShutdownSignal, StopCause, StopFlag};
 use super::worker::{After, Worker};
 use crate::runner::{Progress, ProgressKind};
-use msae_shared::proto::{Evaluation, ReleaseRequest};
+use msae_shared::proto::{Evaluation, LeaseRequest, ReleaseRequest};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::Code;
@@ -99,30 +101,64 @@ impl Worker {
         }
     }
 
-    /// The lease request a result should carry: none when shutting down or when this worker
-    /// has handled all the leases it may.
-    fn next_lease(&self) -> Option<NextLease> {
-        let wanted = !self.shutdown.is_set()
-            && self.opts.max_trials.is_none_or(|max| self.summary.leases < max);
-        wanted.then(|| NextLease {
-            worker_id: self.summary.worker_id.clone(),
-            wait_ms: self.opts.poll_wait_ms(),
-        })
+    /// What a delivery needs, owned, so it can go on its own task while the next trial runs.
+    pub(super) fn courier(&self) -> Courier {
+        Courier {
+            opts: self.opts.clone(),
+            client: self.client.clone(),
+            shutdown: self.shutdown.clone(),
+        }
     }
 
-    /// Delivers a result until it is accepted or refused (with the next lease request when
-    /// [`Self::next_lease`] gives one). At shutdown, one last try without it. Returns what the
-    /// reply said about the next step.
+    /// Hands a lease back (one try: if the coordinator is away, the lease expires instead).
+    pub(super) async fn release(&mut self, lease: &LeaseRef, reason: String) {
+        let request = ReleaseRequest { lease_id: lease.lease_id.clone(), reason };
+        let mut client = self.client.clone();
+        self.summary.released += 1;
+        match timed(self.opts.rpc_timeout, client.release(request)).await {
+            Ok(reply) => {
+                tracing::info!(trial = %lease.trial_id, accepted = reply.accepted, "lease handed back")
+            }
+            Err(status) => {
+                tracing::warn!(trial = %lease.trial_id, code = ?status.code(), message = status.message(),
+                "could not hand the lease back; it will expire")
+            }
+        }
+    }
+}
+
+/// Delivers results (and fetches spare leases) on tasks of their own: with `--prefetch`, a
+/// result is committed while the worker already runs the next trial.
+#[derive(Clone)]
+pub(super) struct Courier {
+    opts: Arc<ClientOptions>,
+    client: Client,
+    shutdown: ShutdownSignal,
+}
+
+/// What came back from a delivery or a fetch: the next step, and the counts it adds to the
+/// worker's summary.
+#[derive(Debug, Default)]
+pub(super) struct Delivered {
+    pub(super) after: After,
+    pub(super) tally: WorkerSummary,
+}
+
+impl Courier {
+    /// Delivers a result until it is accepted or refused, asking for `next` with it unless the
+    /// worker is shutting down by then. At shutdown, one last try without it.
     pub(super) async fn deliver(
-        &mut self,
-        lease: &LeaseRef,
+        self,
+        lease: LeaseRef,
         result: TrialResult,
-    ) -> anyhow::Result<After> {
-        let mut backoff = self.backoff();
+        next: Option<NextLease>,
+    ) -> anyhow::Result<Delivered> {
+        let mut backoff = Backoff::new(self.opts.backoff_initial, self.opts.backoff_max);
+        let mut tally = WorkerSummary::default();
         loop {
             let last_try = self.shutdown.is_set();
-            let next = self.next_lease();
-            let request = complete_request(lease, &result, next.as_ref());
+            let next = next.as_ref().filter(|_| !last_try);
+            let request = complete_request(&lease, &result, next);
             let mut client = self.client.clone();
             let reply = if next.is_some() {
                 // The lease part may long-poll. A shutdown first gives the call a moment (its
@@ -151,21 +187,21 @@ impl Worker {
                     tracing::info!(trial = %lease.trial_id, success = result.success(), duration_s = result.duration.as_secs_f64(),
                         error = %result.error(), "result accepted");
                     if result.success() {
-                        self.summary.succeeded += 1;
+                        tally.succeeded += 1;
                         if result.verdict == Verdict::Pruned {
-                            self.summary.pruned += 1;
+                            tally.pruned += 1;
                         }
                     } else {
-                        self.summary.failed += 1;
+                        tally.failed += 1;
                     }
-                    return Ok(After::new(reply.next, reply.shutdown));
+                    return Ok(Delivered { after: After::new(reply.next, reply.shutdown), tally });
                 }
                 Ok(reply) => {
                     tracing::warn!(trial = %lease.trial_id, lease = %lease.lease_id, reason = %reply.reason,
                         "the coordinator refused the result (stale lease); dropping it");
-                    self.summary.refused += 1;
+                    tally.refused += 1;
                     // A refused result may still come with the next lease.
-                    return Ok(After::new(reply.next, reply.shutdown));
+                    return Ok(Delivered { after: After::new(reply.next, reply.shutdown), tally });
                 }
                 Err(status)
                     if matches!(
@@ -175,8 +211,8 @@ impl Worker {
                 {
                     tracing::warn!(trial = %lease.trial_id, lease = %lease.lease_id, code = ?status.code(),
                         message = status.message(), "the coordinator refused the result; dropping it");
-                    self.summary.refused += 1;
-                    return Ok(After::default());
+                    tally.refused += 1;
+                    return Ok(Delivered { after: After::default(), tally });
                 }
                 Err(status) if !is_transient(&status) => anyhow::bail!(
                     "coordinator {} rejected the result of trial {}: {:?}: {}",
@@ -189,32 +225,36 @@ impl Worker {
                     if last_try {
                         tracing::warn!(trial = %lease.trial_id, code = ?status.code(), message = status.message(),
                             "shutting down with an undelivered result; the lease will expire and the trial rerun");
-                        self.summary.lost += 1;
-                        return Ok(After::default());
+                        tally.lost += 1;
+                        return Ok(Delivered { after: After::default(), tally });
                     }
                     let delay = backoff.next_delay();
                     tracing::warn!(trial = %lease.trial_id, code = ?status.code(), message = status.message(),
                         retry_in = ?delay, "cannot deliver the result yet; keeping it");
                     // On shutdown the sleep ends early and the loop makes its last try.
-                    self.sleep_or_shutdown(delay).await;
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.wait() => {}
+                    }
                 }
             }
         }
     }
 
-    /// Hands a lease back (one try: if the coordinator is away, the lease expires instead).
-    pub(super) async fn release(&mut self, lease: &LeaseRef, reason: String) {
-        let request = ReleaseRequest { lease_id: lease.lease_id.clone(), reason };
+    /// One `Lease` call that does not wait: a spare lease if a trial is queued now. Failures
+    /// cost nothing (the loop asks again, with its long poll and re-registration, when it has
+    /// nothing to run).
+    pub(super) async fn fetch(self, worker_id: String) -> anyhow::Result<Delivered> {
+        let request = LeaseRequest { worker_id, wait_ms: 0 };
         let mut client = self.client.clone();
-        self.summary.released += 1;
-        match timed(self.opts.rpc_timeout, client.release(request)).await {
-            Ok(reply) => {
-                tracing::info!(trial = %lease.trial_id, accepted = reply.accepted, "lease handed back")
-            }
+        let after = match timed(self.opts.rpc_timeout, client.lease(request)).await {
+            Ok(reply) => After::new(reply.lease, reply.shutdown),
             Err(status) => {
-                tracing::warn!(trial = %lease.trial_id, code = ?status.code(), message = status.message(),
-                "could not hand the lease back; it will expire")
+                tracing::debug!(code = ?status.code(), message = status.message(), "no spare lease");
+                After::default()
             }
-        }
+        };
+        Ok(Delivered { after, tally: WorkerSummary::default() })
     }
 }

@@ -20,6 +20,10 @@ pub struct ClientOptions {
     pub out_dir: Option<PathBuf>,
     /// Exit after handling this many leases.
     pub max_trials: Option<usize>,
+    /// Leases to hold beyond the running one while trials are short (under
+    /// [`PREFETCH_BELOW`]): the next trial starts while the last result is still being
+    /// committed, and that many results can be in flight at once. 0 = one lease at a time.
+    pub prefetch: usize,
     /// How long one `Lease` long-poll may wait on the coordinator.
     pub poll_wait: Duration,
     /// Limit of every other call (and the extra time allowed to a long-poll).
@@ -48,6 +52,7 @@ impl ClientOptions {
             tls: Default::default(),
             out_dir: None,
             max_trials: None,
+            prefetch: 0,
             poll_wait: Duration::from_secs(20),
             rpc_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
@@ -71,6 +76,10 @@ impl ClientOptions {
         self.poll_wait.as_millis().min(u32::MAX as u128) as u32
     }
 }
+
+/// Trials that ran at least this long do not ask for spare leases: their round trip is
+/// already hidden, and a spare would wait a whole trial on a lease another worker could use.
+pub const PREFETCH_BELOW: Duration = Duration::from_secs(1);
 
 /// `{hostname}-{pid}`: unique enough per machine, readable in reports.
 pub fn default_worker_name() -> String {
@@ -104,4 +113,17 @@ pub struct WorkerSummary {
     /// Results given up on at shutdown because the coordinator was unreachable (their leases
     /// expire and the trials run again).
     pub lost: usize,
+}
+
+impl WorkerSummary {
+    /// Adds the outcome counts of `other` (a delivery's), keeping this summary's worker id.
+    pub(super) fn absorb(&mut self, other: &WorkerSummary) {
+        self.leases += other.leases;
+        self.succeeded += other.succeeded;
+        self.pruned += other.pruned;
+        self.failed += other.failed;
+        self.refused += other.refused;
+        self.released += other.released;
+        self.lost += other.lost;
+    }
 }

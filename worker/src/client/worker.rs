@@ -1,16 +1,27 @@
 //! The lease loop: register, ask for leases (long-poll), run each one to its end, and register
 //! again when the coordinator has forgotten this worker.
+//!
+//! Results go out on tasks of their own ([`Courier`](super::delivery::Courier)), each asking
+//! for the next lease. With `prefetch` 0 the loop waits for each before going on, one lease at
+//! a time; with `prefetch` N, while trials are short it holds up to N leases beyond the
+//! running one and lets N calls be in flight, so the next trial runs while the coordinator
+//! commits the last results (several workers' worth of results in one commit).
 
 use super::connect::{Client, connect};
-use super::edge::{LeasedTrial, Received, TrialResult, lease_of};
-use super::options::{ClientOptions, WorkerSummary};
+use super::delivery::Delivered;
+use super::edge::{
+    LeaseRef, LeasedTrial, NextLease, Received, TrialResult, lease_of, progress_request,
+};
+use super::options::{ClientOptions, PREFETCH_BELOW, WorkerSummary};
 use super::retry::{Backoff, is_transient, timed};
 use super::stop::{ShutdownSignal, StopCause};
 use super::trial::Finished;
 use crate::runner::TrialRunner;
 use msae_shared::proto::{Lease, LeaseRequest, RegisterRequest};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
 use tonic::Code;
 
 /// What the coordinator said after a result, about the worker's next step.
@@ -30,12 +41,36 @@ impl After {
 }
 
 pub(super) struct Worker {
-    pub(super) opts: ClientOptions,
+    pub(super) opts: Arc<ClientOptions>,
     pub(super) client: Client,
     /// Runs `sae` leases; `noop` leases get a fresh `NoopRunner`.
     pub(super) sae: Arc<dyn TrialRunner>,
     pub(super) shutdown: ShutdownSignal,
     pub(super) summary: WorkerSummary,
+    pipeline: Pipeline,
+}
+
+/// Leases held but not started, and deliveries (or spare fetches) still on their way.
+#[derive(Default)]
+struct Pipeline {
+    /// In arrival order, each with when it arrived.
+    ready: VecDeque<(Received, Instant)>,
+    /// Oldest first; `asks` when the call may bring a lease back.
+    inflight: VecDeque<InFlight>,
+    /// The coordinator said it is finishing: ask for nothing more.
+    dismissed: bool,
+}
+
+struct InFlight {
+    asks: bool,
+    task: JoinHandle<anyhow::Result<Delivered>>,
+}
+
+impl Pipeline {
+    /// Leases here or on their way.
+    fn held(&self) -> usize {
+        self.ready.len() + self.inflight.iter().filter(|f| f.asks).count()
+    }
 }
 
 impl Worker {
@@ -45,7 +80,14 @@ impl Worker {
         shutdown: ShutdownSignal,
     ) -> anyhow::Result<Self> {
         let client = connect(&opts)?;
-        Ok(Worker { opts, client, sae, shutdown, summary: WorkerSummary::default() })
+        Ok(Worker {
+            opts: Arc::new(opts),
+            client,
+            sae,
+            shutdown,
+            summary: WorkerSummary::default(),
+            pipeline: Pipeline::default(),
+        })
     }
 
     pub(super) fn backoff(&self) -> Backoff {
@@ -65,14 +107,39 @@ impl Worker {
         if !self.register().await? {
             return Ok(self.summary);
         }
+        let outcome = self.lease_loop().await;
+        // Whatever ended the loop: results on their way are delivered (or given up on, at
+        // shutdown), and leases never started are handed back.
+        let settled = self.settle().await;
+        outcome.and(settled)?;
+        Ok(self.summary)
+    }
+
+    async fn lease_loop(&mut self) -> anyhow::Result<()> {
         let mut backoff = self.backoff();
         loop {
             if self.shutdown.is_set() {
-                break;
+                return Ok(());
+            }
+            self.land_finished().await?;
+            // A lease already here (carried by a result's reply, or a spare) runs first.
+            if let Some((received, since)) = self.pipeline.ready.pop_front() {
+                if let Some(received) = self.still_ours(received, since).await {
+                    self.handle_lease(received).await?;
+                }
+                continue;
+            }
+            if !self.pipeline.inflight.is_empty() {
+                self.land_oldest().await?;
+                continue;
+            }
+            if self.pipeline.dismissed {
+                tracing::info!("the coordinator is finishing; worker exits");
+                return Ok(());
             }
             if self.opts.max_trials.is_some_and(|max| self.summary.leases >= max) {
                 tracing::info!(leases = self.summary.leases, "max trials reached; worker exits");
-                break;
+                return Ok(());
             }
             let request = LeaseRequest {
                 worker_id: self.summary.worker_id.clone(),
@@ -82,36 +149,19 @@ impl Worker {
             let mut shutdown = self.shutdown.clone();
             let limit = self.opts.poll_wait + self.opts.rpc_timeout;
             let reply = tokio::select! {
-                () = shutdown.wait() => break,
+                () = shutdown.wait() => return Ok(()),
                 reply = timed(limit, client.lease(request)) => reply,
             };
             match reply {
                 Ok(reply) => {
                     backoff.reset();
-                    let mut after = After::new(reply.lease, reply.shutdown);
-                    // Each result's reply may carry the next lease: run them back to back.
-                    while let Some(received) = after.lease.take() {
-                        if self.shutdown.is_set() {
-                            // Asked for before the shutdown came: hand it back at once.
-                            self.summary.leases += 1;
-                            self.release(lease_of(&received), StopCause::Shutdown.to_string())
-                                .await;
-                            break;
-                        }
-                        let shutdown = after.shutdown;
-                        after = self.handle_lease(received).await?;
-                        after.shutdown |= shutdown;
-                    }
-                    if after.shutdown {
-                        tracing::info!("the coordinator is finishing; worker exits");
-                        break;
-                    }
+                    self.take(After::new(reply.lease, reply.shutdown));
                 }
                 Err(status) if status.code() == Code::NotFound => {
                     tracing::warn!(worker_id = %self.summary.worker_id, message = status.message(),
                         "the coordinator does not know this worker; registering again");
                     if !self.register().await? {
-                        break;
+                        return Ok(());
                     }
                 }
                 Err(status) if is_transient(&status) => {
@@ -119,7 +169,7 @@ impl Worker {
                     tracing::warn!(coordinator = %self.opts.coordinator, code = ?status.code(),
                         message = status.message(), retry_in = ?delay, "lease request failed");
                     if !self.sleep_or_shutdown(delay).await {
-                        break;
+                        return Ok(());
                     }
                 }
                 Err(status) => anyhow::bail!(
@@ -131,7 +181,106 @@ impl Worker {
                 ),
             }
         }
-        Ok(self.summary)
+    }
+
+    /// Keeps what a reply said: its lease joins the queue, a dismissal ends the asking.
+    fn take(&mut self, after: After) {
+        if let Some(received) = after.lease {
+            self.pipeline.ready.push_back((received, Instant::now()));
+        }
+        self.pipeline.dismissed |= after.shutdown;
+    }
+
+    /// Waits for the oldest delivery or fetch and keeps what it brought.
+    async fn land_oldest(&mut self) -> anyhow::Result<()> {
+        let Some(flight) = self.pipeline.inflight.pop_front() else {
+            return Ok(());
+        };
+        let delivered = flight.task.await.map_err(|e| anyhow::anyhow!("delivery task: {e}"))??;
+        self.summary.absorb(&delivered.tally);
+        self.take(delivered.after);
+        Ok(())
+    }
+
+    /// Keeps what calls that already ended brought, without waiting for the others.
+    async fn land_finished(&mut self) -> anyhow::Result<()> {
+        // Awaiting a finished task returns at once.
+        while self.pipeline.inflight.front().is_some_and(|f| f.task.is_finished()) {
+            self.land_oldest().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a result on its own task, asking for as many leases as keep the pipeline full.
+    /// Nothing waits for it here: a call may long-poll, and a lease already held must not wait
+    /// behind it (the loop waits for calls only when it has nothing to run).
+    fn dispatch(&mut self, lease: LeaseRef, result: TrialResult) {
+        let spares = if result.duration < PREFETCH_BELOW { self.opts.prefetch } else { 0 };
+        let mut wanted = (1 + spares).saturating_sub(self.pipeline.held());
+        if let Some(max) = self.opts.max_trials {
+            wanted = wanted.min(max.saturating_sub(self.summary.leases + self.pipeline.held()));
+        }
+        if self.shutdown.is_set() || self.pipeline.dismissed {
+            wanted = 0;
+        }
+        let next = (wanted > 0).then(|| NextLease {
+            worker_id: self.summary.worker_id.clone(),
+            wait_ms: self.opts.poll_wait_ms(),
+        });
+        let courier = self.courier();
+        self.pipeline.inflight.push_back(InFlight {
+            asks: next.is_some(),
+            task: tokio::spawn(courier.clone().deliver(lease, result, next)),
+        });
+        for _ in 1..wanted {
+            let task = tokio::spawn(courier.clone().fetch(self.summary.worker_id.clone()));
+            self.pipeline.inflight.push_back(InFlight { asks: true, task });
+        }
+    }
+
+    /// A lease that waited behind a running trial may have outlived its ttl: past a third of
+    /// it, a progress report renews it first. None when the coordinator no longer holds it
+    /// for us (it has requeued the trial).
+    async fn still_ours(&mut self, received: Received, since: Instant) -> Option<Received> {
+        let Ok(trial) = &received else { return Some(received) };
+        let Some(ttl) = trial.ttl else { return Some(received) };
+        if since.elapsed() < ttl / 3 {
+            return Some(received);
+        }
+        let request = progress_request(&trial.lease.lease_id, 0, Default::default(), Vec::new());
+        let mut client = self.client.clone();
+        match timed(self.opts.rpc_timeout, client.progress(request)).await {
+            Err(status) if matches!(status.code(), Code::NotFound | Code::FailedPrecondition) => {
+                tracing::info!(trial = %trial.lease.trial_id, message = status.message(),
+                    "a held lease expired before its turn; the coordinator has requeued the trial");
+                self.summary.leases += 1;
+                self.summary.lost += 1;
+                None
+            }
+            // Anything else: run it; its reports and result sort out the rest.
+            _ => Some(received),
+        }
+    }
+
+    /// Delivers what is still on its way and hands back every lease not started.
+    async fn settle(&mut self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        while !self.pipeline.inflight.is_empty() {
+            if let Err(e) = self.land_oldest().await {
+                first_error.get_or_insert(e);
+            }
+        }
+        while let Some((received, _)) = self.pipeline.ready.pop_front() {
+            // Asked for before the loop ended (shutdown, max trials, an error): hand it back.
+            self.summary.leases += 1;
+            let reason = if self.shutdown.is_set() {
+                StopCause::Shutdown.to_string()
+            } else {
+                "the worker is exiting".to_string()
+            };
+            self.release(lease_of(&received), reason).await;
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Registers (retrying while the coordinator is away). Ok(false) if shutdown came first;
@@ -174,9 +323,9 @@ impl Worker {
         }
     }
 
-    /// Runs a lease to its end and reports it; returns what the result's reply said about the
-    /// next step. A lease that cannot run is reported as a failed trial, never a panic.
-    async fn handle_lease(&mut self, received: Received) -> anyhow::Result<After> {
+    /// Runs a lease to its end and sends its result (or hands it back). A lease that cannot
+    /// run is reported as a failed trial, never a panic.
+    async fn handle_lease(&mut self, received: Received) -> anyhow::Result<()> {
         self.summary.leases += 1;
         let started = Instant::now();
         let (lease, finished) = match received {
@@ -200,11 +349,9 @@ impl Worker {
             }
         };
         match finished {
-            Finished::Report(result) => self.deliver(&lease, result).await,
-            Finished::Release(reason) => {
-                self.release(&lease, reason).await;
-                Ok(After::default())
-            }
+            Finished::Report(result) => self.dispatch(lease, result),
+            Finished::Release(reason) => self.release(&lease, reason).await,
         }
+        Ok(())
     }
 }
