@@ -122,7 +122,6 @@ async fn sample(url: String, pid: u32, stop: tokio::sync::watch::Receiver<bool>)
         let reply = reply.into_inner();
         let Some((cpu_s, rss_mib, peak_rss_mib)) = process_usage(pid) else { break };
         let completed = reply.completed + reply.failed + reply.pruned;
-        }
         samples.push(Sample { at: Instant::now(), completed, cpu_s, rss_mib, peak_rss_mib });
     }
     samples
