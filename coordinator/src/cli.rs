@@ -107,6 +107,17 @@ pub struct RunArgs {
     /// A lease expires when its worker has not reported for this long; its trial is re-leased.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
+    /// Server-side deadline of every call (or the client's grpc-timeout, when shorter); a call
+    /// past it is answered deadline_exceeded. Lease and Complete may wait up to 60 s for a trial
+    /// before it starts to count (a longer wait asked for is cut to 60 s). A Report ends when its
+    /// client reads nothing for this long. Uploads have --upload-idle-timeout instead.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub rpc_timeout: Duration,
+    /// An upload of trial files ends (deadline_exceeded; the partial files are removed, the
+    /// lease stays) when the worker sends nothing for this long. An upload as a whole has no
+    /// limit: large weights take minutes.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub upload_idle_timeout: Duration,
     /// No live progress line.
     #[arg(long)]
     pub quiet: bool,
@@ -258,6 +269,11 @@ pub async fn run_command(args: &RunArgs) -> anyhow::Result<SweepExit> {
         _ => None,
     };
     opts.lease_ttl = args.lease_ttl;
+    opts.limits = crate::service::Limits {
+        rpc: args.rpc_timeout,
+        upload_idle: args.upload_idle_timeout,
+        ..crate::service::Limits::default()
+    };
     opts.max_upload = args.max_upload_mb << 20;
     opts.progress = !args.quiet;
     opts.report = !args.no_report;

@@ -50,6 +50,8 @@ pub struct RunOptions {
     pub max_upload: u64,
     /// Serve TLS on `listen` (local workers then use a loopback port of their own).
     pub tls: Option<msae_shared::tls::ServerTls>,
+    /// The server's deadlines (`--rpc-timeout`, `--upload-idle-timeout`).
+    pub limits: crate::service::Limits,
     /// Show live progress on stderr.
     pub progress: bool,
     /// Print the ranked report when the sweep ends.
@@ -72,6 +74,7 @@ impl RunOptions {
             lease_ttl: Duration::from_secs(30),
             max_upload: DEFAULT_MAX_UPLOAD_MB << 20,
             tls: None,
+            limits: crate::service::Limits::default(),
             progress: true,
             report: true,
         }
@@ -213,8 +216,9 @@ pub async fn run_sweep(
         let scheduler = scheduler.clone();
         let token = opts.token.clone();
         let stop = wait_for(stop_rx.clone());
+        let limits = opts.limits;
         servers.push(tokio::spawn(async move {
-            crate::service::serve(listener, scheduler, token, tls, stop).await
+            crate::service::serve(listener, scheduler, token, tls, limits, stop).await
         }));
     }
     let tensorboard = opts.logdir.clone().map(|root| {

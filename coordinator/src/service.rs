@@ -16,6 +16,8 @@
 //! log lines. The Report RPC streams its reply in pieces ([`report`]); requests tonic cannot
 //! decode are answered `invalid_argument` or `resource_exhausted` ([`edge`]).
 //!
+//! Every call has a server-side deadline, and an Upload one between chunks ([`deadline`]).
+//!
 //! [`serve`] runs the service on a bound listener with an optional shared bearer token
 //! ([`auth_interceptor`]) until a shutdown future resolves. Call
 //! [`SchedulerHandle::shutdown`](crate::scheduler::SchedulerHandle::shutdown) before (or as
@@ -33,15 +35,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_stream::StreamExt;
 use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
+pub mod deadline;
 pub mod edge;
 pub mod report;
 mod status;
 mod upload;
 
+pub use deadline::{Limits, MAX_WAIT};
 pub use report::{FetchError, ReportQuery, collect_records, collect_report, collect_text};
 
 /// Longest accepted id or name.
@@ -50,8 +53,6 @@ pub const MAX_ID_LEN: usize = 256;
 pub const MAX_TEXT_LEN: usize = 1 << 20;
 /// Most entries in a metrics or scalars map.
 pub const MAX_MAP_ENTRIES: usize = 10_000;
-/// Longest long-poll a worker may ask for; longer requests are clamped.
-pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// The gRPC service; cheap to clone (it holds a scheduler handle).
 #[derive(Clone)]
@@ -59,14 +60,17 @@ pub struct CoordinatorService {
     scheduler: SchedulerHandle,
     /// When this service started, and how many trials were final then (for trials/s).
     started: (std::time::Instant, u64),
+    /// The handlers' share of the deadlines: the longest wait, an Upload's idle limit, a
+    /// Report piece's send limit (the calls as a whole are bounded by [`deadline::Deadlines`]).
+    limits: Limits,
 }
 
 impl CoordinatorService {
-    /// A service answering from `scheduler`.
-    pub fn new(scheduler: SchedulerHandle) -> Self {
+    /// A service answering from `scheduler` within `limits`.
+    pub fn new(scheduler: SchedulerHandle, limits: Limits) -> Self {
         let c = scheduler.counts().borrow().clone();
         let started = (std::time::Instant::now(), c.completed + c.pruned + c.failed);
-        CoordinatorService { scheduler, started }
+        CoordinatorService { scheduler, started, limits }
     }
 }
 
@@ -200,7 +204,7 @@ pub struct Completion {
     pub lease_id: String,
     pub outcome: TrialOutcome,
     /// The worker's next lease request carried along (`lease_next`), its wait clamped to
-    /// [`MAX_WAIT`].
+    /// [`MAX_WAIT`] (and by the service to [`Limits::max_wait`]).
     pub next: Option<NextLease>,
 }
 
@@ -324,8 +328,8 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<proto::LeaseReply>, Status> {
         let r = request.into_inner();
         check_id("worker_id", &r.worker_id)?;
-        let outcome =
-            self.scheduler.lease(&r.worker_id, clamp_wait(r.wait_ms)).await.map_err(status_of)?;
+        let wait = self.limits.wait(clamp_wait(r.wait_ms));
+        let outcome = self.scheduler.lease(&r.worker_id, wait).await.map_err(status_of)?;
         Ok(Response::new(proto::LeaseReply {
             lease: outcome.lease.map(lease_proto),
             shutdown: outcome.shutdown,
@@ -350,7 +354,10 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<proto::CompleteRequest>,
     ) -> Result<Response<proto::CompleteReply>, Status> {
-        let c = Completion::try_from(request.into_inner())?;
+        let mut c = Completion::try_from(request.into_inner())?;
+        if let Some(next) = &mut c.next {
+            next.wait = self.limits.wait(next.wait);
+        }
         let out = self
             .scheduler
             .complete_then_lease(&c.lease_id, c.outcome, c.next)
@@ -379,7 +386,8 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<tonic::Streaming<proto::UploadChunk>>,
     ) -> Result<Response<proto::UploadReply>, Status> {
-        Ok(Response::new(upload::receive(&self.scheduler, request.into_inner()).await?))
+        let stream = request.into_inner();
+        Ok(Response::new(upload::receive(&self.scheduler, stream, self.limits.upload_idle).await?))
     }
 
     async fn status(
@@ -396,7 +404,7 @@ impl Coordinator for CoordinatorService {
         request: Request<proto::ReportRequest>,
     ) -> Result<Response<Self::ReportStream>, Status> {
         let query = ReportQuery::try_from(request.into_inner())?;
-        Ok(Response::new(report::answer(&self.scheduler, query).await?))
+        Ok(Response::new(report::answer(&self.scheduler, query, self.limits.rpc).await?))
     }
 }
 
@@ -430,30 +438,44 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-/// Serves the coordinator on `listener` (over TLS with `tls`) until `shutdown` resolves. Connections get
-/// `TCP_NODELAY` (small request/reply messages; Nagle would add delay to every round trip).
+/// Keepalive of accepted connections: an HTTP/2 ping every [`KEEPALIVE`], the connection (and
+/// every call on it) closed when one is not answered within [`KEEPALIVE_ACK`]. A worker whose
+/// machine vanished mid-call would otherwise keep its call, and what the call holds (a parked
+/// lease request that would be granted the next trial), until the call's deadline at best.
+/// TCP keepalive probes too, after [`KEEPALIVE`] of silence: NAT and firewall state on the way
+/// stays alive, and the kernel notices a host that is gone.
+pub const KEEPALIVE: Duration = Duration::from_secs(30);
+/// See [`KEEPALIVE`].
+pub const KEEPALIVE_ACK: Duration = Duration::from_secs(20);
+
+/// Serves the coordinator on `listener` (over TLS with `tls`) until `shutdown` resolves, every
+/// call within `limits` ([`deadline`]). Connections get `TCP_NODELAY` (small request/reply
+/// messages; Nagle would add delay to every round trip) and keepalive ([`KEEPALIVE`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     scheduler: SchedulerHandle,
     token: Option<String>,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let service = edge::StatusEdge(tonic::service::interceptor::InterceptedService::new(
-        CoordinatorServer::new(CoordinatorService::new(scheduler))
-            .max_decoding_message_size(edge::MAX_REQUEST_BYTES),
+        deadline::Deadlines::new(
+            CoordinatorServer::new(CoordinatorService::new(scheduler, limits))
+                .max_decoding_message_size(edge::MAX_REQUEST_BYTES),
+            limits,
+        ),
         auth_interceptor(token),
     ));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(KEEPALIVE));
     // Health answers without a token: probes and load balancers carry none.
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE_ACK));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }

@@ -11,7 +11,9 @@
 //! need every trial's state (running, queued, leases).
 //!
 //! The work runs on a blocking thread that feeds a bounded channel, so a large report does not
-//! hold a runtime thread, and records leave while later ones are still being encoded.
+//! hold a runtime thread, and records leave while later ones are still being encoded. A piece
+//! waits at most the send limit (`--rpc-timeout`) for room: a client that stops reading ends
+//! its report with `deadline_exceeded` instead of pinning the records on that thread.
 //!
 //! The client end: [`request_report`] (connect, authenticate, ask), then [`collect_text`],
 //! [`collect_report`] or [`collect_records`]; [`fetch_text`] and [`fetch_records`] do both.
@@ -29,7 +31,7 @@ use msae_shared::tls::ClientTls;
 use serde::Serialize;
 use std::pin::Pin;
 use std::time::Duration;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
 /// JSON bytes per chunk: far below the 4 MB limit, yet a 100,000-trial report is only a few
@@ -177,8 +179,13 @@ fn truncated(s: &str) -> String {
     s.chars().take(MAX_ID_LEN).collect()
 }
 
-/// Answers a Report request: reads what it needs through `scheduler` and streams the reply.
-pub async fn answer(scheduler: &SchedulerHandle, q: ReportQuery) -> Result<ReportStream, Status> {
+/// Answers a Report request: reads what it needs through `scheduler` and streams the reply,
+/// each piece waiting at most `send_limit` for the client to make room.
+pub async fn answer(
+    scheduler: &SchedulerHandle,
+    q: ReportQuery,
+    send_limit: Duration,
+) -> Result<ReportStream, Status> {
     if q.records {
         let mut sweeps = scheduler.sweeps().await.map_err(status_of)?;
         if let Some(name) = &q.sweep {
@@ -191,7 +198,7 @@ pub async fn answer(scheduler: &SchedulerHandle, q: ReportQuery) -> Result<Repor
         for s in &sweeps {
             trials.extend(scheduler.records(&s.name).await.map_err(status_of)?);
         }
-        return Ok(spawn_chunks(move |out| {
+        return Ok(spawn_chunks(send_limit, move |out| {
             out.send(Part::SweepsJson(json(&sweeps)?))?;
             send_arrays(out, &trials, Part::RecordsJson)
         }));
@@ -218,7 +225,7 @@ pub async fn answer(scheduler: &SchedulerHandle, q: ReportQuery) -> Result<Repor
     })
     .await
     .map_err(|e| Status::internal(format!("reading the report: {e}")))??;
-    Ok(spawn_chunks(move |out| {
+    Ok(spawn_chunks(send_limit, move |out| {
         let report = Report::for_sweep(&sweep, &trials, &options)
             .map_err(|e| Stop::Failed(Status::invalid_argument(e)))?;
         drop(trials);
@@ -240,27 +247,50 @@ impl From<Status> for Stop {
 }
 
 /// The sending end of the reply stream, used on a blocking thread.
-struct Out(tokio::sync::mpsc::Sender<Result<proto::ReportChunk, Status>>);
+struct Out {
+    chunks: tokio::sync::mpsc::Sender<Result<proto::ReportChunk, Status>>,
+    /// How long one piece may wait for room.
+    limit: Duration,
+    runtime: tokio::runtime::Handle,
+}
 
 impl Out {
     fn send(&self, part: Part) -> Result<(), Stop> {
+        use tokio::sync::mpsc::error::SendTimeoutError;
         let chunk = proto::ReportChunk { part: Some(part) };
-        self.0.blocking_send(Ok(chunk)).map_err(|_| Stop::Gone)
+        // A blocking thread may wait on the runtime; the runtime's timer bounds the wait.
+        match self.runtime.block_on(self.chunks.send_timeout(Ok(chunk), self.limit)) {
+            Ok(()) => Ok(()),
+            Err(SendTimeoutError::Closed(_)) => Err(Stop::Gone),
+            Err(SendTimeoutError::Timeout(_)) => Err(Stop::Failed(super::deadline::exceeded(
+                "Report",
+                self.limit,
+                "the client took no piece of the reply; --rpc-timeout",
+            ))),
+        }
     }
 }
 
-/// Runs `produce` on a blocking thread, its chunks becoming the reply stream.
-fn spawn_chunks(produce: impl FnOnce(&Out) -> Result<(), Stop> + Send + 'static) -> ReportStream {
+/// Runs `produce` on a blocking thread, its chunks becoming the reply stream; each chunk waits
+/// at most `limit` for room.
+fn spawn_chunks(
+    limit: Duration,
+    produce: impl FnOnce(&Out) -> Result<(), Stop> + Send + 'static,
+) -> ReportStream {
     // A few chunks in flight: encoding overlaps sending without buffering the whole report.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
+    // The error that ends a failed report follows the queued chunks on a channel of its own,
+    // so sending it never waits: the chunks' channel may be full (one way to fail is that).
+    let (fail_tx, fail_rx) = tokio::sync::mpsc::channel(1);
+    let out = Out { chunks: tx, limit, runtime: tokio::runtime::Handle::current() };
     tokio::task::spawn_blocking(move || {
-        let out = Out(tx);
         if let Err(Stop::Failed(status)) = produce(&out) {
             tracing::warn!(error = %status.message(), "report stream failed");
-            let _ = out.0.blocking_send(Err(status));
+            let _ = fail_tx.try_send(Err(status));
         }
     });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    let chunks = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Box::pin(chunks.chain(tokio_stream::wrappers::ReceiverStream::new(fail_rx)))
 }
 
 fn json<T: Serialize + ?Sized>(value: &T) -> Result<String, Status> {
@@ -451,5 +481,44 @@ fn part_name(part: Option<&Part>) -> &'static str {
         Some(Part::Text(_)) => "text",
         Some(Part::SweepsJson(_)) => "sweeps_json",
         Some(Part::RecordsJson(_)) => "records_json",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that stops reading: the producer gives up after the send limit (dropping what
+    /// it held), and a client that comes back reads the queued pieces, then the deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_report_nobody_reads_ends_at_the_send_limit() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let limit = Duration::from_millis(200);
+        let stream = spawn_chunks(limit, move |out| {
+            let result = (0..100).try_for_each(|i| out.send(Part::Text(format!("piece {i}"))));
+            done_tx.send(()).unwrap();
+            result
+        });
+        let waited = tokio::task::spawn_blocking(move || {
+            done_rx.recv_timeout(Duration::from_secs(20)).is_ok()
+        });
+        assert!(waited.await.unwrap(), "the producer stopped waiting for the client");
+        let got: Vec<_> = stream.collect().await;
+        let (last, pieces) = got.split_last().unwrap();
+        assert_eq!(pieces.len(), 4, "the queued pieces are still delivered");
+        assert!(pieces.iter().all(Result::is_ok));
+        let status = last.as_ref().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(status.message().contains("Report") && status.message().contains("200ms"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_report_that_is_read_arrives_whole() {
+        let stream = spawn_chunks(Duration::from_millis(200), |out| {
+            (0..50).try_for_each(|i| out.send(Part::Text(format!("{i},"))))
+        });
+        let got: Vec<_> = stream.collect().await;
+        assert_eq!(got.len(), 50);
+        assert!(got.iter().all(Result::is_ok));
     }
 }

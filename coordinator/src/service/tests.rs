@@ -9,6 +9,7 @@ use crate::scheduler::{Scheduler, SchedulerPolicy, SweepInput};
 use crate::store::Store;
 use msae_shared::proto::coordinator_client::CoordinatorClient;
 use std::collections::HashSet;
+use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 const T: Duration = Duration::from_secs(20);
@@ -30,6 +31,15 @@ async fn server(n: usize, token: Option<&str>) -> Server {
 }
 
 async fn server_with(n: usize, token: Option<&str>, policy: SchedulerPolicy) -> Server {
+    server_limited(n, token, policy, Limits::default()).await
+}
+
+async fn server_limited(
+    n: usize,
+    token: Option<&str>,
+    policy: SchedulerPolicy,
+    limits: Limits,
+) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().join("svc.redb")).unwrap();
     let input = SweepInput {
@@ -50,6 +60,7 @@ async fn server_with(n: usize, token: Option<&str>, policy: SchedulerPolicy) -> 
         scheduler.clone(),
         token.map(String::from),
         None,
+        limits,
         async move {
             let _ = rx.await;
         },
@@ -737,9 +748,11 @@ async fn server_with_records(yaml: &str, trials: Vec<TrialRecord>) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, scheduler.clone(), None, None, async move {
+    let stop = async move {
         let _ = rx.await;
-    }));
+    };
+    let task =
+        tokio::spawn(serve(listener, scheduler.clone(), None, None, Limits::default(), stop));
     Server { addr, scheduler, stop: Some(tx), task, _dir: dir }
 }
 
@@ -1383,9 +1396,11 @@ async fn tls_server(dir: &std::path::Path, client_ca: bool) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, scheduler.clone(), None, Some(tls), async move {
+    let stop = async move {
         let _ = rx.await;
-    }));
+    };
+    let task =
+        tokio::spawn(serve(listener, scheduler.clone(), None, Some(tls), Limits::default(), stop));
     Server { addr, scheduler, stop: Some(tx), task, _dir: db }
 }
 
@@ -1604,3 +1619,5 @@ mod hostile {
         }
     }
 }
+
+mod deadlines;

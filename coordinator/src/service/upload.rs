@@ -5,8 +5,10 @@
 //! send the same file), a size or digest that does not match what arrived (worth a retry).
 //! Refused with a status: no current lease (`not_found`), a malformed stream
 //! (`invalid_argument`): an unknown or repeated file name, data before a file's first chunk,
-//! more bytes than announced, a missing file. A stream that breaks off, or a handler dropped
-//! mid-way, leaves nothing: the partial directory is removed on every path but success.
+//! more bytes than announced, a missing file. A stream that breaks off, one that sends nothing
+//! for the idle limit (`deadline_exceeded`, [`super::deadline`]), or a handler dropped mid-way
+//! (the call's deadline) leaves nothing: the partial directory is removed on every path but
+//! success. The lease is not touched by a refused upload: the worker may send it again.
 
 use crate::scheduler::SchedulerHandle;
 use crate::weights::{FileDigest, WeightStore};
@@ -15,11 +17,25 @@ use msae_shared::upload::{FILES, Sha256Hasher};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tonic::{Status, Streaming};
 
 /// The lease is renewed after every this many bytes: a long upload is not a silent worker.
 const RENEW_EVERY: u64 = 64 << 20;
+
+/// The client's chunks, each awaited at most `idle`: a stalled client must not keep the
+/// partial directory (the whole upload has no limit: large files take minutes).
+struct Chunks {
+    stream: Streaming<UploadChunk>,
+    idle: Duration,
+}
+
+impl Chunks {
+    async fn next(&mut self) -> Result<Option<UploadChunk>, Status> {
+        super::deadline::next_within("Upload", self.idle, &mut self.stream).await
+    }
+}
 
 /// Removes the receiving directory unless the upload was staged.
 struct Cleanup(Option<PathBuf>);
@@ -62,20 +78,20 @@ fn io_error(what: &str, e: std::io::Error) -> Refusal {
     Refusal::Status(Status::internal(format!("{what}: {e}")))
 }
 
-/// Receives one upload stream.
+/// Receives one upload stream, waiting at most `idle` for each chunk.
 pub(super) async fn receive(
     scheduler: &SchedulerHandle,
-    mut stream: Streaming<UploadChunk>,
+    stream: Streaming<UploadChunk>,
+    idle: Duration,
 ) -> Result<UploadReply, Status> {
+    let mut stream = Chunks { stream, idle };
     let Some(store) = scheduler.weights() else {
         return Err(Status::failed_precondition(
             "this sweep keeps no trial files (keep_weights: none); nothing to upload",
         ));
     };
-    let first = stream
-        .message()
-        .await?
-        .ok_or_else(|| Status::invalid_argument("an upload with no chunks"))?;
+    let first =
+        stream.next().await?.ok_or_else(|| Status::invalid_argument("an upload with no chunks"))?;
     super::check_id("lease_id", &first.lease_id)?;
     let lease_id = first.lease_id.clone();
     let Some((sweep, index)) = scheduler.renew(&lease_id).await.map_err(super::status_of)? else {
@@ -112,7 +128,7 @@ async fn receive_files(
     lease_id: &str,
     dir: &std::path::Path,
     first: UploadChunk,
-    stream: &mut Streaming<UploadChunk>,
+    stream: &mut Chunks,
 ) -> Result<BTreeMap<String, FileDigest>, Refusal> {
     let mut done: BTreeMap<String, FileDigest> = BTreeMap::new();
     let mut current: Option<Receiving> = None;
@@ -154,7 +170,7 @@ async fn receive_files(
                 return Err(Status::not_found("the lease ended during the upload").into());
             }
         }
-        next = stream.message().await?;
+        next = stream.next().await?;
     }
     if let Some(r) = current.take() {
         finish(r, &mut done).await?;
