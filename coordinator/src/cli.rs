@@ -44,6 +44,9 @@ pub enum Command {
     Status(crate::manage::StatusArgs),
     /// Orchestration benchmark: no-op trials through real gRPC and durable redb commits.
     Bench(crate::bench::BenchArgs),
+    /// Ask a running coordinator's grpc.health.v1 service: exit 0 when it is SERVING, 1 with
+    /// the reason otherwise (an exec probe for Kubernetes when the port serves TLS).
+    Health(crate::health::HealthArgs),
 }
 
 /// Options of a sweep run.
@@ -102,7 +105,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE", env = "MSAE_TLS_SERVER_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Require client certificates signed by this CA (PEM) from workers and clients.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE", env = "MSAE_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
     /// A lease expires when its worker has not reported for this long; its trial is re-leased.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -539,6 +542,10 @@ pub fn main() -> std::process::ExitCode {
                         }
                         Some(Command::Status(args)) => {
                             print_stdout(crate::manage::status(args).await?.trim_end())?;
+                            Ok(SweepExit::Completed)
+                        }
+                        Some(Command::Health(args)) => {
+                            print_stdout(&crate::health::check(args).await?)?;
                             Ok(SweepExit::Completed)
                         }
                         Some(Command::Report(args)) => {

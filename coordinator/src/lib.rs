@@ -9,7 +9,8 @@
 //! - [`run`]: running a sweep (all of the above together); [`cli`]: the command line;
 //!   [`progress`]: the live status line; [`preflight`]: data files checked before the first
 //!   trial; [`embedded`]: the one module that names the worker crate (local workers);
-//!   [`bench`](mod@bench): orchestration and report benchmarks; [`manage`]: `list` and `delete`.
+//!   [`bench`](mod@bench): orchestration and report benchmarks; [`manage`]: `list` and `delete`;
+//!   [`health`]: the `health` probe command.
 //!
 //! What every metric is (name, goal, report and TensorBoard columns) lives in
 //! [`msae_shared::metrics::TABLE`]; the trial config type in [`msae_shared::config`].
@@ -18,6 +19,7 @@ pub mod bench;
 pub mod cli;
 pub mod embedded;
 pub mod export;
+pub mod health;
 pub mod manage;
 pub mod model;
 pub mod preflight;

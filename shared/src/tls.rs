@@ -83,7 +83,7 @@ impl ClientTls {
 }
 
 /// The client-side TLS flags, shared by the worker and the coordinator's client commands
-/// (`report`, `status`, `export`, `list`).
+/// (`report`, `status`, `export`, `list`, `health`).
 #[cfg(feature = "clap")]
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TlsArgs {

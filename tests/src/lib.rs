@@ -22,6 +22,24 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Test certificates as PEM files in `dir`: a CA (`ca.pem`), a server certificate for
+/// `localhost` signed by it (`server.pem`, `server.key`) and a client certificate signed by it
+/// (`client.pem`, `client.key`).
+pub fn write_pki(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    for (name, host) in [("server", "localhost"), ("client", "worker")] {
+        let key = KeyPair::generate().unwrap();
+        let cert =
+            CertificateParams::new(vec![host.to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
 /// Poll `f` every 50 ms until it returns Some, or panic with `what` after `timeout`.
 pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
