@@ -57,7 +57,7 @@ pub struct TrialRecord {
     pub params: BTreeMap<String, serde_json::Value>,
     /// The full trial config (base + params) as JSON, as stored and sent to workers; read it
     /// typed with [`TrialRecord::trial_config`].
-    pub config: serde_json::Value,
+    pub config: ConfigJson,
     pub status: TrialStatus,
     /// Attempts started so far (1 after the first lease).
     pub attempt: u32,
@@ -105,7 +105,54 @@ impl TrialRecord {
         if self.config.is_null() {
             return Ok(None);
         }
-        TrialConfig::from_value(self.config.clone()).map(Some)
+        serde_json::from_str(self.config.as_str())
+            .map(Some)
+            .map_err(|e| ConfigError::new("config", e.to_string()))
+    }
+}
+
+/// A trial's full config as compact JSON text, as stored and as sent to workers.
+///
+/// Kept as text, not as a `serde_json::Value` tree: the tree took about 10 KB per trial, which
+/// at 100,000 trials was a gigabyte of coordinator memory for configs that are only ever sent
+/// on (leases) or read now and then (reports). Serialised exactly as the JSON it holds, so the
+/// stored format is the one a `Value` gave. `null` (no config: it could not be built, or the
+/// record was read without configs) is `None`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ConfigJson(Option<Box<serde_json::value::RawValue>>);
+
+impl ConfigJson {
+    pub fn is_null(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// The JSON text (`null` when there is none).
+    pub fn as_str(&self) -> &str {
+        self.0.as_deref().map_or("null", |raw| raw.get())
+    }
+
+    /// The config as a JSON tree.
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.as_str()).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl From<serde_json::Value> for ConfigJson {
+    fn from(value: serde_json::Value) -> Self {
+        if value.is_null() {
+            return ConfigJson(None);
+        }
+        let text = value.to_string();
+        ConfigJson(Some(
+            serde_json::value::RawValue::from_string(text).expect("a Value prints as JSON"),
+        ))
+    }
+}
+
+impl PartialEq for ConfigJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
     }
 }
 
@@ -170,5 +217,25 @@ mod tests {
             serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
         assert_eq!(back.run_id(), id);
         assert_ne!(SweepRecord { created_ms: 1, ..rec.clone() }.run_id(), rec.run_id());
+    }
+}
+
+#[cfg(test)]
+mod config_json_tests {
+    use super::ConfigJson;
+    use serde_json::json;
+
+    #[test]
+    fn config_text_is_stored_as_the_json_a_value_gave_and_reads_back() {
+        let value = json!({"lr": 0.001, "data": {"dim": 64, "path": "a\"b"}, "seed": 7});
+        let config = ConfigJson::from(value.clone());
+        assert_eq!(serde_json::to_string(&config).unwrap(), serde_json::to_string(&value).unwrap());
+        let back: ConfigJson =
+            serde_json::from_str(&serde_json::to_string(&value).unwrap()).unwrap();
+        assert_eq!((back.to_value(), &back), (value, &config));
+        let none = ConfigJson::from(serde_json::Value::Null);
+        assert!(none.is_null() && none.as_str() == "null");
+        assert_eq!(serde_json::to_string(&none).unwrap(), "null");
+        assert!(serde_json::from_str::<ConfigJson>("null").unwrap().is_null());
     }
 }

@@ -286,7 +286,8 @@ impl Report {
         columns: &Columns,
     ) -> Report {
         let config = |t: &TrialRecord| {
-            (columns.config == ConfigColumns::Full && !t.config.is_null()).then(|| t.config.clone())
+            (columns.config == ConfigColumns::Full && !t.config.is_null())
+                .then(|| t.config.to_value())
         };
         let mut counts = Counts { total: trials.len(), ..Counts::default() };
         let mut completed: Vec<&TrialRecord> = Vec::new();

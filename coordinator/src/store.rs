@@ -34,6 +34,8 @@ const SCHEMA_KEY: &str = "schema_version";
 const PARALLEL_DECODE_FROM: u64 = 20_000;
 /// Page cache of a read-only open (see [`Store::open_read_only`]).
 const READ_ONLY_CACHE_BYTES: usize = 16 << 20;
+/// redb's page cache of the coordinator's own (read-write) database.
+const WRITE_CACHE_BYTES: usize = 32 << 20;
 
 /// Errors of the store. None of them is retryable by simply calling again, except `InUse` once
 /// the other process has exited.
@@ -170,7 +172,12 @@ impl Store {
     /// and the schema version in the first write transaction.
     pub fn open(path: impl AsRef<Path>) -> Result<Store> {
         let path = path.as_ref().to_path_buf();
-        let db = Database::create(&path).map_err(|e| open_error(&path, e))?;
+        // redb's default cache is 1 GiB and fills as the file grows; the coordinator writes far
+        // more than it reads back (records live in memory), so a small cache is enough.
+        let db = redb::Builder::new()
+            .set_cache_size(WRITE_CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| open_error(&path, e))?;
         let store = Store {
             db: Db::ReadWrite(db),
             path,
@@ -504,7 +511,7 @@ mod tests {
             sweep: sweep.into(),
             index,
             params: BTreeMap::from([("lr".into(), serde_json::json!(0.001 * index as f64))]),
-            config: serde_json::json!({"lr": 0.001 * index as f64}),
+            config: serde_json::json!({"lr": 0.001 * index as f64}).into(),
             status: TrialStatus::Queued,
             attempt: 0,
             lease: None,

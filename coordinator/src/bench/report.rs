@@ -254,7 +254,7 @@ fn trial(
         sweep: sweep.to_string(),
         index,
         params,
-        config,
+        config: config.into(),
         status: TrialStatus::Completed,
         attempt: 1,
         lease: None,

@@ -26,7 +26,7 @@ fn trial(index: u64, status: TrialStatus, metrics: &[(&str, f64)]) -> TrialRecor
         ]
         .into_iter()
         .collect(),
-        config: json!({}),
+        config: json!({}).into(),
         status,
         attempt: 1,
         lease: None,
@@ -391,7 +391,8 @@ fn configured() -> Vec<TrialRecord> {
                 "steps": 100,
                 "layers": [1, 2],
                 "data": {"source": "synthetic", "synthetic": {"input_dim": 64, "clusters": 8}}
-            });
+            })
+            .into();
             t
         })
         .collect();

@@ -398,7 +398,7 @@ impl Core {
             sweep: self.sweep.name.clone(),
             index,
             params,
-            config: serde_json::Value::Null,
+            config: Default::default(),
             status: TrialStatus::Queued,
             attempt: 0,
             lease: None,
@@ -416,7 +416,7 @@ impl Core {
         };
         let failed = match config {
             Ok(c) => {
-                t.config = c;
+                t.config = c.into();
                 false
             }
             Err(e) => {
@@ -507,7 +507,7 @@ impl Core {
             sweep: t.sweep.clone(),
             index,
             attempt: t.attempt,
-            config_json: t.config.to_string(),
+            config_json: t.config.as_str().to_string(),
             ttl: self.policy.lease_ttl,
             timeout: self.policy.timeout,
             runner: self.policy.runner,

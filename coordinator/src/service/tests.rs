@@ -688,7 +688,7 @@ fn completed_trial(i: u64, metrics: BTreeMap<String, f64>) -> TrialRecord {
     TrialRecord {
         sweep: "grid".into(),
         index: i,
-        config: serde_json::json!({ "params": params }),
+        config: serde_json::json!({ "params": params }).into(),
         params,
         status: TrialStatus::Completed,
         attempt: 1,
@@ -817,7 +817,8 @@ async fn the_report_rpc_gives_the_local_report_for_every_column_option() {
             );
             t.config = serde_json::json!({
                 "x": i, "note": t.params["note"], "steps": 100, "data": {"dim": 64}
-            });
+            })
+            .into();
             t.worker = Some(format!("w{}", i % 2));
             t.attempt = 1 + (i % 2) as u32;
             t.duration_s = Some(1.0 + x);

@@ -363,7 +363,7 @@ mod tests {
             sweep: "stripes".to_string(),
             index,
             params,
-            config: serde_json::json!({"stripe_sparsity_mode": "routing", "lr": 0.001}),
+            config: serde_json::json!({"stripe_sparsity_mode": "routing", "lr": 0.001}).into(),
             status: TrialStatus::Running,
             attempt: 1,
             lease: Some(LeaseInfo {
@@ -598,16 +598,16 @@ mod tests {
         let default_dir = root.path().join("stripes-ab12/ordinary/none/trial-00002");
         for config in [serde_json::json!({"sleep_ms": 5}), serde_json::Value::Null] {
             let mut rec = record(2);
-            rec.config = config;
+            rec.config = config.into();
             assert_eq!(logger.trial_dir(&rec), default_dir);
         }
         let mut rec = record(2);
-        rec.config = serde_json::json!({"layer_sparsity_mode": "lifetime_batch_mean"});
+        rec.config = serde_json::json!({"layer_sparsity_mode": "lifetime_batch_mean"}).into();
         assert_eq!(
             logger.trial_dir(&rec),
             root.path().join("stripes-ab12/lifetime_batch_mean/none/trial-00002")
         );
-        rec.config = serde_json::json!({"sleep_ms": 5});
+        rec.config = serde_json::json!({"sleep_ms": 5}).into();
         logger.trial_started(&rec).unwrap();
         assert_eq!(read_events(&only_event_file(&default_dir)).unwrap().len(), 2);
     }

@@ -13,7 +13,7 @@ use super::worker::{After, Worker};
 use crate::runner::{Progress, ProgressKind};
 use msae_shared::proto::{Evaluation, LeaseRequest, ReleaseRequest};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tonic::Code;
 
 /// How long a result call that also asked for the next lease may still answer after a
@@ -138,10 +138,19 @@ pub(super) struct Courier {
 
 /// What came back from a delivery or a fetch: the next step, and the counts it adds to the
 /// worker's summary.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Delivered {
     pub(super) after: After,
     pub(super) tally: WorkerSummary,
+    /// When the reply came: a lease it carried has been ours since then, however late the
+    /// loop looks at it.
+    pub(super) at: Instant,
+}
+
+impl Delivered {
+    fn now(after: After, tally: WorkerSummary) -> Self {
+        Delivered { after, tally, at: Instant::now() }
+    }
 }
 
 impl Courier {
@@ -194,14 +203,14 @@ impl Courier {
                     } else {
                         tally.failed += 1;
                     }
-                    return Ok(Delivered { after: After::new(reply.next, reply.shutdown), tally });
+                    return Ok(Delivered::now(After::new(reply.next, reply.shutdown), tally));
                 }
                 Ok(reply) => {
                     tracing::warn!(trial = %lease.trial_id, lease = %lease.lease_id, reason = %reply.reason,
                         "the coordinator refused the result (stale lease); dropping it");
                     tally.refused += 1;
                     // A refused result may still come with the next lease.
-                    return Ok(Delivered { after: After::new(reply.next, reply.shutdown), tally });
+                    return Ok(Delivered::now(After::new(reply.next, reply.shutdown), tally));
                 }
                 Err(status)
                     if matches!(
@@ -212,7 +221,7 @@ impl Courier {
                     tracing::warn!(trial = %lease.trial_id, lease = %lease.lease_id, code = ?status.code(),
                         message = status.message(), "the coordinator refused the result; dropping it");
                     tally.refused += 1;
-                    return Ok(Delivered { after: After::default(), tally });
+                    return Ok(Delivered::now(After::default(), tally));
                 }
                 Err(status) if !is_transient(&status) => anyhow::bail!(
                     "coordinator {} rejected the result of trial {}: {:?}: {}",
@@ -226,7 +235,7 @@ impl Courier {
                         tracing::warn!(trial = %lease.trial_id, code = ?status.code(), message = status.message(),
                             "shutting down with an undelivered result; the lease will expire and the trial rerun");
                         tally.lost += 1;
-                        return Ok(Delivered { after: After::default(), tally });
+                        return Ok(Delivered::now(After::default(), tally));
                     }
                     let delay = backoff.next_delay();
                     tracing::warn!(trial = %lease.trial_id, code = ?status.code(), message = status.message(),
@@ -255,6 +264,6 @@ impl Courier {
                 After::default()
             }
         };
-        Ok(Delivered { after, tally: WorkerSummary::default() })
+        Ok(Delivered::now(after, WorkerSummary::default()))
     }
 }

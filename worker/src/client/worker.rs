@@ -155,7 +155,7 @@ impl Worker {
             match reply {
                 Ok(reply) => {
                     backoff.reset();
-                    self.take(After::new(reply.lease, reply.shutdown));
+                    self.take(After::new(reply.lease, reply.shutdown), Instant::now());
                 }
                 Err(status) if status.code() == Code::NotFound => {
                     tracing::warn!(worker_id = %self.summary.worker_id, message = status.message(),
@@ -183,10 +183,11 @@ impl Worker {
         }
     }
 
-    /// Keeps what a reply said: its lease joins the queue, a dismissal ends the asking.
-    fn take(&mut self, after: After) {
+    /// Keeps what a reply (received `at`) said: its lease joins the queue, a dismissal ends
+    /// the asking.
+    fn take(&mut self, after: After, at: Instant) {
         if let Some(received) = after.lease {
-            self.pipeline.ready.push_back((received, Instant::now()));
+            self.pipeline.ready.push_back((received, at));
         }
         self.pipeline.dismissed |= after.shutdown;
     }
@@ -198,7 +199,7 @@ impl Worker {
         };
         let delivered = flight.task.await.map_err(|e| anyhow::anyhow!("delivery task: {e}"))??;
         self.summary.absorb(&delivered.tally);
-        self.take(delivered.after);
+        self.take(delivered.after, delivered.at);
         Ok(())
     }
 
@@ -241,7 +242,7 @@ impl Worker {
     /// A lease that waited behind a running trial may have outlived its ttl: past a third of
     /// it, a progress report renews it first. None when the coordinator no longer holds it
     /// for us (it has requeued the trial).
-    async fn still_ours(&mut self, received: Received, since: Instant) -> Option<Received> {
+    pub(super) async fn still_ours(&mut self, received: Received, since: Instant) -> Option<Received> {
         let Ok(trial) = &received else { return Some(received) };
         let Some(ttl) = trial.ttl else { return Some(received) };
         if since.elapsed() < ttl / 3 {

@@ -36,7 +36,7 @@ fn trials(metrics: impl Fn(f64, f64) -> Vec<(&'static str, f64)>) -> Vec<TrialRe
                 ("layer_k".to_string(), json!(2 + 4 * i)),
                 ("layer_sparsity_mode".to_string(), json!(["ordinary", "boosted"][i % 2])),
             ]),
-            config: json!({}),
+            config: json!({}).into(),
             status: if i == 7 { TrialStatus::Pruned } else { TrialStatus::Completed },
             attempt: 1,
             lease: None,

@@ -46,6 +46,10 @@ pub(super) struct FakeState {
     pub(super) shutdown_when_empty: bool,
     /// Lease calls received.
     pub(super) lease_calls: usize,
+    /// The `wait_ms` of each lease call, in arrival order.
+    pub(super) lease_waits: Vec<u32>,
+    /// Progress reports for these leases get NotFound (leases the coordinator has expired).
+    pub(super) lost: HashSet<String>,
     /// A combined completion (`lease_next`) from these worker ids makes the fake forget
     /// them (as a restarted coordinator would): the result is accepted with no lease.
     pub(super) forget_on_complete: HashSet<String>,
@@ -129,6 +133,7 @@ impl Coordinator for Fake {
         {
             let mut state = self.state();
             state.lease_calls += 1;
+            state.lease_waits.push(request.wait_ms);
             if state.forget.contains(&request.worker_id) {
                 return Err(Status::not_found(format!("unknown worker {}", request.worker_id)));
             }
@@ -150,6 +155,10 @@ impl Coordinator for Fake {
     ) -> Result<Response<ProgressReply>, Status> {
         let request = request.into_inner();
         let mut state = self.state();
+        if state.lost.contains(&request.lease_id) {
+            state.progress.push(request);
+            return Err(Status::not_found("no such lease"));
+        }
         let stop = state.stop.contains(&request.lease_id);
         let release = state.release_on_stop.contains(&request.lease_id);
         let prune = stop && state.prune_on_stop.contains(&request.lease_id);

@@ -2,6 +2,7 @@
 //! restarts and shutdown.
 
 mod fake;
+mod prefetch;
 
 use super::stop::ShutdownSignal;
 use super::worker::Worker;
