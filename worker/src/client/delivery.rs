@@ -145,11 +145,13 @@ pub(super) struct Delivered {
     /// When the reply came: a lease it carried has been ours since then, however late the
     /// loop looks at it.
     pub(super) at: Instant,
+    /// The call asked for a lease (whether or not one came).
+    pub(super) asked: bool,
 }
 
 impl Delivered {
-    fn now(after: After, tally: WorkerSummary) -> Self {
-        Delivered { after, tally, at: Instant::now() }
+    fn now(after: After, tally: WorkerSummary, asked: bool) -> Self {
+        Delivered { after, tally, at: Instant::now(), asked }
     }
 }
 
@@ -164,6 +166,7 @@ impl Courier {
     ) -> anyhow::Result<Delivered> {
         let mut backoff = Backoff::new(self.opts.backoff_initial, self.opts.backoff_max);
         let mut tally = WorkerSummary::default();
+        let asked = next.is_some();
         loop {
             let last_try = self.shutdown.is_set();
             let next = next.as_ref().filter(|_| !last_try);
@@ -203,14 +206,14 @@ impl Courier {
                     } else {
                         tally.failed += 1;
                     }
-                    return Ok(Delivered::now(After::new(reply.next, reply.shutdown), tally));
+                    return Ok(Delivered::now(After::new(reply.next, reply.shutdown), tally, asked));
                 }
                 Ok(reply) => {
                     tracing::warn!(trial = %lease.trial_id, lease = %lease.lease_id, reason = %reply.reason,
                         "the coordinator refused the result (stale lease); dropping it");
                     tally.refused += 1;
                     // A refused result may still come with the next lease.
-                    return Ok(Delivered::now(After::new(reply.next, reply.shutdown), tally));
+                    return Ok(Delivered::now(After::new(reply.next, reply.shutdown), tally, asked));
                 }
                 Err(status)
                     if matches!(
@@ -221,7 +224,7 @@ impl Courier {
                     tracing::warn!(trial = %lease.trial_id, lease = %lease.lease_id, code = ?status.code(),
                         message = status.message(), "the coordinator refused the result; dropping it");
                     tally.refused += 1;
-                    return Ok(Delivered::now(After::default(), tally));
+                    return Ok(Delivered::now(After::default(), tally, asked));
                 }
                 Err(status) if !is_transient(&status) => anyhow::bail!(
                     "coordinator {} rejected the result of trial {}: {:?}: {}",
@@ -235,7 +238,7 @@ impl Courier {
                         tracing::warn!(trial = %lease.trial_id, code = ?status.code(), message = status.message(),
                             "shutting down with an undelivered result; the lease will expire and the trial rerun");
                         tally.lost += 1;
-                        return Ok(Delivered::now(After::default(), tally));
+                        return Ok(Delivered::now(After::default(), tally, asked));
                     }
                     let delay = backoff.next_delay();
                     tracing::warn!(trial = %lease.trial_id, code = ?status.code(), message = status.message(),
@@ -264,6 +267,6 @@ impl Courier {
                 After::default()
             }
         };
-        Ok(Delivered::now(after, WorkerSummary::default()))
+        Ok(Delivered::now(after, WorkerSummary::default(), true))
     }
 }

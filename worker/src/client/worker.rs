@@ -21,7 +21,7 @@ use msae_shared::proto::{Lease, LeaseRequest, RegisterRequest};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 use tonic::Code;
 
 /// What the coordinator said after a result, about the worker's next step.
@@ -55,21 +55,19 @@ pub(super) struct Worker {
 struct Pipeline {
     /// In arrival order, each with when it arrived.
     ready: VecDeque<(Received, Instant)>,
-    /// Oldest first; `asks` when the call may bring a lease back.
-    inflight: VecDeque<InFlight>,
+    /// Landed in whatever order they end: a call that long-polls must not hold back a lease
+    /// that another one already brought.
+    inflight: JoinSet<anyhow::Result<Delivered>>,
+    /// Calls in flight that may bring a lease back.
+    asking: usize,
     /// The coordinator said it is finishing: ask for nothing more.
     dismissed: bool,
-}
-
-struct InFlight {
-    asks: bool,
-    task: JoinHandle<anyhow::Result<Delivered>>,
 }
 
 impl Pipeline {
     /// Leases here or on their way.
     fn held(&self) -> usize {
-        self.ready.len() + self.inflight.iter().filter(|f| f.asks).count()
+        self.ready.len() + self.asking
     }
 }
 
@@ -121,7 +119,7 @@ impl Worker {
             if self.shutdown.is_set() {
                 return Ok(());
             }
-            self.land_finished().await?;
+            self.land_finished()?;
             // A lease already here (carried by a result's reply, or a spare) runs first.
             if let Some((received, since)) = self.pipeline.ready.pop_front() {
                 if let Some(received) = self.still_ours(received, since).await {
@@ -130,7 +128,7 @@ impl Worker {
                 continue;
             }
             if !self.pipeline.inflight.is_empty() {
-                self.land_oldest().await?;
+                self.land_next().await?;
                 continue;
             }
             if self.pipeline.dismissed {
@@ -192,22 +190,29 @@ impl Worker {
         self.pipeline.dismissed |= after.shutdown;
     }
 
-    /// Waits for the oldest delivery or fetch and keeps what it brought.
-    async fn land_oldest(&mut self) -> anyhow::Result<()> {
-        let Some(flight) = self.pipeline.inflight.pop_front() else {
+    /// Waits for the next delivery or fetch to end and keeps what it brought.
+    async fn land_next(&mut self) -> anyhow::Result<()> {
+        let Some(joined) = self.pipeline.inflight.join_next().await else {
             return Ok(());
         };
-        let delivered = flight.task.await.map_err(|e| anyhow::anyhow!("delivery task: {e}"))??;
+        self.land(joined)
+    }
+
+    fn land(
+        &mut self,
+        joined: Result<anyhow::Result<Delivered>, tokio::task::JoinError>,
+    ) -> anyhow::Result<()> {
+        let delivered = joined.map_err(|e| anyhow::anyhow!("delivery task: {e}"))??;
+        self.pipeline.asking -= usize::from(delivered.asked);
         self.summary.absorb(&delivered.tally);
         self.take(delivered.after, delivered.at);
         Ok(())
     }
 
     /// Keeps what calls that already ended brought, without waiting for the others.
-    async fn land_finished(&mut self) -> anyhow::Result<()> {
-        // Awaiting a finished task returns at once.
-        while self.pipeline.inflight.front().is_some_and(|f| f.task.is_finished()) {
-            self.land_oldest().await?;
+    fn land_finished(&mut self) -> anyhow::Result<()> {
+        while let Some(joined) = self.pipeline.inflight.try_join_next() {
+            self.land(joined)?;
         }
         Ok(())
     }
@@ -229,13 +234,10 @@ impl Worker {
             wait_ms: self.opts.poll_wait_ms(),
         });
         let courier = self.courier();
-        self.pipeline.inflight.push_back(InFlight {
-            asks: next.is_some(),
-            task: tokio::spawn(courier.clone().deliver(lease, result, next)),
-        });
+        self.pipeline.asking += wanted;
+        self.pipeline.inflight.spawn(courier.clone().deliver(lease, result, next));
         for _ in 1..wanted {
-            let task = tokio::spawn(courier.clone().fetch(self.summary.worker_id.clone()));
-            self.pipeline.inflight.push_back(InFlight { asks: true, task });
+            self.pipeline.inflight.spawn(courier.clone().fetch(self.summary.worker_id.clone()));
         }
     }
 
@@ -267,7 +269,7 @@ impl Worker {
     async fn settle(&mut self) -> anyhow::Result<()> {
         let mut first_error = None;
         while !self.pipeline.inflight.is_empty() {
-            if let Err(e) = self.land_oldest().await {
+            if let Err(e) = self.land_next().await {
                 first_error.get_or_insert(e);
             }
         }
