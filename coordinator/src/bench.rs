@@ -57,6 +57,8 @@ pub struct BenchResult {
     pub trials_per_s: f64,
     pub coordinator_cpu_s: f64,
     pub cpu_ms_per_trial: f64,
+    /// Durable commits per trial (below 1: concurrent results share commits).
+    pub commits_per_trial: f64,
     /// The coordinator's peak resident memory (VmHWM), MiB.
     pub peak_rss_mib: f64,
     /// The run cut at 1,000, 10,000, 100,000... completed trials: is the rate flat?
@@ -84,20 +86,16 @@ struct Sample {
     peak_rss_mib: f64,
 }
 
-/// CPU seconds (user + system) and resident memory of process `pid`, from /proc. None where
-/// there is no /proc (the windows are then left out).
+/// CPU seconds (user + system) and resident memory (now and peak, MiB) of process `pid`, from
+/// /proc. None where there is no /proc (the windows are then left out).
 fn process_usage(pid: u32) -> Option<(f64, f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let cpu = msae_shared::signal::cpu_seconds_of(pid)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib = |key: &str| -> Option<f64> {
+    let mib = |key: &str| -> Option<f64> {
         let line = status.lines().find(|l| l.starts_with(key))?;
-        line.split_whitespace().nth(1)?.parse().ok()
+        Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
     };
-    // /proc counts CPU in USER_HZ ticks, 100 per second on every Linux ABI.
-    Some((ticks / 100.0, kib("VmRSS:")? / 1024.0, kib("VmHWM:")? / 1024.0))
+    Some((cpu, mib("VmRSS:")?, mib("VmHWM:")?))
 }
 
 /// 1,000, 10,000, ... below `trials`, then `trials`.
@@ -182,8 +180,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if !args.json {
         writeln!(
             out,
-            "{:>8} {:>8} {:>9} {:>10} {:>14} {:>13} {:>9}",
-            "workers", "trials", "wall_s", "trials/s", "coord_cpu_s", "cpu_ms/trial", "rss_MiB"
+            "{:>8} {:>8} {:>9} {:>10} {:>14} {:>13} {:>9} {:>14}",
+            "workers",
+            "trials",
+            "wall_s",
+            "trials/s",
+            "coord_cpu_s",
+            "cpu_ms/trial",
+            "rss_MiB",
+            "commits/trial"
         )?;
     }
     for &workers in &args.workers {
@@ -193,7 +198,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         } else {
             writeln!(
                 out,
-                "{:>8} {:>8} {:>9.2} {:>10.0} {:>14.2} {:>13.3} {:>9.1}",
+                "{:>8} {:>8} {:>9.2} {:>10.0} {:>14.2} {:>13.3} {:>9.1} {:>14.2}",
                 result.workers,
                 result.trials,
                 result.wall_s,
@@ -201,6 +206,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 result.coordinator_cpu_s,
                 result.cpu_ms_per_trial,
                 result.peak_rss_mib,
+                result.commits_per_trial,
             )?;
             // The stretches between checkpoints, when there is more than one: a flat rate
             // means the cost per trial does not grow with the sweep.
@@ -278,7 +284,7 @@ async fn run_one(
         .context("the benchmark sweep did not finish within an hour")??;
     let wall_s = started.elapsed().as_secs_f64();
     let _ = stop_tx.send(true);
-    let samples = sampler.await.unwrap_or_default();
+    let mut samples = sampler.await.unwrap_or_default();
     for h in handles {
         if let Ok(Err(e)) = h.await {
             tracing::warn!("bench worker: {e:#}");
@@ -293,6 +299,16 @@ async fn run_one(
     let cpu = stats["cpu_s"].as_f64().unwrap_or(0.0);
     anyhow::ensure!(completed as usize == trials, "{completed} of {trials} trials completed");
     let _ = std::fs::remove_dir_all(&dir);
+    // The coordinator exits as the last trial completes, usually before a sample sees it: the
+    // run's end, from its own stats line, closes the last window.
+    if let Some(last) = samples.last().copied() {
+        samples.push(Sample {
+            at: started + Duration::from_secs_f64(wall_s),
+            completed,
+            cpu_s: cpu,
+            ..last
+        });
+    }
     Ok(BenchResult {
         workers,
         trials: completed,
@@ -300,6 +316,7 @@ async fn run_one(
         trials_per_s: completed as f64 / wall_s,
         coordinator_cpu_s: cpu,
         cpu_ms_per_trial: cpu * 1000.0 / completed.max(1) as f64,
+        commits_per_trial: stats["commits"].as_u64().unwrap_or(0) as f64 / completed.max(1) as f64,
         peak_rss_mib: samples.last().map_or(0.0, |s| s.peak_rss_mib),
         windows: windows(&samples, completed),
     })

@@ -290,6 +290,7 @@ pub async fn run_command(args: &RunArgs) -> anyhow::Result<SweepExit> {
             "failed": summary.counts.failed,
             "wall_s": started.elapsed().as_secs_f64(),
             "cpu_s": msae_shared::signal::process_cpu_seconds(),
+            "commits": summary.commits,
         });
         print_stdout(&stats.to_string())?;
     }

@@ -20,7 +20,7 @@ pub enum Runner {
 }
 
 /// Spare leases of local workers: `msae-worker --prefetch`'s default.
-pub const DEFAULT_PREFETCH: usize = 2;
+pub const DEFAULT_PREFETCH: usize = 4;
 
 /// How to start embedded workers.
 #[derive(Debug, Clone)]

@@ -91,6 +91,8 @@ pub struct RunSummary {
     pub counts: Counts,
     /// True when every trial reached a final state; false after Ctrl-C.
     pub finished: bool,
+    /// Durable commits made (each carries every change batched since the last).
+    pub commits: u64,
 }
 
 /// The file beside the database that tells `report` where the running coordinator listens.
@@ -282,6 +284,7 @@ pub async fn run_sweep(
     // back, not running), as the counts do.
     let (sweeps, records) = scheduler.stored(&sweep).await.unwrap_or_default();
     let counts = scheduler.counts().borrow().clone();
+    let commits = scheduler.commits();
     let _ = stop_tx.send(true);
     if let Some(handle) = display {
         let _ = handle.await;
@@ -319,7 +322,7 @@ pub async fn run_sweep(
             msae_shared::signal::print_stdout(text.trim_end())?;
         }
     }
-    Ok(RunSummary { sweep, addr, counts, finished })
+    Ok(RunSummary { sweep, addr, counts, finished, commits })
 }
 
 /// Tests make the database fail like a full disk after N commits with

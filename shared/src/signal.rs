@@ -20,13 +20,21 @@ pub async fn shutdown_signal() {
 
 /// User + system CPU seconds of this process (Linux; 0 elsewhere).
 pub fn process_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    cpu_seconds_from("/proc/self/stat").unwrap_or(0.0)
+}
+
+/// CPU seconds (user + system) of process `pid` so far; None without /proc or the process.
+pub fn cpu_seconds_of(pid: u32) -> Option<f64> {
+    cpu_seconds_from(&format!("/proc/{pid}/stat"))
+}
+
+fn cpu_seconds_from(stat_path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
     // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 =
-        fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
-    ticks / 100.0 // USER_HZ is 100 on every Linux we target.
+    let ticks: f64 = fields.get(11..13)?.iter().filter_map(|v| v.parse::<f64>().ok()).sum();
+    Some(ticks / 100.0) // USER_HZ is 100 on every Linux we target.
 }
 
 /// A binary's exit: the error with its causes ([`error_chain`]) on stderr and a failure status,

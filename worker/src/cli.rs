@@ -76,7 +76,7 @@ pub struct WorkerArgs {
     /// While trials are short (under a second), hold up to N leases beyond the running one:
     /// the next trial starts while the last result is still being committed. Longer trials
     /// hold no spare (it would wait a whole trial on a lease another worker could run).
-    #[arg(long, value_name = "N", default_value_t = 2)]
+    #[arg(long, value_name = "N", default_value_t = 4)]
     pub prefetch: usize,
     /// Memory for loaded datasets kept across trials, in MiB (0 = read the data for every
     /// trial). Memory-mapped files count only their bookkeeping: their pages are the kernel's.

@@ -206,14 +206,22 @@ impl Courier {
                     } else {
                         tally.failed += 1;
                     }
-                    return Ok(Delivered::now(After::new(reply.next, reply.shutdown), tally, asked));
+                    return Ok(Delivered::now(
+                        After::new(reply.next, reply.shutdown),
+                        tally,
+                        asked,
+                    ));
                 }
                 Ok(reply) => {
                     tracing::warn!(trial = %lease.trial_id, lease = %lease.lease_id, reason = %reply.reason,
                         "the coordinator refused the result (stale lease); dropping it");
                     tally.refused += 1;
                     // A refused result may still come with the next lease.
-                    return Ok(Delivered::now(After::new(reply.next, reply.shutdown), tally, asked));
+                    return Ok(Delivered::now(
+                        After::new(reply.next, reply.shutdown),
+                        tally,
+                        asked,
+                    ));
                 }
                 Err(status)
                     if matches!(

@@ -92,7 +92,10 @@ impl Worker {
         let mut ticker =
             tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_sent: Option<Instant> = None;
+        // Counted from the start, so a trial shorter than the interval sends no sample at all:
+        // its result follows at once, and a sample would cost a round trip (and a wait for the
+        // coordinator's next commit) on the way to it.
+        let mut last_sent = started;
         let mut progress_open = true;
         let mut shutdown = self.shutdown.clone();
         let mut grace_until: Option<Instant> = None;
@@ -108,18 +111,18 @@ impl Worker {
                     // Samples at most every `progress_min_interval`; an evaluation at once
                     // (the coordinator's early termination judges it: a late verdict is
                     // training spent on a trial already lost).
-                    if last_sent.is_none_or(|t| t.elapsed() >= self.opts.progress_min_interval)
+                    if last_sent.elapsed() >= self.opts.progress_min_interval
                         || !evaluations.is_empty()
                     {
                         let latest = progress_rx.borrow_and_update().clone();
                         self.send_progress(lease, latest, &evaluations, &stop).await;
-                        last_sent = Some(Instant::now());
+                        last_sent = Instant::now();
                     }
                 }
                 _ = ticker.tick() => {
                     let latest = progress_rx.borrow_and_update().clone();
                     self.send_progress(lease, latest, &evaluations, &stop).await;
-                    last_sent = Some(Instant::now());
+                    last_sent = Instant::now();
                 }
                 () = sleep_until_opt(deadline), if stop.get().is_none() => {
                     tracing::warn!(trial = %lease.trial_id, timeout_s = timeout.as_secs_f64(),

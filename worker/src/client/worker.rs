@@ -244,7 +244,11 @@ impl Worker {
     /// A lease that waited behind a running trial may have outlived its ttl: past a third of
     /// it, a progress report renews it first. None when the coordinator no longer holds it
     /// for us (it has requeued the trial).
-    pub(super) async fn still_ours(&mut self, received: Received, since: Instant) -> Option<Received> {
+    pub(super) async fn still_ours(
+        &mut self,
+        received: Received,
+        since: Instant,
+    ) -> Option<Received> {
         let Ok(trial) = &received else { return Some(received) };
         let Some(ttl) = trial.ttl else { return Some(received) };
         if since.elapsed() < ttl / 3 {
