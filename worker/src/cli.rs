@@ -148,7 +148,7 @@ pub fn progress_line(p: &Progress, elapsed: Duration) -> String {
 /// `msae-worker train`: one trial, progress on stderr, metrics on stdout.
 pub fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
     let config = read_config(&args.config)?;
-    let options = RunOptions { gpu: args.device.gpu, out_dir: args.out.clone() };
+    let options = RunOptions { gpu: args.device.gpu, out_dir: args.out.clone(), files: true };
     let started = Instant::now();
     let mut lines = ProgressLines::default();
     let mut progress = |p: &Progress| {

@@ -188,7 +188,7 @@ mod tests {
         cfg.data.scaling = Some(scaling);
         cfg.data.synthetic = Default::default();
         let out = dir.path().join("trial");
-        let options = RunOptions { gpu: None, out_dir: Some(out.clone()) };
+        let options = RunOptions { gpu: None, out_dir: Some(out.clone()), files: true };
         let trained = crate::train::train(&cfg, &options, &mut |_| Control::Continue).unwrap();
 
         // The same validation rows, unscaled.
@@ -246,7 +246,7 @@ mod tests {
     fn wrong_width_data_and_foreign_files_are_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("trial");
-        let options = RunOptions { gpu: None, out_dir: Some(out.clone()) };
+        let options = RunOptions { gpu: None, out_dir: Some(out.clone()), files: true };
         crate::train::train(&small(), &options, &mut |_| Control::Continue).unwrap();
         let narrow = dir.path().join("narrow.npy");
         write_npy(&narrow, 2, 3, &[0.0; 6]);

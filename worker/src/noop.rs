@@ -169,7 +169,7 @@ impl TrialRunner for NoopRunner {
     fn run(
         &self,
         config: &TrialConfig,
-        _options: &RunOptions,
+        options: &RunOptions,
         progress: &mut dyn FnMut(&Progress) -> Control,
     ) -> anyhow::Result<TrialOutcome> {
         let final_metrics = analytic_metrics(config);
@@ -213,7 +213,9 @@ impl TrialRunner for NoopRunner {
                 });
             }
         }
-        let files = Some(noop_files(config, &final_metrics));
+        // Building them (a YAML of the config among them) cost more than the rest of the trial.
+        let files = (options.files || options.out_dir.is_some())
+            .then(|| noop_files(config, &final_metrics));
         Ok(TrialOutcome { metrics: final_metrics, files, ..TrialOutcome::default() })
     }
 }

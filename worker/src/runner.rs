@@ -61,6 +61,10 @@ pub struct RunOptions {
     pub gpu: Option<usize>,
     /// Write the trial's files (weights, resolved config, metrics) here.
     pub out_dir: Option<PathBuf>,
+    /// The caller needs the trial's files in the outcome (the coordinator asked for them). A
+    /// runner whose files cost little next to its training builds them either way; the noop
+    /// runner, whose trial costs nothing, only when asked or when `out_dir` is set.
+    pub files: bool,
 }
 
 /// Runs one trial. Implementations must call `progress` regularly (it renews leases) and stop

@@ -510,7 +510,7 @@ mod tests {
         // Regression: a release asked for while the final evaluation ran marked the finished
         // trial as stopped, and the worker threw the result away.
         let dir = tempfile::tempdir().unwrap();
-        let opts = RunOptions { gpu: None, out_dir: Some(dir.path().to_path_buf()) };
+        let opts = RunOptions { gpu: None, out_dir: Some(dir.path().to_path_buf()), files: true };
         let out = train(&small_cfg(), &opts, &mut |p: &Progress| {
             if p.kind == ProgressKind::Final {
                 Control::Stop("the coordinator is shutting down".into())
@@ -531,7 +531,7 @@ mod tests {
         for name in ["weights.safetensors", "config.yaml", "weights.safetensors.partial"] {
             std::fs::write(dir.path().join(name), b"old").unwrap();
         }
-        let opts = RunOptions { gpu: None, out_dir: Some(dir.path().to_path_buf()) };
+        let opts = RunOptions { gpu: None, out_dir: Some(dir.path().to_path_buf()), files: true };
         let out = train(&small_cfg(), &opts, &mut |p: &Progress| {
             if p.step >= 30 { Control::Stop("SIGINT".into()) } else { Control::Continue }
         })
@@ -711,7 +711,7 @@ mod tests {
                     ..small_cfg()
                 };
                 let out = dir.path().join(format!("{inter}-{init:?}"));
-                let opts = RunOptions { gpu: None, out_dir: Some(out.clone()) };
+                let opts = RunOptions { gpu: None, out_dir: Some(out.clone()), files: true };
                 train(&cfg, &opts, &mut quiet).unwrap();
                 let w =
                     candle_core::safetensors::load(out.join("weights.safetensors"), &Device::Cpu)
@@ -733,7 +733,7 @@ mod tests {
             [(small_cfg(), "fast"), (TrialConfig { intermediate_dim: 16, ..small_cfg() }, "mirror")]
         {
             let out_dir = dir.path().join(sub);
-            let opts = RunOptions { gpu: None, out_dir: Some(out_dir.clone()) };
+            let opts = RunOptions { gpu: None, out_dir: Some(out_dir.clone()), files: true };
             let out = train(&cfg, &opts, &mut quiet).unwrap();
             assert_eq!(out.artifact.as_deref(), Some(out_dir.as_path()));
             let text = std::fs::read_to_string(out_dir.join("config.yaml")).unwrap();
@@ -853,7 +853,7 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn gpu_without_cuda_feature_says_how_to_rebuild() {
-        let opts = RunOptions { gpu: Some(0), out_dir: None };
+        let opts = RunOptions { gpu: Some(0), out_dir: None, files: true };
         let e = train(&small_cfg(), &opts, &mut quiet).unwrap_err().to_string();
         assert!(e.contains("built without CUDA support") && e.contains("--features cuda"), "{e}");
     }

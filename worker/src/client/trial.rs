@@ -63,7 +63,11 @@ impl Worker {
         let timeout = trial.timeout.unwrap_or_default();
         // A limit past the end of time is no limit.
         let deadline = trial.timeout.and_then(|t| started.checked_add(t));
-        let options = RunOptions { gpu: self.opts.gpu, out_dir: self.trial_out_dir(lease) };
+        let options = RunOptions {
+            gpu: self.opts.gpu,
+            out_dir: self.trial_out_dir(lease),
+            files: trial.upload_limit.is_some(),
+        };
 
         let callback_stop = stop.clone();
         let mut handle = tokio::task::spawn_blocking(move || {
