@@ -23,6 +23,11 @@
 //!   An unknown worker id (the coordinator restarted) does not cost the result: it is
 //!   accepted without a lease, and the `Lease` that follows triggers the re-registration.
 //!   No next lease is asked for when the worker is shutting down or `max_trials` is reached.
+//! - Results are delivered on tasks of their own. While trials are short, `prefetch` spare
+//!   leases (fetched with a `Lease` that does not wait) let the next trial run while earlier
+//!   results are committed; the commit, a fsync, no longer bounds one worker's rate. A spare
+//!   that waited past a third of its ttl is renewed before it starts; spares are handed back
+//!   at exit.
 //! - Invalid leases (bad JSON, a config `validate()` refuses, an unknown runner kind) are
 //!   reported as failed trials with the reason, never a panic.
 //!
