@@ -913,15 +913,25 @@ impl Core {
         }
     }
 
-    /// The registered workers with their running trial, in registration order.
+    /// The registered workers with their running trial, in registration order. A worker that
+    /// holds spare leases (`msae-worker --prefetch`) runs them in the order they were granted,
+    /// so its running trial is the one leased first.
     pub(crate) fn workers(&self, _now: u64) -> Vec<WorkerState> {
-        let mut running: HashMap<&str, String> = HashMap::new();
+        let mut first: HashMap<&str, (u64, u64)> = HashMap::new();
         for &index in self.leases.values() {
             let t = &self.trials[index as usize];
             if let Some(lease) = &t.lease {
-                running.insert(lease.worker.as_str(), t.trial_id());
+                let key = (lease.started_ms, index);
+                first
+                    .entry(lease.worker.as_str())
+                    .and_modify(|k| *k = (*k).min(key))
+                    .or_insert(key);
             }
         }
+        let running: HashMap<&str, String> = first
+            .into_iter()
+            .map(|(worker, (_, index))| (worker, self.trials[index as usize].trial_id()))
+            .collect();
         let mut out: Vec<(u64, WorkerState)> = self
             .workers
             .iter()

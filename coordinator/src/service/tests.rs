@@ -1311,8 +1311,13 @@ async fn status_lists_workers_their_trials_and_counts() {
         reply.workers.iter().map(|w| (w.name.as_str(), w.trial.as_str())).collect();
     assert_eq!(names, [("gpu-box", lease.trial_id.as_str()), ("idle-box", "")]);
     assert!(reply.workers.iter().all(|w| w.device == "cpu" && w.last_seen_ms > 0));
+    // A spare lease (`--prefetch`) does not hide the running trial: the one leased first.
+    let spare = lease_one(&mut c, &id).await;
+    let reply = within(c.status(proto::StatusRequest {})).await.unwrap().into_inner();
+    assert_eq!(reply.workers[0].trial, lease.trial_id);
     assert!(complete_ok(&mut c, &lease.lease_id).await.accepted);
     let reply = within(c.status(proto::StatusRequest {})).await.unwrap().into_inner();
+    assert_eq!(reply.workers[0].trial, spare.trial_id, "the spare runs next");
     assert_eq!((reply.completed, reply.best_index, reply.best_value), (1, Some(0), 1.0));
     assert_eq!((reply.metric.as_str(), reply.goal.as_str()), ("loss", "minimize"));
     let text = crate::manage::render_status(&reply, reply.workers[0].last_seen_ms + 1500);
