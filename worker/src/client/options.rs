@@ -110,8 +110,8 @@ pub struct WorkerSummary {
     pub refused: usize,
     /// Leases handed back without a result (shutdown).
     pub released: usize,
-    /// Results given up on at shutdown because the coordinator was unreachable (their leases
-    /// expire and the trials run again).
+    /// Results given up on at shutdown because the coordinator was unreachable, and spare
+    /// leases that expired before their turn (either way the trial runs again elsewhere).
     pub lost: usize,
 }
 
