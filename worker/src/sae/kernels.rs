@@ -37,9 +37,11 @@ macro_rules! simd_dispatch {
         mod $name {
             use super::*;
             #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
             pub unsafe fn v3($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
         }
         #[inline]
+        #[allow(clippy::too_many_arguments)]
         pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {

@@ -1,5 +1,8 @@
 //! The one GEMM wrapper of the hand-written training paths ([`crate::sae::classic`],
 //! [`crate::sae::modular`]) and the evaluation, and the one transpose.
+//!
+//! Skinny products (a few rows, or a short contraction: every product of a small-batch step)
+//! skip `gemm` for the direct loops of [`super::skinny`].
 
 /// A strided read-only matrix for [`matmul`]: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -67,6 +70,9 @@ fn gemm_into(
         }
         return;
     }
+    if super::skinny::product(m, n, k, dst, a, b, accumulate) {
+        return;
+    }
     let parallelism = if m * n * k >= PARALLEL_MIN_FLOPS {
         gemm::Parallelism::Rayon(0)
     } else {
@@ -127,5 +133,61 @@ mod tests {
         assert_eq!(c, [26.0, 30.0, 38.0, 44.0]);
         matmul_add(2, 2, 2, &mut c, Mat::rows(&a, 2), Mat::t(&b, 2));
         assert_eq!(c, [26.0 + 17.0, 30.0 + 23.0, 38.0 + 39.0, 44.0 + 53.0]);
+    }
+
+    /// `a[m, k] b[k, n]` the slow way, for any strides.
+    fn naive(m: usize, n: usize, k: usize, a: Mat<'_>, b: Mat<'_>) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|t| {
+                        a.data[i * a.rs + t * a.cs] as f64 * b.data[t * b.rs + j * b.cs] as f64
+                    })
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn skinny_products_match_the_definition_in_every_layout() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        // (m, n, k): few rows, short contractions (both loops, with and without tails), and
+        // shapes that go to gemm.
+        let shapes = [
+            (8, 250, 784),
+            (3, 37, 19),
+            (1, 5, 1),
+            (16, 33, 70),
+            (250, 784, 8),
+            (70, 45, 3),
+            (40, 30, 50),
+        ];
+        for (m, n, k) in shapes {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let init: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
+                let av = if a_t { Mat::t(&a, m) } else { Mat::rows(&a, k) };
+                let bv = if b_t { Mat::t(&b, k) } else { Mat::rows(&b, n) };
+                let want = naive(m, n, k, av, bv);
+                let mut got = vec![f32::NAN; m * n];
+                matmul(m, n, k, &mut got, av, bv);
+                let tol = 1e-4 * (k as f32).sqrt();
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= tol, "{m}x{n}x{k} {a_t}/{b_t}: {g} vs {w}");
+                }
+                let mut acc = init.clone();
+                matmul_add(m, n, k, &mut acc, av, bv);
+                for ((g, w), i) in acc.iter().zip(&want).zip(&init) {
+                    assert!(
+                        (g - (w + i)).abs() <= tol,
+                        "{m}x{n}x{k} {a_t}/{b_t} add: {g} vs {w}+{i}"
+                    );
+                }
+            }
+        }
     }
 }

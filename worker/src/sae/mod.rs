@@ -19,6 +19,7 @@ pub mod model;
 pub mod modular;
 pub mod optim;
 pub mod penalties;
+mod skinny;
 pub mod sparsity;
 pub mod topk;
 pub mod trainer;

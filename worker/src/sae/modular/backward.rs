@@ -3,8 +3,10 @@
 use msae_shared::config::{LayerSparsityMode, StripeSparsityMode};
 
 use super::penalty::penalties;
-use super::{Dims, ModularFast, Work, output_t, output_weight, resize, sign, step01};
+use super::{Dims, Fuse, ModularFast, Param, Work, output_t, output_weight, resize, sign, step01};
 use crate::sae::linalg::{Mat, matmul, matmul_add};
+use crate::sae::optim::host_update;
+use crate::sae::skinny::product_rows;
 
 /// Sums the rows of `g` (rows, cols) into `out` (cols), adding `sign * sum`.
 pub(super) fn add_col_sums(g: &[f32], cols: usize, sign: f32, out: &mut [f32]) {
@@ -13,16 +15,58 @@ pub(super) fn add_col_sums(g: &[f32], cols: usize, sign: f32, out: &mut [f32]) {
     }
 }
 
+/// A weight's gradient `a[rows_w, k] b[k, cols]` (`b` row-major), plus `l1 * sign(w)`: into
+/// `p.g` (added to it with `accumulate`), or with `fuse` applied row by row to the weight
+/// through the optimiser (`p.updated`), never stored. Every read of the weight in the backward
+/// pass must come before this call.
+#[allow(clippy::too_many_arguments)]
+fn weight_grad(
+    p: &mut Param,
+    (rows_w, cols, k): (usize, usize, usize),
+    a: Mat<'_>,
+    b: &[f32],
+    l1: f32,
+    fuse: Option<Fuse>,
+    accumulate: bool,
+    scratch: &mut Vec<f32>,
+) {
+    match fuse {
+        Some(Fuse { optim, t }) if !accumulate => {
+            let Param { w, m, v, .. } = p;
+            product_rows(rows_w, cols, k, a, Mat::rows(b, cols), scratch, |i, g| {
+                let span = i * cols..(i + 1) * cols;
+                let w = &mut w[span.clone()];
+                if l1 > 0.0 {
+                    g.iter_mut().zip(w.iter()).for_each(|(g, &w)| *g += l1 * sign(w));
+                }
+                let v = if v.is_empty() { &mut [][..] } else { &mut v[span.clone()] };
+                host_update(&optim, t, w, g, &mut m[span], v);
+            });
+            p.updated = true;
+        }
+        _ => {
+            let product = if accumulate { matmul_add } else { matmul };
+            product(rows_w, cols, k, &mut p.g, a, Mat::rows(b, cols));
+            if l1 > 0.0 {
+                p.g.iter_mut().zip(&p.w).for_each(|(g, &w)| *g += l1 * sign(w));
+            }
+        }
+    }
+}
+
 /// The backward pass of the last [`forward`] (training mode) on `x`: gradients of the loss
-/// into every parameter's `g`.
-pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32]) {
+/// into every parameter's `g`, or with `fuse` the single-product weights updated in place.
+pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32], fuse: Option<Fuse>) {
     let cfg = m.cfg.clone();
     let Dims { dim, inter, inp, n, s, d } = m.dims;
     let r = m.roles;
     let rows = ws.rows;
     // Biases accumulate; every weight's gradient is written whole by its first product.
-    for p in m.params.iter_mut().filter(|p| p.shape.len() == 1) {
-        p.g.fill(0.0);
+    for p in m.params.iter_mut() {
+        p.updated = false;
+        if p.shape.len() == 1 {
+            p.g.fill(0.0);
+        }
     }
     let tied = r.dec_w.is_none();
     // dL/dx_hat, through the output ReLU.
@@ -35,7 +79,8 @@ pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32]) {
     } else {
         ws.g.iter_mut().zip(&ws.xhat).zip(x).for_each(|((g, &h), &xv)| *g = scale * (h - xv));
     }
-    let out = ws.u.len() / n;
+    // Width of the decoder's linear part: the input, or the intermediate layer.
+    let out = inp;
     // dL/dy (rows, out): the decoder's linear part.
     if inter == 0 {
         add_col_sums(&ws.g, dim, 1.0, &mut m.params[r.dec_b].g);
@@ -48,12 +93,14 @@ pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32]) {
         let w_out = output_t(m, inter, dim).transposed();
         matmul(rows, inter, dim, &mut ws.g_hd, Mat::rows(&ws.g, dim), w_out);
         let (w, tied_out) = output_weight(&r);
-        // Its gradient g^T hd, stored in the weight's own layout.
-        let grad = &mut m.params[w].g;
+        // Its gradient g^T hd, in the weight's own layout.
         if tied_out {
+            let grad = &mut m.params[w].g;
             matmul(inter, dim, rows, grad, Mat::t(hd, inter), Mat::rows(&ws.g, dim));
         } else {
-            matmul(dim, inter, rows, grad, Mat::t(&ws.g, dim), Mat::rows(hd, inter));
+            let shape = (dim, inter, rows);
+            let p = &mut m.params[w];
+            weight_grad(p, shape, Mat::t(&ws.g, dim), hd, 0.0, fuse, false, &mut ws.row);
         }
         ws.g_hd.iter_mut().zip(hd).for_each(|(gh, &h)| *gh *= step01(h));
         add_col_sums(&ws.g_hd, inter, 1.0, &mut m.params[r.dec_b].g);
@@ -61,30 +108,42 @@ pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32]) {
     }
     let g_y = &ws.g;
     // Atoms and codes.
-    resize(&mut ws.g_u, n * out);
-    matmul(n, out, rows, &mut ws.g_u, Mat::t(&ws.codes, n), Mat::rows(g_y, out));
     resize(&mut ws.g_c, rows * n);
-    matmul(rows, n, out, &mut ws.g_c, Mat::rows(g_y, out), Mat::t(&ws.u, out));
-    penalties(&cfg, &ws.codes, rows, n, Some(&mut ws.g_c));
-    if cfg.normalize_decoder {
-        for ((gu, uj), &inv) in ws.g_u.chunks_mut(out).zip(ws.u.chunks(out)).zip(&ws.inv_norm) {
-            let c: f32 = gu.iter().zip(uj).map(|(a, b)| a * b).sum();
-            gu.iter_mut().zip(uj).for_each(|(g, &uv)| *g = (*g - c * uv) * inv);
-        }
-    }
-    match r.dec_w {
+    match super::forward::stored_atoms(m) {
         Some(dw) => {
-            let g = &mut m.params[dw].g;
-            for j in 0..n {
-                for o in 0..out {
-                    g[o * n + j] = ws.g_u[j * out + o];
+            // U = W_d^T as stored: dL/dc = g_y W_d, dL/dW_d = g_y^T c.
+            matmul(rows, n, out, &mut ws.g_c, Mat::rows(g_y, out), Mat::rows(m.w(dw), n));
+            let p = &mut m.params[dw];
+            let (gy_t, codes) = (Mat::t(g_y, out), &ws.codes);
+            weight_grad(p, (out, n, rows), gy_t, codes, 0.0, fuse, false, &mut ws.row);
+        }
+        None => {
+            resize(&mut ws.g_u, n * out);
+            matmul(n, out, rows, &mut ws.g_u, Mat::t(&ws.codes, n), Mat::rows(g_y, out));
+            matmul(rows, n, out, &mut ws.g_c, Mat::rows(g_y, out), Mat::t(&ws.u, out));
+            if cfg.normalize_decoder {
+                let atoms = ws.g_u.chunks_mut(out).zip(ws.u.chunks(out)).zip(&ws.inv_norm);
+                for ((gu, uj), &inv) in atoms {
+                    let c: f32 = gu.iter().zip(uj).map(|(a, b)| a * b).sum();
+                    gu.iter_mut().zip(uj).for_each(|(g, &uv)| *g = (*g - c * uv) * inv);
+                }
+            }
+            match r.dec_w {
+                Some(dw) => {
+                    let g = &mut m.params[dw].g;
+                    for j in 0..n {
+                        for o in 0..out {
+                            g[o * n + j] = ws.g_u[j * out + o];
+                        }
+                    }
+                }
+                None => {
+                    m.params[r.enc_w].g.copy_from_slice(&ws.g_u);
                 }
             }
         }
-        None => {
-            m.params[r.enc_w].g.copy_from_slice(&ws.g_u);
-        }
     }
+    penalties(&cfg, &ws.codes, rows, n, Some(&mut ws.g_c));
     // Sparsity stages: the router's scores, then dL/dz through the gates and the ReLU.
     if cfg.stripe_sparsity_mode == StripeSparsityMode::Routing {
         resize(&mut ws.g_r, rows * s);
@@ -131,28 +190,22 @@ pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32]) {
         }
     }
     let g_pre = &ws.g_c;
-    // Encoder (and the router, which reads the same input).
+    // Encoder (and the router, which reads the same input): dL/da0 first, while the weights
+    // are this step's.
     add_col_sums(g_pre, n, 1.0, &mut m.params[r.enc_b].g);
-    let enc = if tied { matmul_add } else { matmul };
-    enc(n, inp, rows, &mut m.params[r.enc_w].g, Mat::t(g_pre, n), Mat::rows(&ws.a0, inp));
     resize(&mut ws.g_a0, rows * inp);
     matmul(rows, inp, n, &mut ws.g_a0, Mat::rows(g_pre, n), Mat::rows(&m.params[r.enc_w].w, inp));
+    if let Some(rw) = r.router_w {
+        let w_r = Mat::rows(&m.params[rw].w, inp);
+        matmul_add(rows, inp, s, &mut ws.g_a0, Mat::rows(&ws.g_r, s), w_r);
+    }
+    let p = &mut m.params[r.enc_w];
+    weight_grad(p, (n, inp, rows), Mat::t(g_pre, n), &ws.a0, 0.0, fuse, tied, &mut ws.row);
     if let (Some(rw), Some(rb)) = (r.router_w, r.router_b) {
         add_col_sums(&ws.g_r, s, 1.0, &mut m.params[rb].g);
-        matmul(s, inp, rows, &mut m.params[rw].g, Mat::t(&ws.g_r, s), Mat::rows(&ws.a0, inp));
-        matmul_add(
-            rows,
-            inp,
-            s,
-            &mut ws.g_a0,
-            Mat::rows(&ws.g_r, s),
-            Mat::rows(&m.params[rw].w, inp),
-        );
-        if cfg.routing_l1_regularization > 0.0 {
-            let c = cfg.routing_l1_regularization as f32;
-            let p = &mut m.params[rw];
-            p.g.iter_mut().zip(&p.w).for_each(|(g, &w)| *g += c * sign(w));
-        }
+        let l1 = cfg.routing_l1_regularization as f32;
+        let p = &mut m.params[rw];
+        weight_grad(p, (s, inp, rows), Mat::t(&ws.g_r, s), &ws.a0, l1, fuse, false, &mut ws.row);
     }
     if inter == 0 {
         // a0 = x - b_dec.
@@ -162,7 +215,8 @@ pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32]) {
         ws.g_a0.iter_mut().zip(&ws.hpre).for_each(|(g, &h)| *g *= step01(h));
         add_col_sums(&ws.g_a0, inter, 1.0, &mut m.params[bi].g);
         // Tied: the output layer's part is already there.
-        let first = if tied { matmul_add } else { matmul };
-        first(inter, dim, rows, &mut m.params[wi].g, Mat::t(&ws.g_a0, inter), Mat::rows(x, dim));
+        let p = &mut m.params[wi];
+        let g_a0 = Mat::t(&ws.g_a0, inter);
+        weight_grad(p, (inter, dim, rows), g_a0, x, 0.0, fuse, tied, &mut ws.row);
     }
 }

@@ -9,6 +9,12 @@ use crate::sae::topk;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// The decoder weight when the atoms are its columns as stored (untied, not normalised): the
+/// passes then read `U = W_d^T` in place instead of building it with [`atoms`].
+pub(super) fn stored_atoms(m: &ModularFast) -> Option<usize> {
+    m.roles.dec_w.filter(|_| !m.cfg.normalize_decoder)
+}
+
 /// The atoms `U` (N, out) and their inverse norms, from the decoder (or the encoder when tied).
 pub(super) fn atoms(m: &ModularFast, u: &mut Vec<f32>, inv_norm: &mut Vec<f32>) {
     let Dims { n, .. } = m.dims;
@@ -246,10 +252,16 @@ pub(super) fn forward(
     }
 
     // Decoder.
-    atoms(m, &mut ws.u, &mut ws.inv_norm);
-    let out = ws.u.len() / n;
+    let out = inp;
+    let u = match stored_atoms(m) {
+        Some(dw) => Mat::t(m.w(dw), n),
+        None => {
+            atoms(m, &mut ws.u, &mut ws.inv_norm);
+            Mat::rows(&ws.u, out)
+        }
+    };
     resize(&mut ws.yd, rows * out);
-    matmul(rows, out, n, &mut ws.yd, Mat::rows(&ws.codes, n), Mat::rows(&ws.u, out));
+    matmul(rows, out, n, &mut ws.yd, Mat::rows(&ws.codes, n), u);
     resize(&mut ws.outp, rows * dim);
     if inter == 0 {
         ws.outp.copy_from_slice(&ws.yd);

@@ -51,6 +51,10 @@ mod penalty;
 use backward::backward;
 use forward::{atoms, forward};
 
+/// Batches of at most this many rows update the weights in the backward pass ([`Fuse`]): their
+/// weight gradients are skinny products, computed row by row.
+const FUSE_MAX_ROWS: usize = crate::sae::skinny::SKINNY;
+
 /// Guards the atom normalisation against zero-norm atoms (the candle model's value).
 const NORM_EPS: f32 = 1e-8;
 
@@ -78,6 +82,18 @@ struct Param {
     g: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
+    /// Whether the backward pass has already applied this step's update (see [`Fuse`]).
+    updated: bool,
+}
+
+/// The optimiser step the backward pass applies itself, for weights whose gradient is one
+/// skinny product (small batches): each gradient row goes from a scratch row straight into
+/// the update, instead of being stored whole and read back by a separate optimiser pass.
+#[derive(Clone, Copy)]
+struct Fuse {
+    optim: OptimConfig,
+    /// The step number the update uses (Adam's bias correction).
+    t: usize,
 }
 
 /// Positions of the model's parameters in [`ModularFast::params`].
@@ -153,6 +169,8 @@ struct Work {
     g_r: Vec<f32>,
     g_a0: Vec<f32>,
     boosted: Vec<f32>,
+    /// One row of a fused weight gradient.
+    row: Vec<f32>,
 }
 
 fn resize(v: &mut Vec<f32>, len: usize) {
@@ -207,6 +225,7 @@ impl ModularFast {
                     m: vec![0.0; len],
                     v: if adam { vec![0.0; len] } else { Vec::new() },
                     w,
+                    updated: false,
                 }
             })
             .collect();
@@ -282,13 +301,38 @@ impl ModularFast {
     /// Forward and backward on `batch` with layer k `k`, training mode (duty cycles move);
     /// gradients land in the parameters' buffers. Returns the loss.
     pub fn gradients(&mut self, batch: &[f32], k: usize) -> anyhow::Result<f64> {
+        self.pass(batch, k, None)
+    }
+
+    /// Forward and backward; with `fuse`, the weights it names are updated in the backward
+    /// pass and marked `updated`, their gradients not stored.
+    fn pass(&mut self, batch: &[f32], k: usize, fuse: Option<Fuse>) -> anyhow::Result<f64> {
         let rows = self.rows_of(batch)?;
         let mut ws = std::mem::take(&mut self.ws);
         let mut state = std::mem::take(&mut self.state);
         let loss = forward(self, Some(&mut state), &mut ws, batch, rows, k);
         self.state = state;
-        backward(self, &mut ws, batch);
+        if loss.is_finite() {
+            backward(self, &mut ws, batch, fuse);
+        }
         self.ws = ws;
+        Ok(loss)
+    }
+
+    /// One training step: gradients and the optimiser's update, fused for small batches.
+    fn train_step(&mut self, batch: &[f32], k: usize, fused: bool) -> anyhow::Result<f64> {
+        let rows = self.rows_of(batch)?;
+        let fuse =
+            (fused && rows <= FUSE_MAX_ROWS).then(|| Fuse { optim: self.optim, t: self.t + 1 });
+        let loss = self.pass(batch, k, fuse)?;
+        if !loss.is_finite() {
+            return Ok(loss);
+        }
+        self.t += 1;
+        let (cfg, t) = (self.optim, self.t);
+        for p in self.params.iter_mut().filter(|p| !p.updated) {
+            update(&cfg, t, p);
+        }
         Ok(loss)
     }
 
@@ -370,20 +414,17 @@ impl Trainer for ModularFast {
     fn step(&mut self, batch: &[f32], step: usize) -> anyhow::Result<f64> {
         // The whole step runs on a rayon worker: each GEMM's parallel half then starts on a
         // thread that is already awake, instead of this thread handing every product to the
-        // pool and sleeping until it is done (a dozen wake-ups per step).
-        if rayon::current_thread_index().is_none() {
+        // pool and sleeping until it is done (a dozen wake-ups per step). Small batches run
+        // serially (their products are below gemm's parallel size), so they skip the hop.
+        let small = batch.len() <= FUSE_MAX_ROWS * self.dims.dim;
+        if !small && rayon::current_thread_index().is_none() {
             return rayon::join(|| self.step(batch, step), || ()).0;
         }
         let k = self.cfg.layer_k_at(step);
         self.current_k = k;
-        let loss = self.gradients(batch, k)?;
+        let loss = self.train_step(batch, k, true)?;
         if !loss.is_finite() {
             return Err(crate::sae::trainer::Diverged { step, value: loss }.into());
-        }
-        self.t += 1;
-        let (cfg, t) = (self.optim, self.t);
-        for p in &mut self.params {
-            update(&cfg, t, p);
         }
         Ok(loss)
     }

@@ -234,3 +234,51 @@ fn eligibility() {
     assert!(!eligible(&TrialConfig { resample_dead_every: 10, ..Default::default() }));
     assert!(eligible(&TrialConfig { distort_prob: 0.4, ..Default::default() }));
 }
+
+#[test]
+fn fused_updates_equal_the_separate_optimiser_pass() {
+    // Small batches update single-product weights inside the backward pass; the weights after
+    // a few steps are bit for bit those of gradients-then-update.
+    let routing = TrialConfig {
+        stripe_sparsity_mode: StripeSparsityMode::Routing,
+        layer_sparsity_mode: LayerSparsityMode::Ordinary,
+        normalize_decoder: false,
+        weight_decay: 0.01,
+        momentum: 0.9,
+        batch_size: 12,
+        ..base(37)
+    };
+    let variants = [
+        routing.clone(),
+        TrialConfig { intermediate_dim: 21, output_relu: true, ..routing.clone() },
+        TrialConfig {
+            routing_l1_regularization: 0.01,
+            optimizer: Optimizer::Adam,
+            ..routing.clone()
+        },
+        TrialConfig { tied_weights: true, intermediate_dim: 21, ..routing.clone() },
+        TrialConfig { normalize_decoder: true, optimizer: Optimizer::Adamw, ..routing.clone() },
+        TrialConfig {
+            batch_size: 5,
+            stripe_sparsity_mode: StripeSparsityMode::None,
+            ..routing.clone()
+        },
+    ];
+    let dim = 37;
+    for cfg in variants {
+        let mut fused = ModularFast::new(&cfg, dim).unwrap();
+        let mut plain = ModularFast::new(&cfg, dim).unwrap();
+        for step in 0..3 {
+            let x = batch(cfg.batch_size, dim, step);
+            let a = fused.train_step(&x, cfg.layer_k, true).unwrap();
+            let b = plain.train_step(&x, cfg.layer_k, false).unwrap();
+            assert_eq!(a.to_bits(), b.to_bits(), "loss at step {step} for {cfg:?}");
+        }
+        let fused_any = fused.params.iter().any(|p| p.updated && p.shape.len() == 2);
+        assert!(fused_any, "no weight took the fused update for {cfg:?}");
+        for ((name, _, a), (_, _, b)) in fused.weights().zip(plain.weights()) {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{name} differs for {cfg:?}");
+        }
+    }
+}
