@@ -76,4 +76,11 @@ pub trait TrialRunner: Send + Sync {
         options: &RunOptions,
         progress: &mut dyn FnMut(&Progress) -> Control,
     ) -> anyhow::Result<TrialOutcome>;
+
+    /// Whether this trial finishes at once without blocking (microseconds of CPU, no I/O): the
+    /// worker then runs it on its own task, instead of handing it to a blocking thread and
+    /// back (two thread switches, more than such a trial costs).
+    fn instant(&self, _config: &TrialConfig, _options: &RunOptions) -> bool {
+        false
+    }
 }

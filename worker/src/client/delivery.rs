@@ -180,8 +180,10 @@ impl Courier {
                 // committed either way).
                 let limit = self.opts.poll_wait + self.opts.rpc_timeout;
                 let mut shutdown = self.shutdown.clone();
-                let call = timed(limit, client.complete(request));
-                tokio::pin!(call);
+                // Boxed (here and below): a tonic call's future is several KB, and inline it
+                // would make this task's future as large, copied whole when the task is
+                // spawned and when it completes.
+                let mut call = Box::pin(timed(limit, client.complete(request)));
                 tokio::select! {
                     reply = &mut call => reply,
                     () = shutdown.wait() => {
@@ -192,7 +194,7 @@ impl Courier {
                     }
                 }
             } else {
-                timed(self.opts.rpc_timeout, client.complete(request)).await
+                Box::pin(timed(self.opts.rpc_timeout, client.complete(request))).await
             };
             match reply {
                 Ok(reply) if reply.accepted => {
@@ -268,7 +270,7 @@ impl Courier {
     pub(super) async fn fetch(self, worker_id: String) -> anyhow::Result<Delivered> {
         let request = LeaseRequest { worker_id, wait_ms: 0 };
         let mut client = self.client.clone();
-        let after = match timed(self.opts.rpc_timeout, client.lease(request)).await {
+        let after = match Box::pin(timed(self.opts.rpc_timeout, client.lease(request))).await {
             Ok(reply) => After::new(reply.lease, reply.shutdown),
             Err(status) => {
                 tracing::debug!(code = ?status.code(), message = status.message(), "no spare lease");

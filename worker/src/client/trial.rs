@@ -1,5 +1,6 @@
 //! One trial: the runner works on a blocking thread while this task forwards its progress
-//! (which renews the lease), sends heartbeats, and watches the time limit and shutdown.
+//! (which renews the lease), sends heartbeats, and watches the time limit and shutdown. An
+//! instant trial ([`TrialRunner::instant`]) runs on this task instead.
 
 use super::delivery::Evaluations;
 use super::edge::{LeaseRef, LeasedTrial, TrialResult, Verdict};
@@ -12,7 +13,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tokio::task::JoinError;
 
 /// How a lease ended on this worker.
 pub(super) enum Finished {
@@ -70,7 +70,8 @@ impl Worker {
         };
 
         let callback_stop = stop.clone();
-        let mut handle = tokio::task::spawn_blocking(move || {
+        let instant = runner.instant(&config, &options);
+        let work = move || {
             let mut callback = |progress: &Progress| -> Control {
                 if progress.kind == ProgressKind::Evaluation {
                     callback_evaluations.push(progress);
@@ -85,7 +86,17 @@ impl Worker {
                 }
             };
             runner.run(&config, &options, &mut callback)
-        });
+        };
+        let mut handle: Running = if instant {
+            // Caught like a blocking thread's panic: a runner's bug fails its trial, not the
+            // worker.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+                .map_err(|panic| panic_text(panic.as_ref()));
+            Box::pin(std::future::ready(ran))
+        } else {
+            let thread = tokio::task::spawn_blocking(work);
+            Box::pin(async move { thread.await.map_err(|e| e.to_string()) })
+        };
 
         // Heartbeat at ttl/3 so a lease survives two lost reports; 10 s if the coordinator
         // gave no ttl.
@@ -165,13 +176,27 @@ impl Worker {
     }
 }
 
+/// A runner at work: its outcome, or why it panicked.
+type Running = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<anyhow::Result<TrialOutcome>, String>> + Send>,
+>;
+
+/// A panic's message, when it carried one.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned());
+    message.unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// The result of a runner that returned (or panicked). A local timeout that cut the run short
 /// is a failure (with the metrics reached); a prune that cut it short is a pruned result; any
 /// other stop (coordinator early stopping, lost lease) is reported with the metrics so far, and
 /// the coordinator decides what it counts as. A run that ended before the stop took effect is
 /// completed, whatever the stop was.
 fn result_of(
-    joined: Result<anyhow::Result<TrialOutcome>, JoinError>,
+    joined: Result<anyhow::Result<TrialOutcome>, String>,
     cause: Option<&StopCause>,
     duration: Duration,
 ) -> TrialResult {
@@ -181,12 +206,8 @@ fn result_of(
             let permanent = crate::train::is_permanent(&error);
             return TrialResult::failed(format!("{error:#}"), permanent, duration);
         }
-        Err(join_error) => {
-            return TrialResult::failed(
-                format!("trial runner panicked: {join_error}"),
-                false,
-                duration,
-            );
+        Err(panic) => {
+            return TrialResult::failed(format!("trial runner panicked: {panic}"), false, duration);
         }
     };
     let verdict = match cause {
@@ -305,10 +326,9 @@ mod tests {
         assert!(matches!(r.verdict, Verdict::Failed { permanent: true, .. }), "{r:?}");
     }
 
-    #[tokio::test]
-    async fn a_runner_panic_fails_the_trial() {
-        let join_error = tokio::spawn(async { panic!("boom") }).await.unwrap_err();
-        let r = result_of(Err(join_error), None, D);
+    #[test]
+    fn a_runner_panic_fails_the_trial() {
+        let r = result_of(Err("boom".into()), None, D);
         assert!(
             matches!(&r.verdict, Verdict::Failed { error, permanent: false }
                 if error.starts_with("trial runner panicked")),

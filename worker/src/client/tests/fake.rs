@@ -343,6 +343,24 @@ impl TrialRunner for Panics {
     }
 }
 
+/// Panics too, as a runner whose trials are instant (run on the worker's own task).
+pub(super) struct PanicsAtOnce;
+
+impl TrialRunner for PanicsAtOnce {
+    fn run(
+        &self,
+        _: &TrialConfig,
+        _: &RunOptions,
+        _: &mut dyn FnMut(&Progress) -> Control,
+    ) -> anyhow::Result<TrialOutcome> {
+        panic!("boom at once")
+    }
+
+    fn instant(&self, _: &TrialConfig, _: &RunOptions) -> bool {
+        true
+    }
+}
+
 /// Ten evaluations in a burst, then a slow final evaluation (no progress call for 300 ms),
 /// then the final report; like training, a stop answered to the final report does not
 /// make the finished result partial. Every evaluation, and the result, carries per-class

@@ -7,7 +7,11 @@ mod prefetch;
 use super::stop::ShutdownSignal;
 use super::worker::Worker;
 use super::{ClientOptions, run_worker};
-use fake::{EvalsThenSlowEnd, Fake, LIMIT, Panics, UntilStopped, lease, options, serve, wait_for};
+use crate::runner::TrialRunner;
+use fake::{
+    EvalsThenSlowEnd, Fake, LIMIT, Panics, PanicsAtOnce, UntilStopped, lease, options, serve,
+    wait_for,
+};
 use msae_shared::TrialConfig;
 use msae_shared::proto::ProgressRequest;
 use std::sync::Arc;
@@ -109,6 +113,14 @@ async fn runs_leases_reports_progress_and_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_leases_are_reported_as_failures() {
+    // A runner's panic fails its trial, on a blocking thread and when run at once alike.
+    let runners: [Arc<dyn TrialRunner>; 2] = [Arc::new(Panics), Arc::new(PanicsAtOnce)];
+    for runner in runners {
+        bad_leases_with(runner).await;
+    }
+}
+
+async fn bad_leases_with(runner: Arc<dyn TrialRunner>) {
     let fake = Fake::default();
     {
         let mut s = fake.state();
@@ -124,7 +136,7 @@ async fn bad_leases_are_reported_as_failures() {
     let server = serve(fake.clone(), "127.0.0.1:0".parse().unwrap()).await;
     let summary = tokio::time::timeout(
         LIMIT,
-        run_worker(options(server.addr), Arc::new(Panics), std::future::pending()),
+        run_worker(options(server.addr), runner, std::future::pending()),
     )
     .await
     .unwrap()
