@@ -158,9 +158,8 @@ pub struct ReportArgs {
     /// Ask this running coordinator instead of opening the database.
     #[arg(long, value_name = "URL")]
     pub coordinator: Option<String>,
-    /// Token of the running coordinator.
-    #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub token: msae_shared::auth::ClientTokenArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
     /// Only the Pareto frontier of two metrics, each in its natural direction (e.g. `fvu,l0`:
@@ -493,7 +492,13 @@ async fn ask_coordinator(url: &str, args: &ReportArgs) -> anyhow::Result<String>
         metrics: args.metrics.clone(),
         config: args.config,
     };
-    crate::service::report::fetch_text(url, &query, args.token.as_deref(), &args.tls.client()).await
+    crate::service::report::fetch_text(
+        url,
+        &query,
+        args.token.resolve()?.as_deref(),
+        &args.tls.client(),
+    )
+    .await
 }
 
 /// The whole `msae-coordinator` program (the binary and the end-to-end tests call this).
@@ -651,7 +656,7 @@ mod tests {
             goal: None,
             format: ReportFormat::Table,
             coordinator: None,
-            token: None,
+            token: Default::default(),
             tls: Default::default(),
             pareto: None,
             l0_band: None,

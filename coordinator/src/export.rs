@@ -30,9 +30,8 @@ pub struct ExportArgs {
     /// Database file; the trial files are in the directory beside it (`NAME.weights`).
     #[arg(long, env = "MSAE_DB", default_value = "msae.redb")]
     pub db: PathBuf,
-    /// Token of the running coordinator, when it holds the database.
-    #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub token: msae_shared::auth::ClientTokenArgs,
     #[command(flatten)]
     pub tls: crate::cli::TlsArgs,
 }
@@ -62,7 +61,7 @@ async fn records(args: &ExportArgs) -> anyhow::Result<(SweepRecord, Vec<TrialRec
             let json = crate::service::report::fetch_records(
                 &url,
                 args.sweep.as_deref(),
-                args.token.as_deref(),
+                args.token.resolve()?.as_deref(),
                 &args.tls.client(),
             )
             .await?;

@@ -14,9 +14,8 @@ pub struct ListArgs {
     /// Database file.
     #[arg(long, env = "MSAE_DB", default_value = "msae.redb")]
     pub db: PathBuf,
-    /// Token of the running coordinator, when it holds the database.
-    #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub token: msae_shared::auth::ClientTokenArgs,
     #[command(flatten)]
     pub tls: crate::cli::TlsArgs,
 }
@@ -44,9 +43,8 @@ pub struct StatusArgs {
     /// Database file of the running coordinator.
     #[arg(long, env = "MSAE_DB", default_value = "msae.redb")]
     pub db: PathBuf,
-    /// Token of the running coordinator.
-    #[arg(long, env = "MSAE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub token: msae_shared::auth::ClientTokenArgs,
     #[command(flatten)]
     pub tls: crate::cli::TlsArgs,
 }
@@ -90,7 +88,7 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
         })?;
     let mut client = proto::coordinator_client::CoordinatorClient::new(channel);
     let mut request = tonic::Request::new(proto::StatusRequest {});
-    if let Some(token) = &args.token {
+    if let Some(token) = &args.token.resolve()? {
         request
             .metadata_mut()
             .insert(msae_shared::auth::AUTHORIZATION, msae_shared::auth::bearer(token)?);
@@ -176,7 +174,7 @@ fn sweeps_and_trials(
                 .block_on(crate::service::report::fetch_records(
                     &url,
                     None,
-                    args.token.as_deref(),
+                    args.token.resolve()?.as_deref(),
                     &args.tls.client(),
                 ))
                 .with_context(|| {
@@ -356,7 +354,8 @@ mod tests {
     #[test]
     fn list_counts_each_sweep_s_trials() {
         let (_dir, path) = db();
-        let out = list(&ListArgs { db: path, token: None, tls: Default::default() }).unwrap();
+        let out = list(&ListArgs { db: path, token: Default::default(), tls: Default::default() })
+            .unwrap();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 3, "{out}");
         assert!(lines[1].starts_with("alpha  grid    2025-12-01 00:00"), "{out}");

@@ -69,6 +69,27 @@ pub fn resolve(
     }
 }
 
+/// The token flags of the client commands that talk to a running coordinator (`report`,
+/// `status`, `list`, `export`).
+#[cfg(feature = "clap")]
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientTokenArgs {
+    /// Token of the running coordinator.
+    #[arg(long, env = "MSAE_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// Read the token from FILE (keeps it out of process listings and the environment).
+    #[arg(long, value_name = "FILE", env = "MSAE_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+#[cfg(feature = "clap")]
+impl ClientTokenArgs {
+    /// The token to send, if any ([`resolve`]).
+    pub fn resolve(&self) -> Result<Option<String>, TokenFileError> {
+        resolve(self.token.as_deref(), self.token_file.as_deref())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -485,6 +485,28 @@ fn token_artifacts_and_max_trials() {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()
     });
     let url = format!("http://127.0.0.1:{port}");
+    // The client commands take the token from a file too, and are refused without it.
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret\n").unwrap();
+    let client = |args: &[&str], token_file: Option<&std::path::Path>| {
+        let mut cmd = std::process::Command::new(bin("e2e-coordinator"));
+        cmd.args(args).env_remove("MSAE_TOKEN").env_remove("MSAE_TOKEN_FILE");
+        if let Some(file) = token_file {
+            cmd.arg("--token-file").arg(file);
+        }
+        cmd.output().unwrap()
+    };
+    for args in [vec!["status", "--coordinator", &url], vec!["report", "--coordinator", &url]] {
+        let refused = client(&args, None);
+        assert!(!refused.status.success(), "{args:?} without a token");
+        let answered = client(&args, Some(&token_file));
+        let stdout = String::from_utf8_lossy(&answered.stdout);
+        assert!(
+            answered.status.success() && stdout.contains("tok"),
+            "{args:?} --token-file: {stdout} {}",
+            String::from_utf8_lossy(&answered.stderr)
+        );
+    }
     // Without the token: refused, and the worker says why instead of retrying forever.
     let out = std::process::Command::new(bin("e2e-worker"))
         .args(["--coordinator", &url])

@@ -110,7 +110,7 @@ fn run_in(dir: &Path, args: &ReportBenchArgs) -> anyhow::Result<Vec<ReportBenchR
         goal: None,
         format: ReportFormat::Table,
         coordinator,
-        token: None,
+        token: Default::default(),
         tls: Default::default(),
         pareto: None,
         l0_band: None,

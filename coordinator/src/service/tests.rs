@@ -843,7 +843,7 @@ async fn the_report_rpc_gives_the_local_report_for_every_column_option() {
         goal: None,
         format,
         coordinator: Some(url.clone()),
-        token: None,
+        token: Default::default(),
         tls: Default::default(),
         pareto: None,
         l0_band: None,

@@ -8,7 +8,8 @@
 //! - [`modular`]: every other CPU configuration by hand (intermediate layer, stripes, routing,
 //!   penalties, JumpReLU, tied weights, SGD).
 //! - Shared arithmetic, defined once: [`optim`] (the Adam/AdamW/SGD rules), [`linalg`] (the
-//!   GEMM wrapper, transpose), [`kernels`] (SIMD vector kernels), [`model::initial_weights`]
+//!   GEMM wrapper, transpose) and [`skinny`] (its direct loops for small-batch products, and
+//!   products consumed row by row), [`kernels`] (SIMD vector kernels), [`model::initial_weights`]
 //!   (the initialisation), [`topk`] (the top-k order).
 //! - [`trainer`]: the `Trainer` trait all three implement.
 
