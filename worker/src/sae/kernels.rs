@@ -1,7 +1,6 @@
 //! Small vector kernels, compiled for AVX2+FMA and chosen at run time (the crate is built for
 //! baseline x86-64, where LLVM would only use 4-wide SSE). They are memory-bound, so AVX-512
-//! would add little (and its target feature needs a newer rustc than the workspace's MSRV);
-//! the GEMM, where it matters, uses AVX-512 through `gemm`'s own dispatch.
+//! would add little; the GEMM, where it matters, uses AVX-512 through `gemm`'s own dispatch.
 //!
 //! [`simd_dispatch!`] turns a plain `#[inline(always)]` body into a function that runs the
 //! AVX2+FMA build of that body when the CPU has it; the optimisers' update rules use it too.
