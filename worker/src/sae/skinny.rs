@@ -151,6 +151,18 @@ pub(crate) fn product_rows(
     }
 }
 
+/// `d (+)= sum_t coef[t] rows[t]` for any number of rows (in blocks of 8), every row as long
+/// as `d`: a row of a product whose other factor is sparse.
+pub(crate) fn combine_rows(d: &mut [f32], rows: &[&[f32]], coef: &[f32], add: bool) {
+    let avx2 = has_avx2();
+    if rows.is_empty() && !add {
+        d.fill(0.0);
+    }
+    for (i, (r, c)) in rows.chunks(8).zip(coef.chunks(8)).enumerate() {
+        combine(avx2, d, r, c, add || i > 0);
+    }
+}
+
 /// `d (+)= sum_t coef[t] rows[t]`, every row as long as `d`.
 #[inline]
 fn combine(avx2: bool, d: &mut [f32], rows: &[&[f32]], coef: &[f32], add: bool) {

@@ -4,9 +4,10 @@ use msae_shared::config::{LayerSparsityMode, StripeSparsityMode};
 
 use super::penalty::penalties;
 use super::{Dims, Fuse, ModularFast, Param, Work, output_t, output_weight, resize, sign, step01};
+use crate::sae::kernels::{axpy, dot};
 use crate::sae::linalg::{Mat, matmul, matmul_add};
 use crate::sae::optim::host_update;
-use crate::sae::skinny::product_rows;
+use crate::sae::skinny::{combine_rows, product_rows};
 
 /// Sums the rows of `g` (rows, cols) into `out` (cols), adding `sign * sum`.
 pub(super) fn add_col_sums(g: &[f32], cols: usize, sign: f32, out: &mut [f32]) {
@@ -51,6 +52,59 @@ fn weight_grad(
                 p.g.iter_mut().zip(&p.w).for_each(|(g, &w)| *g += l1 * sign(w));
             }
         }
+    }
+}
+
+/// The decoder's gradients over the active codes only (`ws.sparse`): `g_u` (N, out) =
+/// `c^T g_y` and `g_c` = `g_y U^T` at the active codes, zero elsewhere (where every mask
+/// zeroes it anyway). `ws.g` holds `g_y`, `ws.u` the atoms as rows.
+fn sparse_decoder_grads(ws: &mut Work, rows: usize, n: usize, out: usize) {
+    let Work { active, active_at, codes, u, g, g_u, g_c, .. } = ws;
+    g_u.fill(0.0);
+    g_c.fill(0.0);
+    for b in 0..rows {
+        let g_y = &g[b * out..(b + 1) * out];
+        for &j in &active[active_at[b]..active_at[b + 1]] {
+            let j = j as usize;
+            let c = codes[b * n + j];
+            if c != 0.0 {
+                axpy(c, g_y, &mut g_u[j * out..(j + 1) * out]);
+            }
+            g_c[b * n + j] = dot(g_y, &u[j * out..(j + 1) * out]);
+        }
+    }
+}
+
+/// The encoder's gradients over the active codes only (`ws.sparse`; `ws.g_c` holds dL/dpre,
+/// zero at every other code): `g_a0 = g_pre W_e`, and the weight's gradient `g_pre^T a0`
+/// (added to what the tied decoder put there).
+fn sparse_encoder_grads(
+    ws: &mut Work,
+    enc: &mut Param,
+    rows: usize,
+    n: usize,
+    inp: usize,
+    tied: bool,
+) {
+    let Work { active, active_at, a0, g_c, g_a0, .. } = ws;
+    if !tied {
+        enc.g.fill(0.0);
+    }
+    let (mut refs, mut coef) = (Vec::new(), Vec::new());
+    for b in 0..rows {
+        refs.clear();
+        coef.clear();
+        let x = &a0[b * inp..(b + 1) * inp];
+        for &j in &active[active_at[b]..active_at[b + 1]] {
+            let j = j as usize;
+            let gp = g_c[b * n + j];
+            refs.push(&enc.w[j * inp..(j + 1) * inp]);
+            coef.push(gp);
+            if gp != 0.0 {
+                axpy(gp, x, &mut enc.g[j * inp..(j + 1) * inp]);
+            }
+        }
+        combine_rows(&mut g_a0[b * inp..(b + 1) * inp], &refs, &coef, false);
     }
 }
 
@@ -109,7 +163,7 @@ pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32], fuse: Opti
     let g_y = &ws.g;
     // Atoms and codes.
     resize(&mut ws.g_c, rows * n);
-    match super::forward::stored_atoms(m) {
+    match super::forward::stored_atoms(m).filter(|_| !ws.sparse) {
         Some(dw) => {
             // U = W_d^T as stored: dL/dc = g_y W_d, dL/dW_d = g_y^T c.
             matmul(rows, n, out, &mut ws.g_c, Mat::rows(g_y, out), Mat::rows(m.w(dw), n));
@@ -119,8 +173,12 @@ pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32], fuse: Opti
         }
         None => {
             resize(&mut ws.g_u, n * out);
-            matmul(n, out, rows, &mut ws.g_u, Mat::t(&ws.codes, n), Mat::rows(g_y, out));
-            matmul(rows, n, out, &mut ws.g_c, Mat::rows(g_y, out), Mat::t(&ws.u, out));
+            if ws.sparse {
+                sparse_decoder_grads(ws, rows, n, out);
+            } else {
+                matmul(n, out, rows, &mut ws.g_u, Mat::t(&ws.codes, n), Mat::rows(g_y, out));
+                matmul(rows, n, out, &mut ws.g_c, Mat::rows(g_y, out), Mat::t(&ws.u, out));
+            }
             if cfg.normalize_decoder {
                 let atoms = ws.g_u.chunks_mut(out).zip(ws.u.chunks(out)).zip(&ws.inv_norm);
                 for ((gu, uj), &inv) in atoms {
@@ -189,18 +247,25 @@ pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32], fuse: Opti
             }
         }
     }
-    let g_pre = &ws.g_c;
-    // Encoder (and the router, which reads the same input): dL/da0 first, while the weights
-    // are this step's.
-    add_col_sums(g_pre, n, 1.0, &mut m.params[r.enc_b].g);
+    // dL/dpre is in g_c. Encoder (and the router, which reads the same input): dL/da0 first,
+    // while the weights are this step's.
+    add_col_sums(&ws.g_c, n, 1.0, &mut m.params[r.enc_b].g);
     resize(&mut ws.g_a0, rows * inp);
-    matmul(rows, inp, n, &mut ws.g_a0, Mat::rows(g_pre, n), Mat::rows(&m.params[r.enc_w].w, inp));
+    if ws.sparse {
+        sparse_encoder_grads(ws, &mut m.params[r.enc_w], rows, n, inp, tied);
+    } else {
+        let w_e = Mat::rows(&m.params[r.enc_w].w, inp);
+        matmul(rows, inp, n, &mut ws.g_a0, Mat::rows(&ws.g_c, n), w_e);
+    }
     if let Some(rw) = r.router_w {
         let w_r = Mat::rows(&m.params[rw].w, inp);
         matmul_add(rows, inp, s, &mut ws.g_a0, Mat::rows(&ws.g_r, s), w_r);
     }
-    let p = &mut m.params[r.enc_w];
-    weight_grad(p, (n, inp, rows), Mat::t(g_pre, n), &ws.a0, 0.0, fuse, tied, &mut ws.row);
+    if !ws.sparse {
+        let p = &mut m.params[r.enc_w];
+        let g_pre = Mat::t(&ws.g_c, n);
+        weight_grad(p, (n, inp, rows), g_pre, &ws.a0, 0.0, fuse, tied, &mut ws.row);
+    }
     if let (Some(rw), Some(rb)) = (r.router_w, r.router_b) {
         add_col_sums(&ws.g_r, s, 1.0, &mut m.params[rb].g);
         let l1 = cfg.routing_l1_regularization as f32;

@@ -5,6 +5,7 @@ use msae_shared::config::{LayerSparsityMode, RoutingGate, StripeSparsityMode};
 use super::penalty::penalties;
 use super::{Dims, ModularFast, NORM_EPS, TrainState, Work, output_t, relu, resize};
 use crate::sae::linalg::{Mat, matmul};
+use crate::sae::skinny::combine_rows;
 use crate::sae::topk;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -68,6 +69,48 @@ pub(super) fn flip(mask: &mut [f32], p: f64, rng: &mut StdRng) {
         if rng.random::<f64>() < p {
             *b = if *b != 0.0 { 0.0 } else { 1.0 };
         }
+    }
+}
+
+/// Lists, per row, the codes every mask lets through (`m1 * ms * m3 != 0`, the stripe mask
+/// rather than the routing gate: a stripe routed with a zero score still passes gradient to
+/// its score). Every other code is zero, and so is its gradient. Sets `ws.sparse` when the
+/// decoder and encoder products should take only these: `allowed`, and a quarter of the codes
+/// or fewer.
+pub(super) fn mark_active(ws: &mut Work, rows: usize, n: usize, d: usize, allowed: bool) {
+    ws.active.clear();
+    ws.active_at.clear();
+    ws.active_at.push(0);
+    for b in 0..rows {
+        let stripes = ws.ms[b * (n / d)..].iter().zip(&ws.m3[b * (n / d)..]);
+        for (st, (&ms, &m3)) in stripes.take(n / d).enumerate() {
+            if ms == 0.0 || m3 == 0.0 {
+                continue;
+            }
+            for j in st * d..(st + 1) * d {
+                if ws.m1[b * n + j] != 0.0 {
+                    ws.active.push(j as u32);
+                }
+            }
+        }
+        ws.active_at.push(ws.active.len());
+    }
+    ws.sparse = allowed && ws.active.len() * 4 <= rows * n;
+}
+
+/// `y[b, :] = sum_j c[b, j] U[j, :]` over row `b`'s active codes, `U` (N, out) row-major.
+fn sparse_decode(ws: &mut Work, rows: usize, n: usize, out: usize) {
+    let Work { active, active_at, codes, u, yd, .. } = ws;
+    let (mut refs, mut coef) = (Vec::new(), Vec::new());
+    for b in 0..rows {
+        refs.clear();
+        coef.clear();
+        for &j in &active[active_at[b]..active_at[b + 1]] {
+            let j = j as usize;
+            refs.push(&u[j * out..(j + 1) * out]);
+            coef.push(codes[b * n + j]);
+        }
+        combine_rows(&mut yd[b * out..(b + 1) * out], &refs, &coef, false);
     }
 }
 
@@ -251,17 +294,25 @@ pub(super) fn forward(
         ws.m3.fill(1.0);
     }
 
+    mark_active(ws, rows, n, d, m.sparse_allowed(rows));
+
     // Decoder.
     let out = inp;
-    let u = match stored_atoms(m) {
-        Some(dw) => Mat::t(m.w(dw), n),
-        None => {
-            atoms(m, &mut ws.u, &mut ws.inv_norm);
-            Mat::rows(&ws.u, out)
-        }
-    };
     resize(&mut ws.yd, rows * out);
-    matmul(rows, out, n, &mut ws.yd, Mat::rows(&ws.codes, n), u);
+    if ws.sparse {
+        // The atoms as rows, each active code's one read whole.
+        atoms(m, &mut ws.u, &mut ws.inv_norm);
+        sparse_decode(ws, rows, n, out);
+    } else {
+        let u = match stored_atoms(m) {
+            Some(dw) => Mat::t(m.w(dw), n),
+            None => {
+                atoms(m, &mut ws.u, &mut ws.inv_norm);
+                Mat::rows(&ws.u, out)
+            }
+        };
+        matmul(rows, out, n, &mut ws.yd, Mat::rows(&ws.codes, n), u);
+    }
     resize(&mut ws.outp, rows * dim);
     if inter == 0 {
         ws.outp.copy_from_slice(&ws.yd);

@@ -171,6 +171,12 @@ struct Work {
     boosted: Vec<f32>,
     /// One row of a fused weight gradient.
     row: Vec<f32>,
+    /// The codes the masks let through, row by row: row `b`'s are
+    /// `active[active_at[b]..active_at[b + 1]]` (see [`forward::mark_active`]).
+    active: Vec<u32>,
+    active_at: Vec<usize>,
+    /// The decoder and encoder products of this pass take only the active codes.
+    sparse: bool,
 }
 
 fn resize(v: &mut Vec<f32>, len: usize) {
@@ -193,6 +199,8 @@ pub struct ModularFast {
     /// Layer k of the last training step (evaluation keeps it, as the candle model does).
     current_k: usize,
     ws: Work,
+    /// Never take the sparse products (tests compare both ways).
+    dense_only: bool,
 }
 
 impl ModularFast {
@@ -259,6 +267,7 @@ impl ModularFast {
             },
             current_k: cfg.layer_k_at(0),
             ws: Work::default(),
+            dense_only: false,
         })
     }
 
@@ -334,6 +343,12 @@ impl ModularFast {
             update(&cfg, t, p);
         }
         Ok(loss)
+    }
+
+    /// Whether a pass over `rows` rows may take the sparse decoder and encoder products: not on
+    /// the fused small batches (their products are already direct loops).
+    fn sparse_allowed(&self, rows: usize) -> bool {
+        !self.dense_only && rows > FUSE_MAX_ROWS
     }
 
     fn rows_of(&self, batch: &[f32]) -> anyhow::Result<usize> {

@@ -282,3 +282,62 @@ fn fused_updates_equal_the_separate_optimiser_pass() {
         }
     }
 }
+
+#[test]
+fn sparse_products_give_the_dense_gradients() {
+    // Batches above the fused size take the decoder and encoder products over the active
+    // codes only, when a quarter of the codes or fewer pass the masks: same loss, codes and
+    // gradients as the dense products.
+    let dim = 9;
+    let routing = TrialConfig {
+        num_stripes: 8,
+        stripe_dim: 3,
+        layer_k: 6,
+        stripe_k: 2,
+        batch_size: 24,
+        stripe_sparsity_mode: StripeSparsityMode::Routing,
+        layer_sparsity_mode: LayerSparsityMode::Ordinary,
+        lifetime_rate: 0.2,
+        ..base(dim)
+    };
+    let variants = [
+        routing.clone(),
+        TrialConfig { normalize_decoder: false, ..routing.clone() },
+        TrialConfig { intermediate_dim: 7, output_relu: true, ..routing.clone() },
+        TrialConfig { tied_weights: true, ..routing.clone() },
+        TrialConfig { tied_weights: true, intermediate_dim: 7, ..routing.clone() },
+        TrialConfig { routing_gate: RoutingGate::StraightThrough, ..routing.clone() },
+        TrialConfig { l1_weight: 0.3, kl_weight: 0.2, hoyer_weight: 0.4, ..routing.clone() },
+        TrialConfig { active_stripes_per_batch: 0.5, ..routing.clone() },
+        TrialConfig {
+            activation: Activation::JumpRelu,
+            jumprelu_threshold: 0.2,
+            jumprelu_bandwidth: 0.5,
+            ..routing.clone()
+        },
+        TrialConfig { stripe_sparsity_mode: StripeSparsityMode::Ordinary, ..routing.clone() },
+        TrialConfig { layer_sparsity_mode: LayerSparsityMode::Lifetime, ..routing.clone() },
+        TrialConfig {
+            layer_sparsity_mode: LayerSparsityMode::Boosted,
+            stripe_sparsity_mode: StripeSparsityMode::None,
+            layer_k: 3,
+            ..routing.clone()
+        },
+    ];
+    for cfg in variants {
+        let (mut sparse, _) = pair(&cfg, dim, 5);
+        let (mut dense, _) = pair(&cfg, dim, 5);
+        dense.dense_only = true;
+        let x = batch(cfg.batch_size, dim, 13);
+        let a = sparse.gradients(&x, cfg.layer_k).unwrap();
+        let b = dense.gradients(&x, cfg.layer_k).unwrap();
+        assert!(sparse.ws.sparse && !dense.ws.sparse, "sparse path not taken for {cfg:?}");
+        assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "loss {a} vs {b} for {cfg:?}");
+        close("codes", &sparse.ws.codes, &dense.ws.codes);
+        close("reconstruction", &sparse.ws.xhat, &dense.ws.xhat);
+        for (name, _, _) in dense.weights() {
+            let what = format!("{name} for {cfg:?}");
+            close(&what, sparse.gradient(name).unwrap(), dense.gradient(name).unwrap());
+        }
+    }
+}
