@@ -10,6 +10,9 @@
 //! - [`combos`]: `b`'s rows are contiguous, so each row of `dst` is a combination of `b`'s
 //!   rows; eight rows of `b` at a time, applied to every row of `dst` while they are in cache.
 //!
+//! The same kernel serves two row-wise helpers: [`product_rows`] (a large product consumed row
+//! by row, as the fused weight updates do) and [`combine_rows`] (a row times a sparse factor).
+//!
 //! The AVX2+FMA versions are written with intrinsics (LLVM's vectoriser kept the accumulators
 //! of the blocked dot products on the stack); other CPUs run the plain loops.
 

@@ -28,6 +28,12 @@
 //! gradients are taken as 1 above 0 and 0 elsewhere (PyTorch's convention; candle also passes
 //! gradient at exactly 0, a difference on a set of measure zero).
 //!
+//! Two shortcuts keep the arithmetic the same: batches of at most 16 rows apply the optimiser
+//! to each single-product weight row by row inside the backward pass ([`Fuse`]: bit-identical
+//! to the separate pass), and when a quarter of the codes or fewer pass the masks the decoder
+//! and encoder products run over those codes only (`Work::sparse`; the others are zero, and so
+//! are their gradients).
+//!
 //! JumpReLU (`z = pre * 1{pre > theta}`) takes the candle model's straight-through gradient
 //! for its thresholds; the stripe-mask distortion flips the stage 2 and 3 masks with the candle
 //! model's random stream ([`crate::sae::sparsity`]), so both paths flip the same bits. Not covered
