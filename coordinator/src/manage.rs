@@ -68,6 +68,8 @@ fn coordinator_url(args: &StatusArgs) -> anyhow::Result<String> {
 /// `msae-coordinator status`: the running coordinator's sweep, workers and throughput.
 pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
     use msae_shared::proto;
+    // A bad token file is named before any connection is tried.
+    let token = args.token.resolve()?;
     let url = coordinator_url(args)?;
     let channel = args
         .tls
@@ -88,7 +90,7 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
         })?;
     let mut client = proto::coordinator_client::CoordinatorClient::new(channel);
     let mut request = tonic::Request::new(proto::StatusRequest {});
-    if let Some(token) = &args.token.resolve()? {
+    if let Some(token) = &token {
         request
             .metadata_mut()
             .insert(msae_shared::auth::AUTHORIZATION, msae_shared::auth::bearer(token)?);
