@@ -80,6 +80,11 @@ pub(super) fn flip(mask: &mut [f32], p: f64, rng: &mut StdRng) {
 pub(super) fn mark_active(ws: &mut Work, rows: usize, n: usize, d: usize, allowed: bool) {
     ws.active.clear();
     ws.active_at.clear();
+    ws.sparse = false;
+    if !allowed {
+        // Nothing reads the lists then (small batches run the dense products).
+        return;
+    }
     ws.active_at.push(0);
     for b in 0..rows {
         let stripes = ws.ms[b * (n / d)..].iter().zip(&ws.m3[b * (n / d)..]);
@@ -95,7 +100,7 @@ pub(super) fn mark_active(ws: &mut Work, rows: usize, n: usize, d: usize, allowe
         }
         ws.active_at.push(ws.active.len());
     }
-    ws.sparse = allowed && ws.active.len() * 4 <= rows * n;
+    ws.sparse = ws.active.len() * 4 <= rows * n;
 }
 
 /// `y[b, :] = sum_j c[b, j] U[j, :]` over row `b`'s active codes, `U` (N, out) row-major.
