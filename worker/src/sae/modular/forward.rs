@@ -5,6 +5,7 @@ use msae_shared::config::{LayerSparsityMode, RoutingGate, StripeSparsityMode};
 use super::penalty::penalties;
 use super::{Dims, ModularFast, NORM_EPS, TrainState, Work, output_t, relu, resize};
 use crate::sae::linalg::{Mat, matmul};
+use crate::sae::kernels;
 use crate::sae::skinny::combine_rows;
 use crate::sae::topk;
 use rand::rngs::StdRng;
@@ -334,7 +335,7 @@ pub(super) fn forward(
 
     // Loss.
     let total = (rows * dim) as f64;
-    let sse: f64 = ws.xhat.iter().zip(x).map(|(&h, &xv)| ((h - xv) as f64).powi(2)).sum();
+    let sse = kernels::sq_dist(&ws.xhat, x);
     let mut loss = sse / total;
     loss += penalties(cfg, &ws.codes, rows, n, None);
     if let (true, Some(rw)) = (cfg.routing_l1_regularization > 0.0, r.router_w) {
