@@ -61,7 +61,13 @@ pub struct BenchResult {
     pub commits_per_trial: f64,
     /// The coordinator's peak resident memory (VmHWM), MiB.
     pub peak_rss_mib: f64,
-    /// The run cut at 1,000, 10,000, 100,000... completed trials: is the rate flat?
+    /// Seconds from the workers' start until the coordinator knew every one of them (their
+    /// connections and registrations), and trials finished by then. None when no sample saw
+    /// them all.
+    pub startup_s: Option<f64>,
+    pub startup_trials: Option<u64>,
+    /// The run after start-up, cut at 1,000, 2,000, 5,000, 10,000... completed trials: is the
+    /// rate flat?
     pub windows: Vec<Window>,
 }
 
@@ -81,6 +87,8 @@ pub struct Window {
 struct Sample {
     at: Instant,
     completed: u64,
+    /// Workers the coordinator knows.
+    workers: usize,
     cpu_s: f64,
     rss_mib: f64,
     peak_rss_mib: f64,
@@ -98,9 +106,10 @@ fn process_usage(pid: u32) -> Option<(f64, f64, f64)> {
     Some((cpu, mib("VmRSS:")?, mib("VmHWM:")?))
 }
 
-/// 1,000, 10,000, ... below `trials`, then `trials`.
+/// 1,000, 2,000, 5,000, 10,000, ... below `trials`, then `trials`.
 fn checkpoints(trials: u64) -> Vec<u64> {
     let mut marks: Vec<u64> = std::iter::successors(Some(1_000u64), |m| m.checked_mul(10))
+        .flat_map(|m| [m, 2 * m, 5 * m])
         .take_while(|&m| m < trials)
         .collect();
     marks.push(trials);
@@ -120,7 +129,15 @@ async fn sample(url: String, pid: u32, stop: tokio::sync::watch::Receiver<bool>)
         let reply = reply.into_inner();
         let Some((cpu_s, rss_mib, peak_rss_mib)) = process_usage(pid) else { break };
         let completed = reply.completed + reply.failed + reply.pruned;
-        samples.push(Sample { at: Instant::now(), completed, cpu_s, rss_mib, peak_rss_mib });
+        let workers = reply.workers.len();
+        samples.push(Sample {
+            at: Instant::now(),
+            completed,
+            workers,
+            cpu_s,
+            rss_mib,
+            peak_rss_mib,
+        });
     }
     samples
 }
@@ -128,13 +145,26 @@ async fn sample(url: String, pid: u32, stop: tokio::sync::watch::Receiver<bool>)
 /// How often [`sample`] looks (a Status call lists every worker: not free at 1,000 of them).
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
+/// The first sample that saw all `workers` registered: where start-up ends (1,000 workers take
+/// a while to connect, and are not a cost per trial).
+fn all_known(samples: &[Sample], workers: usize) -> Option<Sample> {
+    samples.iter().find(|s| s.workers >= workers).copied()
+}
+
 /// The windows between checkpoints, from the samples (the first sample at or past each mark);
-/// the first window starts at the first sample, taken as the workers start.
-fn windows(samples: &[Sample], trials: u64) -> Vec<Window> {
+/// the first window starts at the end of start-up, or at the first sample when no sample saw
+/// every worker.
+fn windows(samples: &[Sample], workers: usize, trials: u64) -> Vec<Window> {
     let mut out = Vec::new();
-    let Some(mut from) = samples.first().copied() else { return out };
-    for mark in checkpoints(trials) {
+    let Some(mut from) = all_known(samples, workers).or(samples.first().copied()) else {
+        return out;
+    };
+    let start = from.completed;
+    for mark in checkpoints(trials).into_iter().filter(|&m| m > start) {
         let Some(to) = samples.iter().find(|s| s.completed >= mark) else { break };
+        if to.completed <= from.completed {
+            continue; // one sample past two marks: already the end of the last window
+        }
         let n = to.completed.saturating_sub(from.completed).max(1) as f64;
         out.push(Window {
             upto: to.completed,
@@ -208,8 +238,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 result.peak_rss_mib,
                 result.commits_per_trial,
             )?;
-            // The stretches between checkpoints, when there is more than one: a flat rate
-            // means the cost per trial does not grow with the sweep.
+            if let (Some(secs), Some(done)) = (result.startup_s, result.startup_trials) {
+                writeln!(
+                    out,
+                    "{:>8} {:>8} {:>9.2} {:>10}  start-up: every worker known after {done} trials",
+                    "", "start", secs, ""
+                )?;
+            }
+            // The stretches between checkpoints after start-up, when there is more than one:
+            // a flat rate means the cost per trial does not grow with the sweep.
             for w in result.windows.iter().filter(|_| result.windows.len() > 1) {
                 writeln!(
                     out,
@@ -301,6 +338,7 @@ async fn run_one(
     let _ = std::fs::remove_dir_all(&dir);
     // The coordinator exits as the last trial completes, usually before a sample sees it: the
     // run's end, from its own stats line, closes the last window.
+    let startup = all_known(&samples, workers);
     if let Some(last) = samples.last().copied() {
         samples.push(Sample {
             at: started + Duration::from_secs_f64(wall_s),
@@ -318,7 +356,9 @@ async fn run_one(
         cpu_ms_per_trial: cpu * 1000.0 / completed.max(1) as f64,
         commits_per_trial: stats["commits"].as_u64().unwrap_or(0) as f64 / completed.max(1) as f64,
         peak_rss_mib: samples.last().map_or(0.0, |s| s.peak_rss_mib),
-        windows: windows(&samples, completed),
+        startup_s: startup.map(|s| s.at.duration_since(started).as_secs_f64()),
+        startup_trials: startup.map(|s| s.completed),
+        windows: windows(&samples, workers, completed),
     })
 }
 
@@ -333,5 +373,43 @@ mod tests {
             let spec = crate::spec::SweepSpec::parse(&yaml, "bench.yaml").unwrap();
             assert_eq!(spec.planned_trials(), Some(trials as u64), "{yaml}");
         }
+    }
+
+    #[test]
+    fn windows_start_once_every_worker_is_known() {
+        let t0 = Instant::now();
+        let at = |ms: u64, completed: u64, workers: usize, cpu_s: f64| Sample {
+            at: t0 + Duration::from_millis(ms),
+            completed,
+            workers,
+            cpu_s,
+            rss_mib: 10.0,
+            peak_rss_mib: 10.0,
+        };
+        // 4 workers: the first two samples are start-up (slow, CPU-heavy).
+        let samples = [
+            at(0, 0, 0, 0.0),
+            at(1000, 100, 2, 1.0),
+            at(2000, 500, 4, 1.2),
+            at(3000, 1500, 4, 1.3),
+            at(4000, 3000, 4, 1.45),
+        ];
+        assert_eq!(all_known(&samples, 4).map(|s| s.completed), Some(500));
+        let w = windows(&samples, 4, 3000);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].upto, 1500);
+        assert!((w[0].trials_per_s - 1000.0).abs() < 1e-6, "{}", w[0].trials_per_s);
+        assert!((w[0].cpu_ms_per_trial - 0.1).abs() < 1e-9, "{}", w[0].cpu_ms_per_trial);
+        assert_eq!(w[1].upto, 3000);
+        assert!((w[1].trials_per_s - 1500.0).abs() < 1e-6);
+        // Start-up past the first mark: the first window goes to the next one.
+        let w = windows(&samples[..], 4, 30_000);
+        assert_eq!(w.first().map(|w| w.upto), Some(1500));
+        let late = [at(0, 0, 0, 0.0), at(1000, 2000, 4, 1.0), at(2000, 12_000, 4, 2.0)];
+        let w = windows(&late, 4, 12_000);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].upto, 12_000);
+        // No sample saw every worker: from the first sample, as before.
+        assert_eq!(windows(&samples, 5, 3000)[0].trials_per_s, 1500.0 / 3.0);
     }
 }
