@@ -50,6 +50,32 @@ pub(crate) fn matmul_add(m: usize, n: usize, k: usize, dst: &mut [f32], a: Mat<'
     gemm_into(m, n, k, dst, a, b, true);
 }
 
+thread_local! {
+    /// Set inside [`join`]: this thread's products run serially, the other core being busy
+    /// with the other half.
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs two independent groups of products at once, one per rayon thread, each serially:
+/// one fork/join where the two products would each have split across the threads (and put
+/// the second thread to sleep and woken it between them).
+pub(crate) fn join<A, B, RA, RB>(a: A, b: B) -> (RA, RB)
+where
+    A: FnOnce() -> RA + Send,
+    B: FnOnce() -> RB + Send,
+    RA: Send,
+    RB: Send,
+{
+    let serial = |f: Box<dyn FnOnce() + Send + '_>| {
+        let was = SERIAL.replace(true);
+        f();
+        SERIAL.set(was);
+    };
+    let (mut ra, mut rb) = (None, None);
+    rayon::join(|| serial(Box::new(|| ra = Some(a()))), || serial(Box::new(|| rb = Some(b()))));
+    (ra.expect("ran"), rb.expect("ran"))
+}
+
 fn gemm_into(
     m: usize,
     n: usize,
@@ -73,7 +99,7 @@ fn gemm_into(
     if super::skinny::product(m, n, k, dst, a, b, accumulate) {
         return;
     }
-    let parallelism = if m * n * k >= PARALLEL_MIN_FLOPS {
+    let parallelism = if m * n * k >= PARALLEL_MIN_FLOPS && !SERIAL.get() {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None

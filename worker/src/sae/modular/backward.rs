@@ -5,7 +5,7 @@ use msae_shared::config::{LayerSparsityMode, StripeSparsityMode};
 use super::penalty::penalties;
 use super::{Dims, Fuse, ModularFast, Param, Work, output_t, output_weight, resize, sign, step01};
 use crate::sae::kernels::{axpy, dot};
-use crate::sae::linalg::{Mat, matmul, matmul_add};
+use crate::sae::linalg::{Mat, join, matmul, matmul_add};
 use crate::sae::optim::host_update;
 use crate::sae::skinny::{combine_rows, product_rows};
 
@@ -143,18 +143,36 @@ pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32], fuse: Opti
         add_col_sums(&ws.g, dim, 1.0, &mut m.params[ob].g);
         let hd = &ws.yd;
         resize(&mut ws.g_hd, rows * inter);
-        // dL/dhd = g W_out, with W_out (dim, inter) the transpose of the forward's view.
-        let w_out = output_t(m, inter, dim).transposed();
-        matmul(rows, inter, dim, &mut ws.g_hd, Mat::rows(&ws.g, dim), w_out);
         let (w, tied_out) = output_weight(&r);
-        // Its gradient g^T hd, in the weight's own layout.
-        if tied_out {
-            let grad = &mut m.params[w].g;
-            matmul(inter, dim, rows, grad, Mat::t(hd, inter), Mat::rows(&ws.g, dim));
+        if fuse.is_none() {
+            // dL/dhd = g W_out and the weight's gradient g^T hd (in its own layout) at once:
+            // neither reads what the other writes.
+            let Param { w: wv, g: grad, .. } = &mut m.params[w];
+            let w_out = if tied_out { Mat::t(wv, dim) } else { Mat::rows(wv, inter) };
+            let (g, g_hd) = (&ws.g, &mut ws.g_hd);
+            join(
+                || matmul(rows, inter, dim, g_hd, Mat::rows(g, dim), w_out),
+                || {
+                    if tied_out {
+                        matmul(inter, dim, rows, grad, Mat::t(hd, inter), Mat::rows(g, dim))
+                    } else {
+                        matmul(dim, inter, rows, grad, Mat::t(g, dim), Mat::rows(hd, inter))
+                    }
+                },
+            );
         } else {
-            let shape = (dim, inter, rows);
-            let p = &mut m.params[w];
-            weight_grad(p, shape, Mat::t(&ws.g, dim), hd, 0.0, fuse, false, &mut ws.row);
+            // dL/dhd = g W_out, with W_out (dim, inter) the transpose of the forward's view.
+            let w_out = output_t(m, inter, dim).transposed();
+            matmul(rows, inter, dim, &mut ws.g_hd, Mat::rows(&ws.g, dim), w_out);
+            // Its gradient g^T hd, in the weight's own layout.
+            if tied_out {
+                let grad = &mut m.params[w].g;
+                matmul(inter, dim, rows, grad, Mat::t(hd, inter), Mat::rows(&ws.g, dim));
+            } else {
+                let shape = (dim, inter, rows);
+                let p = &mut m.params[w];
+                weight_grad(p, shape, Mat::t(&ws.g, dim), hd, 0.0, fuse, false, &mut ws.row);
+            }
         }
         ws.g_hd.iter_mut().zip(hd).for_each(|(gh, &h)| *gh *= step01(h));
         add_col_sums(&ws.g_hd, inter, 1.0, &mut m.params[r.dec_b].g);
@@ -164,6 +182,15 @@ pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32], fuse: Opti
     // Atoms and codes.
     resize(&mut ws.g_c, rows * n);
     match super::forward::stored_atoms(m).filter(|_| !ws.sparse) {
+        Some(dw) if fuse.is_none() => {
+            // As below, the two products at once.
+            let Param { w: wd, g: grad, .. } = &mut m.params[dw];
+            let (codes, g_c) = (&ws.codes, &mut ws.g_c);
+            join(
+                || matmul(rows, n, out, g_c, Mat::rows(g_y, out), Mat::rows(wd, n)),
+                || matmul(out, n, rows, grad, Mat::t(g_y, out), Mat::rows(codes, n)),
+            );
+        }
         Some(dw) => {
             // U = W_d^T as stored: dL/dc = g_y W_d, dL/dW_d = g_y^T c.
             matmul(rows, n, out, &mut ws.g_c, Mat::rows(g_y, out), Mat::rows(m.w(dw), n));
@@ -251,8 +278,19 @@ pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32], fuse: Opti
     // while the weights are this step's.
     add_col_sums(&ws.g_c, n, 1.0, &mut m.params[r.enc_b].g);
     resize(&mut ws.g_a0, rows * inp);
+    let paired = !ws.sparse && fuse.is_none();
     if ws.sparse {
         sparse_encoder_grads(ws, &mut m.params[r.enc_w], rows, n, inp, tied);
+    } else if paired {
+        // dL/da0 = g_pre W_e and the weight's gradient g_pre^T a0 (added to the decoder's
+        // part when tied) at once.
+        let Param { w: we, g: grad, .. } = &mut m.params[r.enc_w];
+        let (g_c, a0, g_a0) = (&ws.g_c, &ws.a0, &mut ws.g_a0);
+        let product = if tied { matmul_add } else { matmul };
+        join(
+            || matmul(rows, inp, n, g_a0, Mat::rows(g_c, n), Mat::rows(we, inp)),
+            || product(n, inp, rows, grad, Mat::t(g_c, n), Mat::rows(a0, inp)),
+        );
     } else {
         let w_e = Mat::rows(&m.params[r.enc_w].w, inp);
         matmul(rows, inp, n, &mut ws.g_a0, Mat::rows(&ws.g_c, n), w_e);
@@ -261,7 +299,7 @@ pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32], fuse: Opti
         let w_r = Mat::rows(&m.params[rw].w, inp);
         matmul_add(rows, inp, s, &mut ws.g_a0, Mat::rows(&ws.g_r, s), w_r);
     }
-    if !ws.sparse {
+    if !ws.sparse && !paired {
         let p = &mut m.params[r.enc_w];
         let g_pre = Mat::t(&ws.g_c, n);
         weight_grad(p, (n, inp, rows), g_pre, &ws.a0, 0.0, fuse, tied, &mut ws.row);

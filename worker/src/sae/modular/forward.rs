@@ -4,8 +4,8 @@ use msae_shared::config::{LayerSparsityMode, RoutingGate, StripeSparsityMode};
 
 use super::penalty::penalties;
 use super::{Dims, ModularFast, NORM_EPS, TrainState, Work, output_t, relu, resize};
-use crate::sae::linalg::{Mat, matmul};
 use crate::sae::kernels;
+use crate::sae::linalg::{Mat, matmul};
 use crate::sae::skinny::combine_rows;
 use crate::sae::topk;
 use rand::rngs::StdRng;
