@@ -53,8 +53,10 @@ pub enum BenchWhat {
 pub struct BenchResult {
     pub workers: usize,
     pub trials: u64,
+    /// From the workers' start to the last trial's end.
     pub wall_s: f64,
     pub trials_per_s: f64,
+    /// The coordinator's CPU up to the last trial's end (start-up included).
     pub coordinator_cpu_s: f64,
     pub cpu_ms_per_trial: f64,
     /// Durable commits per trial (below 1: concurrent results share commits).
@@ -66,6 +68,9 @@ pub struct BenchResult {
     /// them all.
     pub startup_s: Option<f64>,
     pub startup_trials: Option<u64>,
+    /// From the last trial's end until the coordinator exited (dismissing the workers, the
+    /// last commit), left out of every other figure.
+    pub shutdown_s: f64,
     /// The run after start-up, cut at 1,000, 2,000, 5,000, 10,000... completed trials: is the
     /// rate flat?
     pub windows: Vec<Window>,
@@ -260,6 +265,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     w.rss_mib,
                 )?;
             }
+            writeln!(
+                out,
+                "{:>8} {:>8} {:>9.2} {:>10}  shutdown: from the last trial to exit",
+                "", "end", result.shutdown_s, ""
+            )?;
         }
         // Each result as soon as it is measured: a run takes a while.
         out.flush()?;
@@ -319,7 +329,7 @@ async fn run_one(
     let output = tokio::time::timeout(Duration::from_secs(3600), child.wait_with_output())
         .await
         .context("the benchmark sweep did not finish within an hour")??;
-    let wall_s = started.elapsed().as_secs_f64();
+    let exit_s = started.elapsed().as_secs_f64();
     let _ = stop_tx.send(true);
     let mut samples = sampler.await.unwrap_or_default();
     for h in handles {
@@ -333,11 +343,14 @@ async fn run_one(
     )
     .context("reading the coordinator's stats line")?;
     let completed = stats["completed"].as_u64().unwrap_or(0);
-    let cpu = stats["cpu_s"].as_f64().unwrap_or(0.0);
     anyhow::ensure!(completed as usize == trials, "{completed} of {trials} trials completed");
+    // The run ends with the last trial; the coordinator says how long it took to exit after.
+    let shutdown_s = stats["shutdown_s"].as_f64().unwrap_or(0.0).clamp(0.0, exit_s);
+    let wall_s = exit_s - shutdown_s;
+    let cpu = stats["done_cpu_s"].as_f64().or(stats["cpu_s"].as_f64()).unwrap_or(0.0);
     let _ = std::fs::remove_dir_all(&dir);
-    // The coordinator exits as the last trial completes, usually before a sample sees it: the
-    // run's end, from its own stats line, closes the last window.
+    // The last trial's end, from the coordinator's own stats line, closes the last window (the
+    // samples every 100 ms rarely catch it).
     let startup = all_known(&samples, workers);
     if let Some(last) = samples.last().copied() {
         samples.push(Sample {
@@ -356,6 +369,7 @@ async fn run_one(
         cpu_ms_per_trial: cpu * 1000.0 / completed.max(1) as f64,
         commits_per_trial: stats["commits"].as_u64().unwrap_or(0) as f64 / completed.max(1) as f64,
         peak_rss_mib: samples.last().map_or(0.0, |s| s.peak_rss_mib),
+        shutdown_s,
         startup_s: startup.map(|s| s.at.duration_since(started).as_secs_f64()),
         startup_trials: startup.map(|s| s.completed),
         windows: windows(&samples, workers, completed),

@@ -290,6 +290,9 @@ pub async fn run_command(args: &RunArgs) -> anyhow::Result<SweepExit> {
             "wall_s": started.elapsed().as_secs_f64(),
             "cpu_s": msae_shared::signal::process_cpu_seconds(),
             "commits": summary.commits,
+            // From the last trial's end to here, and the CPU spent up to it.
+            "shutdown_s": summary.done.map(|(at, _)| at.elapsed().as_secs_f64()),
+            "done_cpu_s": summary.done.map(|(_, cpu)| cpu),
         });
         print_stdout(&stats.to_string())?;
     }

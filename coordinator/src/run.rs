@@ -112,6 +112,9 @@ pub struct RunSummary {
     pub finished: bool,
     /// Durable commits made (each carries every change batched since the last).
     pub commits: u64,
+    /// When the last trial ended: this process's CPU seconds then, and the instant (what
+    /// follows is shutdown: dismissing workers, the last commit, the report).
+    pub done: Option<(std::time::Instant, f64)>,
 }
 
 /// The file beside the database that tells `report` where the running coordinator listens.
@@ -281,6 +284,8 @@ pub async fn run_sweep(
         // A fatal store error stops the scheduler: report it rather than hang.
         _ = counts_rx.wait_for(|c| c.stopped) => false,
     };
+    let done =
+        finished.then(|| (std::time::Instant::now(), msae_shared::signal::process_cpu_seconds()));
 
     if finished {
         // Workers learn that the sweep is over from their next lease request: keep serving
@@ -303,8 +308,12 @@ pub async fn run_sweep(
     // hand the lease back") while the server still runs; then everything is flushed.
     scheduler.shutdown(REMOTE_RELEASE_GRACE).await.ok();
     // Read after the shutdown, so the final report shows the trials as they were left (handed
-    // back, not running), as the counts do.
-    let (sweeps, records) = scheduler.stored(&sweep).await.unwrap_or_default();
+    // back, not running), as the counts do. Only for a report: it copies every record.
+    let (sweeps, records) = if opts.report {
+        scheduler.stored(&sweep).await.unwrap_or_default()
+    } else {
+        Default::default()
+    };
     let counts = scheduler.counts().borrow().clone();
     let commits = scheduler.commits();
     let _ = stop_tx.send(true);
@@ -344,7 +353,7 @@ pub async fn run_sweep(
             msae_shared::signal::print_stdout(text.trim_end())?;
         }
     }
-    Ok(RunSummary { sweep, addr, counts, finished, commits })
+    Ok(RunSummary { sweep, addr, counts, finished, commits, done })
 }
 
 /// Tests make the database fail like a full disk after N commits with
