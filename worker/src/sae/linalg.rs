@@ -59,21 +59,23 @@ thread_local! {
 /// Runs two independent groups of products at once, one per rayon thread, each serially:
 /// one fork/join where the two products would each have split across the threads (and put
 /// the second thread to sleep and woken it between them).
-pub(crate) fn join<A, B, RA, RB>(a: A, b: B) -> (RA, RB)
-where
-    A: FnOnce() -> RA + Send,
-    B: FnOnce() -> RB + Send,
-    RA: Send,
-    RB: Send,
-{
-    let serial = |f: Box<dyn FnOnce() + Send + '_>| {
-        let was = SERIAL.replace(true);
-        f();
-        SERIAL.set(was);
-    };
-    let (mut ra, mut rb) = (None, None);
-    rayon::join(|| serial(Box::new(|| ra = Some(a()))), || serial(Box::new(|| rb = Some(b()))));
-    (ra.expect("ran"), rb.expect("ran"))
+pub(crate) fn join<RA: Send, RB: Send>(
+    a: impl FnOnce() -> RA + Send,
+    b: impl FnOnce() -> RB + Send,
+) -> (RA, RB) {
+    rayon::join(|| serially(a), || serially(b))
+}
+
+/// Runs `f` with this thread's products serial; the flag is restored even if `f` panics.
+fn serially<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.set(self.0);
+        }
+    }
+    let _restore = Restore(SERIAL.replace(true));
+    f()
 }
 
 fn gemm_into(
