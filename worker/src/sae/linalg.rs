@@ -66,8 +66,13 @@ pub(crate) fn join<RA: Send, RB: Send>(
     rayon::join(|| serially(a), || serially(b))
 }
 
+/// Whether this thread's products run serially (inside [`join`] or a [`super::duo`] half).
+pub(super) fn is_serial() -> bool {
+    SERIAL.get()
+}
+
 /// Runs `f` with this thread's products serial; the flag is restored even if `f` panics.
-fn serially<R>(f: impl FnOnce() -> R) -> R {
+pub(super) fn serially<R>(f: impl FnOnce() -> R) -> R {
     struct Restore(bool);
     impl Drop for Restore {
         fn drop(&mut self) {

@@ -14,6 +14,7 @@
 //! - [`trainer`]: the `Trainer` trait all three implement.
 
 pub mod classic;
+mod duo;
 pub(crate) mod kernels;
 pub(crate) mod linalg;
 pub mod model;

@@ -16,6 +16,7 @@
 //! The AVX2+FMA versions are written with intrinsics (LLVM's vectoriser kept the accumulators
 //! of the blocked dot products on the stack); other CPUs run the plain loops.
 
+use super::duo;
 use super::linalg::Mat;
 
 /// At most this many rows of `a` (or this long a contraction) make a product skinny.
@@ -23,6 +24,10 @@ pub(crate) const SKINNY: usize = 16;
 
 /// Runs `dst[m, n] (+)= a[m, k] b[k, n]` with the direct loops when it is skinny and its layout
 /// suits them; false otherwise (for `gemm`). The caller has checked the operands' extents.
+///
+/// A product over a large weight (`b`, at least [`DUO_MIN_WEIGHT`] elements) splits the
+/// weight's rows between the two cores ([`duo::join`]), as the fused updates do: both halves
+/// of a step then read the same rows of each weight on the same core.
 pub(super) fn product(
     m: usize,
     n: usize,
@@ -32,23 +37,78 @@ pub(super) fn product(
     b: Mat<'_>,
     accumulate: bool,
 ) -> bool {
+    // By shape alone, so the arithmetic (the order of the split sums) is the same wherever
+    // the product runs; `duo::join` runs both halves here when the other core is taken.
+    let split = n * k >= DUO_MIN_WEIGHT && n >= 8 && k >= 8;
     if m <= SKINNY && a.cs == 1 && b.rs == 1 {
-        dots(m, n, k, dst, a, b, accumulate);
+        // `b`'s columns are the weight's rows: each half computes half of dst's columns.
+        if split {
+            let h = n / 2;
+            let b1 = Mat { data: &b.data[h * b.cs..], ..b };
+            let ((), theirs) = duo::join(
+                || dots(m, h, n, k, dst, a, b, accumulate),
+                || {
+                    let mut part = vec![0.0; m * (n - h)];
+                    dots(m, n - h, n - h, k, &mut part, a, b1, false);
+                    part
+                },
+            );
+            for (d, p) in dst.chunks_exact_mut(n).zip(theirs.chunks_exact(n - h)) {
+                let d = &mut d[h..];
+                if accumulate {
+                    d.iter_mut().zip(p).for_each(|(d, p)| *d += p);
+                } else {
+                    d.copy_from_slice(p);
+                }
+            }
+        } else {
+            dots(m, n, n, k, dst, a, b, accumulate);
+        }
         true
     } else if (m <= SKINNY || k <= SKINNY) && b.cs == 1 {
-        combos(m, n, k, dst, a, b, accumulate);
+        // `b`'s rows are the weight's rows: each half sums over half of them.
+        if split && m <= SKINNY {
+            let h = k / 2;
+            let (a1, b1) =
+                (Mat { data: &a.data[h * a.cs..], ..a }, Mat { data: &b.data[h * b.rs..], ..b });
+            let ((), theirs) = duo::join(
+                || combos(m, n, h, dst, a, b, accumulate),
+                || {
+                    let mut part = vec![0.0; m * n];
+                    combos(m, n, k - h, &mut part, a1, b1, false);
+                    part
+                },
+            );
+            dst[..m * n].iter_mut().zip(&theirs).for_each(|(d, p)| *d += p);
+        } else {
+            combos(m, n, k, dst, a, b, accumulate);
+        }
         true
     } else {
         false
     }
 }
 
-/// `dst[r, j] (+)= a_r . w_j`, with `a`'s rows and `b`'s columns (`w_j`) contiguous.
-fn dots(m: usize, n: usize, k: usize, dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
+/// Skinny products over weights at least this large split across the two cores.
+pub(crate) const DUO_MIN_WEIGHT: usize = 16 * 1024;
+
+/// `dst[r, j] (+)= a_r . w_j` for `j < n`, dst's rows `ld` apart, with `a`'s rows and `b`'s
+/// columns (`w_j`) contiguous.
+#[allow(clippy::too_many_arguments)]
+fn dots(
+    m: usize,
+    n: usize,
+    ld: usize,
+    k: usize,
+    dst: &mut [f32],
+    a: Mat<'_>,
+    b: Mat<'_>,
+    accumulate: bool,
+) {
     let row = |r: usize| &a.data[r * a.rs..r * a.rs + k];
     let col = |j: usize| &b.data[j * b.cs..j * b.cs + k];
     let mut put = |r: usize, j: usize, v: f32| {
-        let d = &mut dst[r * n + j];
+        let d = &mut dst[r * ld + j];
         *d = if accumulate { *d + v } else { v };
     };
     let avx2 = has_avx2();

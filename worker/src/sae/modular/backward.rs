@@ -4,9 +4,10 @@ use msae_shared::config::{LayerSparsityMode, StripeSparsityMode};
 
 use super::penalty::penalties;
 use super::{Dims, Fuse, ModularFast, Param, Work, output_t, output_weight, resize, sign, step01};
+use crate::sae::duo;
 use crate::sae::kernels::{axpy, dot};
 use crate::sae::linalg::{Mat, join, matmul, matmul_add};
-use crate::sae::optim::host_update;
+use crate::sae::optim::StepScalars;
 use crate::sae::skinny::{combine_rows, product_rows};
 
 /// Sums the rows of `g` (rows, cols) into `out` (cols), adding `sign * sum`.
@@ -29,20 +30,45 @@ fn weight_grad(
     l1: f32,
     fuse: Option<Fuse>,
     accumulate: bool,
-    scratch: &mut Vec<f32>,
+    scratch: &mut [Vec<f32>; 2],
 ) {
     match fuse {
         Some(Fuse { optim, t }) if !accumulate => {
+            let step = StepScalars::new(&optim, t);
             let Param { w, m, v, .. } = p;
-            product_rows(rows_w, cols, k, a, Mat::rows(b, cols), scratch, |i, g| {
-                let span = i * cols..(i + 1) * cols;
-                let w = &mut w[span.clone()];
-                if l1 > 0.0 {
-                    g.iter_mut().zip(w.iter()).for_each(|(g, &w)| *g += l1 * sign(w));
-                }
-                let v = if v.is_empty() { &mut [][..] } else { &mut v[span.clone()] };
-                host_update(&optim, t, w, g, &mut m[span], v);
-            });
+            let b = Mat::rows(b, cols);
+            // Rows [0, half) here and the rest on the other core: the weight and its moments
+            // are read and written once per step, and two cores stream them twice as fast.
+            let half = if rows_w * cols >= DUO_MIN_ELEMENTS { rows_w / 2 } else { rows_w };
+            let (w0, w1) = w.split_at_mut(half * cols);
+            let (m0, m1) = m.split_at_mut(half * cols);
+            let v_half = if v.is_empty() { 0 } else { half * cols };
+            let (v0, v1) = v.split_at_mut(v_half);
+            let [s0, s1] = scratch;
+            let update = |rows: std::ops::Range<usize>,
+                          w: &mut [f32],
+                          m: &mut [f32],
+                          v: &mut [f32],
+                          scratch: &mut Vec<f32>| {
+                let a = Mat { data: &a.data[rows.start * a.rs..], ..a };
+                product_rows(rows.len(), cols, k, a, b, scratch, |i, g| {
+                    let span = i * cols..(i + 1) * cols;
+                    let w = &mut w[span.clone()];
+                    if l1 > 0.0 {
+                        g.iter_mut().zip(w.iter()).for_each(|(g, &w)| *g += l1 * sign(w));
+                    }
+                    let v = if v.is_empty() { &mut [][..] } else { &mut v[span.clone()] };
+                    step.apply(w, g, &mut m[span], v);
+                });
+            };
+            if half == rows_w {
+                update(0..rows_w, w0, m0, v0, s0);
+            } else {
+                duo::join(
+                    || update(0..half, w0, m0, v0, s0),
+                    || update(half..rows_w, w1, m1, v1, s1),
+                );
+            }
             p.updated = true;
         }
         _ => {
@@ -54,6 +80,9 @@ fn weight_grad(
         }
     }
 }
+
+/// Fused weights at least this large split their update across the two cores ([`duo`]).
+const DUO_MIN_ELEMENTS: usize = 16 * 1024;
 
 /// The decoder's gradients over the active codes only (`ws.sparse`): `g_u` (N, out) =
 /// `c^T g_y` and `g_c` = `g_y U^T` at the active codes, zero elsewhere (where every mask

@@ -175,8 +175,8 @@ struct Work {
     g_r: Vec<f32>,
     g_a0: Vec<f32>,
     boosted: Vec<f32>,
-    /// One row of a fused weight gradient.
-    row: Vec<f32>,
+    /// One row of a fused weight gradient, for each of the two halves of its rows.
+    row: [Vec<f32>; 2],
     /// The codes the masks let through, row by row: row `b`'s are
     /// `active[active_at[b]..active_at[b + 1]]` (see [`forward::mark_active`]).
     active: Vec<u32>,
