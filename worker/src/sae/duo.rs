@@ -89,7 +89,7 @@ fn serve(shared: &Shared) {
         while shared.posted.load(Ordering::Acquire) == seen {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % 64 != 0 {
+            if !spins.is_multiple_of(64) {
                 continue;
             }
             if since.elapsed() < SPIN {
@@ -172,7 +172,7 @@ fn join_with<RA, RB: Send, FB: FnOnce() -> RB + Send>(
             while self.0.finished.load(Ordering::Acquire) < self.1 {
                 std::hint::spin_loop();
                 spins = spins.wrapping_add(1);
-                if spins % 64 == 0 {
+                if spins.is_multiple_of(64) {
                     std::thread::yield_now();
                 }
             }
