@@ -80,6 +80,12 @@ fn helper() -> Option<&'static Mutex<Helper>> {
         .as_ref()
 }
 
+/// Whether rayon has exactly two threads, so the helper is as wide as rayon's pool (wider
+/// pools keep rayon for the large products).
+pub(crate) fn is_the_pool() -> bool {
+    rayon::current_num_threads() == 2
+}
+
 /// The helper's loop: wait for a section (spinning, then parked), run its half, report.
 fn serve(shared: &Shared) {
     let mut seen = 0;

@@ -56,14 +56,14 @@ thread_local! {
     static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs two independent groups of products at once, one per rayon thread, each serially:
-/// one fork/join where the two products would each have split across the threads (and put
-/// the second thread to sleep and woken it between them).
+/// Runs two independent groups of products at once, one on this thread and one on the
+/// [`super::duo`] helper, each serially: one handoff where the two products would each have
+/// split across the threads.
 pub(crate) fn join<RA: Send, RB: Send>(
     a: impl FnOnce() -> RA + Send,
     b: impl FnOnce() -> RB + Send,
 ) -> (RA, RB) {
-    rayon::join(|| serially(a), || serially(b))
+    super::duo::join(a, b)
 }
 
 /// Whether this thread's products run serially (inside [`join`] or a [`super::duo`] half).
@@ -106,12 +106,37 @@ fn gemm_into(
     if super::skinny::product(m, n, k, dst, a, b, accumulate) {
         return;
     }
-    let parallelism = if m * n * k >= PARALLEL_MIN_FLOPS && !SERIAL.get() {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above show every element gemm reads (a: m x k, b: k x n) or writes
+    let parallel = m * n * k >= PARALLEL_MIN_FLOPS && !SERIAL.get();
+    if parallel && m >= 16 && super::duo::is_the_pool() {
+        // Two cores: halves of dst's rows, one serial product each, on the helper that stays
+        // awake between a step's products (rayon would put its thread to sleep after each).
+        let h = (m / 2).next_multiple_of(8);
+        let (d0, d1) = dst.split_at_mut(h * n);
+        let a1 = Mat { data: &a.data[h * a.rs..], ..a };
+        super::duo::join(
+            || gemm_raw(h, n, k, d0, a, b, accumulate, gemm::Parallelism::None),
+            || gemm_raw(m - h, n, k, d1, a1, b, accumulate, gemm::Parallelism::None),
+        );
+        return;
+    }
+    let parallelism = if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    gemm_raw(m, n, k, dst, a, b, accumulate, parallelism);
+}
+
+/// `gemm::gemm` on operands whose extents [`gemm_into`] has checked.
+#[allow(clippy::too_many_arguments)]
+fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    a: Mat<'_>,
+    b: Mat<'_>,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
+    assert!(dst.len() >= m * n && a.covers(m, k) && b.covers(k, n), "gemm: operand too small");
+    // SAFETY: the assert above shows every element gemm reads (a: m x k, b: k x n) or writes
     // (dst: m x n, row stride n) lies inside its slice; `dst` is borrowed mutably, so it
     // cannot alias `a` or `b`. Without `accumulate`, dst's old contents are never read.
     unsafe {

@@ -43,8 +43,9 @@
 use msae_shared::TrialConfig;
 use msae_shared::config::StripeSparsityMode;
 
+use crate::sae::duo;
 use crate::sae::linalg::{Mat, matmul};
-use crate::sae::optim::{OptimConfig, host_update};
+use crate::sae::optim::{OptimConfig, StepScalars};
 use crate::sae::sparsity::{DISTORT_SEED_SALT, SparsityParams};
 use crate::sae::trainer::{Inference, NamedTensor, Trainer, expect_tensor};
 use rand::SeedableRng;
@@ -409,26 +410,24 @@ fn sign(v: f32) -> f32 {
     }
 }
 
-/// Elements per parallel piece of an optimiser update; smaller parameters update serially.
-const UPDATE_CHUNK: usize = 1 << 30;
+/// Parameters at least this large update in two halves at once ([`duo`]): the update is a
+/// memory-bound pass, and two cores stream more than one.
+const DUO_MIN_UPDATE: usize = 16 * 1024;
 
-/// One optimiser update of `p`, large parameters in parallel pieces (the update is a
-/// memory-bound pass, and two cores stream more than one).
+/// One optimiser update of `p`.
 fn update(cfg: &OptimConfig, t: usize, p: &mut Param) {
-    use rayon::prelude::*;
-    if p.w.len() < 2 * UPDATE_CHUNK {
-        host_update(cfg, t, &mut p.w, &p.g, &mut p.m, &mut p.v);
-        return;
+    let step = StepScalars::new(cfg, t);
+    let Param { w, g, m, v, .. } = p;
+    if w.len() < DUO_MIN_UPDATE {
+        return step.apply(w, g, m, v);
     }
-    let pieces = p.w.par_chunks_mut(UPDATE_CHUNK).zip(p.g.par_chunks(UPDATE_CHUNK));
-    let pieces = pieces.zip(p.m.par_chunks_mut(UPDATE_CHUNK));
-    if p.v.is_empty() {
-        pieces.for_each(|((w, g), m)| host_update(cfg, t, w, g, m, &mut []));
-    } else {
-        pieces
-            .zip(p.v.par_chunks_mut(UPDATE_CHUNK))
-            .for_each(|(((w, g), m), v)| host_update(cfg, t, w, g, m, v));
-    }
+    let h = w.len() / 2;
+    let (w0, w1) = w.split_at_mut(h);
+    let (g0, g1) = g.split_at(h);
+    let (m0, m1) = m.split_at_mut(h);
+    let v_half = if v.is_empty() { 0 } else { h };
+    let (v0, v1) = v.split_at_mut(v_half);
+    duo::join(|| step.apply(w0, g0, m0, v0), || step.apply(w1, g1, m1, v1));
 }
 
 impl Trainer for ModularFast {
@@ -438,7 +437,8 @@ impl Trainer for ModularFast {
         // pool and sleeping until it is done (a dozen wake-ups per step). Small batches run
         // serially (their products are below gemm's parallel size), so they skip the hop.
         let small = batch.len() <= FUSE_MAX_ROWS * self.dims.dim;
-        if !small && rayon::current_thread_index().is_none() {
+        // With two threads the products split on the duo helper instead, which stays awake.
+        if !small && rayon::current_thread_index().is_none() && !duo::is_the_pool() {
             return rayon::join(|| self.step(batch, step), || ()).0;
         }
         let k = self.cfg.layer_k_at(step);
