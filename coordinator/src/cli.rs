@@ -521,6 +521,10 @@ pub fn main() -> std::process::ExitCode {
         // SAFETY: no other thread exists yet.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
+    if local_workers > 1 {
+        // Likewise the hand-written trainers' helper thread, which spins between sections.
+        msae_worker::sae::share_the_cores();
+    }
     if matches!(cli.command, Some(Command::Bench(_))) {
         msae_shared::logging::init_with_default("warn");
     } else if cli.command.is_none() && !cli.run.quiet && std::io::stderr().is_terminal() {

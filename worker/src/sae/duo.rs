@@ -11,7 +11,8 @@
 //! One caller at a time: a [`join`] that finds the helper busy (another trainer in the same
 //! process, or a `join` inside a `join`) runs both halves itself, one after the other, as it
 //! does on a thread whose products are serial ([`super::linalg::join`]'s halves). With a
-//! single rayon thread it never starts the helper.
+//! single rayon thread it never starts the helper, and after [`share_the_cores`] it uses it no
+//! more.
 
 use std::cell::UnsafeCell;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
@@ -57,6 +58,16 @@ struct Helper {
 
 static HELPER: OnceLock<Option<Mutex<Helper>>> = OnceLock::new();
 
+/// Set by [`share_the_cores`]: no section goes to the helper.
+static OFF: AtomicBool = AtomicBool::new(false);
+
+/// Keeps every training step on its own thread (and rayon's pool) from now on, for a process
+/// whose trainers share the cores (a coordinator with several local workers): a helper that
+/// spins between one trainer's sections would take time from the others.
+pub fn share_the_cores() {
+    OFF.store(true, Ordering::Relaxed);
+}
+
 fn helper() -> Option<&'static Mutex<Helper>> {
     HELPER
         .get_or_init(|| {
@@ -83,7 +94,7 @@ fn helper() -> Option<&'static Mutex<Helper>> {
 /// Whether rayon has exactly two threads, so the helper is as wide as rayon's pool (wider
 /// pools keep rayon for the large products).
 pub(crate) fn is_the_pool() -> bool {
-    rayon::current_num_threads() == 2
+    rayon::current_num_threads() == 2 && !OFF.load(Ordering::Relaxed)
 }
 
 /// The helper's loop: wait for a section (spinning, then parked), run its half, report.
@@ -139,7 +150,8 @@ fn join_with<RA, RB: Send, FB: FnOnce() -> RB + Send>(
     a: impl FnOnce() -> RA,
     b: FB,
 ) -> (RA, RB) {
-    let Some(lock) = helper().filter(|_| !super::linalg::is_serial()) else {
+    let off = OFF.load(Ordering::Relaxed) || super::linalg::is_serial();
+    let Some(lock) = (!off).then(helper).flatten() else {
         return (a(), b());
     };
     let taken = if queue { lock.lock().map_err(TryLockError::from) } else { lock.try_lock() };

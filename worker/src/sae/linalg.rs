@@ -213,9 +213,12 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         // (m, n, k): few rows, short contractions (both loops, with and without tails), and
-        // shapes that go to gemm.
+        // shapes that go to gemm; the first three split across the two cores
+        // (odd halves included).
         let shapes = [
             (8, 250, 784),
+            (5, 301, 97),
+            (67, 300, 250),
             (3, 37, 19),
             (1, 5, 1),
             (16, 33, 70),

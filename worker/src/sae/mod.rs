@@ -15,6 +15,7 @@
 
 pub mod classic;
 mod duo;
+pub use duo::share_the_cores;
 pub(crate) mod kernels;
 pub(crate) mod linalg;
 pub mod model;
