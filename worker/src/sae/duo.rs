@@ -46,8 +46,8 @@ struct Shared {
 
 // SAFETY: `job` is written only by the one caller holding `HELPER`'s lock, before it
 // publishes the section through `posted` (release), and read by the helper only after it sees
-// that (acquire) and before it stores `finished`; the caller does not return, or unwind, until
-// then. Every other field is atomic or locked.
+// that (acquire) and before it stores `finished`; once it has posted, the caller does not
+// return, or unwind, until then (its `Wait` guard). Every other field is atomic or locked.
 unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
@@ -97,6 +97,11 @@ pub(crate) fn is_the_pool() -> bool {
     rayon::current_num_threads() == 2 && !OFF.load(Ordering::Relaxed)
 }
 
+/// Whether [`share_the_cores`] has turned the helper off.
+pub(crate) fn is_off() -> bool {
+    OFF.load(Ordering::Relaxed)
+}
+
 /// The helper's loop: wait for a section (spinning, then parked), run its half, report.
 fn serve(shared: &Shared) {
     let mut seen = 0;
@@ -134,8 +139,8 @@ fn serve(shared: &Shared) {
 }
 
 /// Runs `a` here and `b` on the helper at once, each with its products serial; both run
-/// here, `a` first, when the helper is busy or there is one thread. A panic in either is
-/// raised here once both halves have ended.
+/// here, `a` first and each still with serial products, when the helper is busy, off or
+/// absent. A panic in either is raised here once both halves have ended.
 pub(crate) fn join<RA, RB: Send>(
     a: impl FnOnce() -> RA,
     b: impl FnOnce() -> RB + Send,
@@ -150,15 +155,16 @@ fn join_with<RA, RB: Send, FB: FnOnce() -> RB + Send>(
     a: impl FnOnce() -> RA,
     b: FB,
 ) -> (RA, RB) {
-    let off = OFF.load(Ordering::Relaxed) || super::linalg::is_serial();
-    let Some(lock) = (!off).then(helper).flatten() else {
-        return (a(), b());
+    use super::linalg::serially;
+    let on = !is_off() && !super::linalg::is_serial();
+    let Some(lock) = on.then(helper).flatten() else {
+        return (serially(a), serially(b));
     };
     let taken = if queue { lock.lock().map_err(TryLockError::from) } else { lock.try_lock() };
     let helper = match taken {
         Ok(guard) => guard,
         Err(TryLockError::Poisoned(e)) => e.into_inner(),
-        Err(TryLockError::WouldBlock) => return (a(), b()),
+        Err(TryLockError::WouldBlock) => return (serially(a), serially(b)),
     };
     let shared = &*helper.shared;
     // A helper panic left behind by a section whose own half panicked first.
@@ -169,7 +175,7 @@ fn join_with<RA, RB: Send, FB: FnOnce() -> RB + Send>(
         // section finished, and only the helper touches it meanwhile.
         let slot = unsafe { &mut *data.cast::<(Option<F>, Option<R>)>() };
         let f = slot.0.take().expect("a section's job runs once");
-        slot.1 = Some(super::linalg::serially(f));
+        slot.1 = Some(serially(f));
     }
     let mut slot: (Option<FB>, Option<RB>) = (Some(b), None);
     let section = shared.posted.load(Ordering::Relaxed) + 1;
@@ -197,7 +203,7 @@ fn join_with<RA, RB: Send, FB: FnOnce() -> RB + Send>(
         }
     }
     let wait = Wait(shared, section);
-    let ra = super::linalg::serially(a);
+    let ra = serially(a);
     drop(wait);
     if let Some(panic) = shared.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
         resume_unwind(panic);

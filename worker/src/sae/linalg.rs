@@ -63,7 +63,12 @@ pub(crate) fn join<RA: Send, RB: Send>(
     a: impl FnOnce() -> RA + Send,
     b: impl FnOnce() -> RB + Send,
 ) -> (RA, RB) {
-    super::duo::join(a, b)
+    if super::duo::is_off() {
+        // Trainers sharing the cores ([`super::duo::share_the_cores`]): rayon's pool.
+        rayon::join(|| serially(a), || serially(b))
+    } else {
+        super::duo::join(a, b)
+    }
 }
 
 /// Whether this thread's products run serially (inside [`join`] or a [`super::duo`] half).
@@ -107,10 +112,10 @@ fn gemm_into(
         return;
     }
     let parallel = m * n * k >= PARALLEL_MIN_FLOPS && !SERIAL.get();
-    if parallel && m >= 16 && super::duo::is_the_pool() {
+    let h = (m / 2).next_multiple_of(8);
+    if parallel && m >= 16 && same_blocking(m, n, k, m - h) && super::duo::is_the_pool() {
         // Two cores: halves of dst's rows, one serial product each, on the helper that stays
         // awake between a step's products (rayon would put its thread to sleep after each).
-        let h = (m / 2).next_multiple_of(8);
         let (d0, d1) = dst.split_at_mut(h * n);
         let a1 = Mat { data: &a.data[h * a.rs..], ..a };
         super::duo::join(
@@ -121,6 +126,14 @@ fn gemm_into(
     }
     let parallelism = if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
     gemm_raw(m, n, k, dst, a, b, accumulate, parallelism);
+}
+
+/// Whether an `m x n x k` product and one of `rows` rows (and the same `n`, `k`) add up their
+/// contraction in the same blocks, so a split into row halves leaves every element's sum as it
+/// was. gemm 0.19 takes blocks of `min(k, 512)` when `m` and `n` are both 64 or less, and a
+/// length that depends on `k` alone (and the caches) otherwise.
+fn same_blocking(m: usize, n: usize, k: usize, rows: usize) -> bool {
+    n > 64 || k <= 512 || (m <= 64) == (rows <= 64)
 }
 
 /// `gemm::gemm` on operands whose extents [`gemm_into`] has checked.
@@ -206,6 +219,33 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn row_halves_give_the_same_bits_when_the_blocking_is_the_same() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        // (m, n, k): wide products, a narrow one with long contractions whose halves stay
+        // above 64 rows, and one whose halves would not (so it is never split).
+        for (m, n, k) in [(256, 250, 784), (67, 300, 250), (160, 40, 784), (100, 30, 784)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let (av, bv) = (Mat::rows(&a, k), Mat::t(&b, k));
+            let mut whole = vec![0f32; m * n];
+            gemm_raw(m, n, k, &mut whole, av, bv, false, gemm::Parallelism::None);
+            let h = (m / 2).next_multiple_of(8);
+            let mut halves = vec![0f32; m * n];
+            let (d0, d1) = halves.split_at_mut(h * n);
+            gemm_raw(h, n, k, d0, av, bv, false, gemm::Parallelism::None);
+            let a1 = Mat { data: &a[h * k..], ..av };
+            gemm_raw(m - h, n, k, d1, a1, bv, false, gemm::Parallelism::None);
+            let same = whole.iter().zip(&halves).all(|(x, y)| x.to_bits() == y.to_bits());
+            if same_blocking(m, n, k, m - h) {
+                assert!(same, "{m}x{n}x{k}: the halves changed the sums");
+            } else {
+                assert!(!same, "{m}x{n}x{k}: expected a different blocking (gemm changed?)");
+            }
+        }
     }
 
     #[test]

@@ -39,7 +39,8 @@ fn weight_grad(
             let b = Mat::rows(b, cols);
             // Rows [0, half) here and the rest on the other core: the weight and its moments
             // are read and written once per step, and two cores stream them twice as fast.
-            let half = if rows_w * cols >= DUO_MIN_ELEMENTS { rows_w / 2 } else { rows_w };
+            let half =
+                if rows_w >= 2 && rows_w * cols >= DUO_MIN_ELEMENTS { rows_w / 2 } else { rows_w };
             let (w0, w1) = w.split_at_mut(half * cols);
             let (m0, m1) = m.split_at_mut(half * cols);
             let v_half = if v.is_empty() { 0 } else { half * cols };
