@@ -138,6 +138,38 @@ pub(super) fn forward(
     rows: usize,
     k: usize,
 ) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features `forward_v3` is compiled for.
+        return unsafe { forward_v3(m, train, ws, x, rows, k) };
+    }
+    forward_body(m, train, ws, x, rows, k)
+}
+
+/// [`forward`] compiled for AVX2+FMA: its element-wise passes (biases, ReLUs, masks) over the
+/// whole batch are a tenth of a batch-256 step, and the portable build runs them 4 lanes wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn forward_v3(
+    m: &ModularFast,
+    train: Option<&mut TrainState>,
+    ws: &mut Work,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+) -> f64 {
+    forward_body(m, train, ws, x, rows, k)
+}
+
+#[inline(always)]
+fn forward_body(
+    m: &ModularFast,
+    train: Option<&mut TrainState>,
+    ws: &mut Work,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+) -> f64 {
     let cfg = &m.cfg;
     let Dims { dim, inter, inp, n, s, d } = m.dims;
     let r = m.roles;
