@@ -2,6 +2,7 @@
 
 use msae_shared::config::{LayerSparsityMode, StripeSparsityMode};
 
+use super::forward::DUO_MIN_PASS;
 use super::penalty::penalties;
 use super::{Dims, Fuse, ModularFast, Param, Work, output_t, output_weight, resize, sign, step01};
 use crate::sae::duo;
@@ -15,6 +16,37 @@ pub(super) fn add_col_sums(g: &[f32], cols: usize, sign: f32, out: &mut [f32]) {
     for row in g.chunks(cols) {
         out.iter_mut().zip(row).for_each(|(o, &v)| *o += sign * v);
     }
+}
+
+/// `ws.g` = dL/dx_hat through the output ReLU (from `ws.xhat`, `ws.outp` and `x`), and its
+/// column sums added to `bias_g`. Large batches run it in two halves of rows at once
+/// ([`duo`]); the second half's sums go through a buffer, added after the first's.
+fn output_grad(ws: &mut Work, x: &[f32], relu_out: bool, bias_g: &mut [f32]) {
+    let dim = bias_g.len();
+    let scale = 2.0 / ws.g.len() as f32;
+    let pass = |g: &mut [f32], xhat: &[f32], x: &[f32], outp: &[f32], sums: &mut [f32]| {
+        if relu_out {
+            for (((g, &h), &xv), &o) in g.iter_mut().zip(xhat).zip(x).zip(outp) {
+                *g = scale * (h - xv) * step01(o);
+            }
+        } else {
+            g.iter_mut().zip(xhat).zip(x).for_each(|((g, &h), &xv)| *g = scale * (h - xv));
+        }
+        add_col_sums(g, dim, 1.0, sums);
+    };
+    let (g, xhat, outp) = (&mut ws.g[..], &ws.xhat[..], &ws.outp[..]);
+    let rows = g.len() / dim;
+    if g.len() < DUO_MIN_PASS || rows < 2 {
+        return pass(g, xhat, x, outp, bias_g);
+    }
+    let h = rows / 2 * dim;
+    let (g0, g1) = g.split_at_mut(h);
+    let mut theirs = vec![0.0f32; dim];
+    duo::join(
+        || pass(g0, &xhat[..h], &x[..h], &outp[..h], bias_g),
+        || pass(g1, &xhat[h..], &x[h..], &outp[h..], &mut theirs),
+    );
+    bias_g.iter_mut().zip(&theirs).for_each(|(b, t)| *b += t);
 }
 
 /// A weight's gradient `a[rows_w, k] b[k, cols]` (`b` row-major), plus `l1 * sign(w)`: into
@@ -170,24 +202,14 @@ fn backward_body(m: &mut ModularFast, ws: &mut Work, x: &[f32], fuse: Option<Fus
         }
     }
     let tied = r.dec_w.is_none();
-    // dL/dx_hat, through the output ReLU.
+    // dL/dx_hat, through the output ReLU, and the output bias's gradient.
     resize(&mut ws.g, rows * dim);
-    let scale = 2.0 / (rows * dim) as f32;
-    if cfg.output_relu {
-        for (((g, &h), &xv), &o) in ws.g.iter_mut().zip(&ws.xhat).zip(x).zip(&ws.outp) {
-            *g = scale * (h - xv) * step01(o);
-        }
-    } else {
-        ws.g.iter_mut().zip(&ws.xhat).zip(x).for_each(|((g, &h), &xv)| *g = scale * (h - xv));
-    }
+    let out_b = if inter == 0 { r.dec_b } else { r.out_b.expect("output bias") };
+    output_grad(ws, x, cfg.output_relu, &mut m.params[out_b].g);
     // Width of the decoder's linear part: the input, or the intermediate layer.
     let out = inp;
     // dL/dy (rows, out): the decoder's linear part.
-    if inter == 0 {
-        add_col_sums(&ws.g, dim, 1.0, &mut m.params[r.dec_b].g);
-    } else {
-        let ob = r.out_b.expect("output bias");
-        add_col_sums(&ws.g, dim, 1.0, &mut m.params[ob].g);
+    if inter != 0 {
         let hd = &ws.yd;
         resize(&mut ws.g_hd, rows * inter);
         let (w, tied_out) = output_weight(&r);

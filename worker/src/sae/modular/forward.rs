@@ -4,10 +4,10 @@ use msae_shared::config::{LayerSparsityMode, RoutingGate, StripeSparsityMode};
 
 use super::penalty::penalties;
 use super::{Dims, ModularFast, NORM_EPS, TrainState, Work, output_t, relu, resize};
-use crate::sae::kernels;
 use crate::sae::linalg::{Mat, matmul};
 use crate::sae::skinny::combine_rows;
 use crate::sae::topk;
+use crate::sae::{duo, kernels};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -59,6 +59,30 @@ pub(super) fn add_bias_relu(y: &mut [f32], b: &[f32], relu_after: bool) {
         }
     }
 }
+
+/// The output layer's element-wise pass: `outp += bias`, `xhat = relu(outp)` (or `outp`), and
+/// the squared error against `x`. Large batches run it in two halves of rows at once
+/// ([`duo`]), each with its own sum.
+fn output_pass(outp: &mut [f32], xhat: &mut [f32], x: &[f32], bias: &[f32], relu_out: bool) -> f64 {
+    let pass = |outp: &mut [f32], xhat: &mut [f32], x: &[f32]| {
+        add_bias_relu(outp, bias, false);
+        xhat.iter_mut().zip(&*outp).for_each(|(h, &o)| *h = if relu_out { relu(o) } else { o });
+        kernels::sq_dist(xhat, x)
+    };
+    let rows = outp.len() / bias.len();
+    if outp.len() < DUO_MIN_PASS || rows < 2 {
+        return pass(outp, xhat, x);
+    }
+    let h = rows / 2 * bias.len();
+    let (o0, o1) = outp.split_at_mut(h);
+    let (h0, h1) = xhat.split_at_mut(h);
+    let (x0, x1) = x.split_at(h);
+    let (a, b) = duo::join(|| pass(o0, h0, x0), || pass(o1, h1, x1));
+    a + b
+}
+
+/// Element-wise passes over at least this many values split across the two cores.
+pub(super) const DUO_MIN_PASS: usize = 16 * 1024;
 
 /// The distortion: each mask bit flipped with probability `p`, drawn in row-major order from
 /// `rng` (the candle model's rule and stream; no draws at p = 0).
@@ -352,22 +376,20 @@ fn forward_body(
         matmul(rows, out, n, &mut ws.yd, Mat::rows(&ws.codes, n), u);
     }
     resize(&mut ws.outp, rows * dim);
-    if inter == 0 {
+    let out_bias = if inter == 0 {
         ws.outp.copy_from_slice(&ws.yd);
-        add_bias_relu(&mut ws.outp, m.w(r.dec_b), false);
+        m.w(r.dec_b)
     } else {
         add_bias_relu(&mut ws.yd, m.w(r.dec_b), true); // now hd = relu(yd)
         let hd = &ws.yd;
         matmul(rows, dim, inter, &mut ws.outp, Mat::rows(hd, inter), output_t(m, inter, dim));
-        add_bias_relu(&mut ws.outp, m.w(r.out_b.expect("output bias")), false);
-    }
+        m.w(r.out_b.expect("output bias"))
+    };
     resize(&mut ws.xhat, rows * dim);
-    let out_relu = cfg.output_relu;
-    ws.xhat.iter_mut().zip(&ws.outp).for_each(|(h, &o)| *h = if out_relu { relu(o) } else { o });
+    let sse = output_pass(&mut ws.outp, &mut ws.xhat, x, out_bias, cfg.output_relu);
 
     // Loss.
     let total = (rows * dim) as f64;
-    let sse = kernels::sq_dist(&ws.xhat, x);
     let mut loss = sse / total;
     loss += penalties(cfg, &ws.codes, rows, n, None);
     if let (true, Some(rw)) = (cfg.routing_l1_regularization > 0.0, r.router_w) {

@@ -54,7 +54,11 @@ fn close(name: &str, got: &[f32], want: &[f32]) {
 
 /// Loss and every gradient of one training step equal candle autograd's.
 fn check(cfg: &TrialConfig) {
-    let dim = 5;
+    check_at(cfg, 5);
+}
+
+/// [`check`] with `dim` inputs.
+fn check_at(cfg: &TrialConfig, dim: usize) {
     let (mut fast, mut model) = pair(cfg, dim, 7);
     let rows = cfg.batch_size;
     let x = batch(rows, dim, 11);
@@ -112,6 +116,26 @@ fn gradients_match_candle_autograd_in_every_mode() {
                 check(&cfg);
             }
         }
+    }
+}
+
+#[test]
+fn gradients_match_at_shapes_that_split_across_the_two_cores() {
+    // 32 rows of 600: the output layer's passes in two halves of rows; 600 x 40 weights: the
+    // GEMM halves, the optimiser's halves and (in 8 rows) the skinny products' halves.
+    for (rows, layer, stripe) in [
+        (32, LayerSparsityMode::None, StripeSparsityMode::Routing),
+        (8, LayerSparsityMode::Ordinary, StripeSparsityMode::None),
+    ] {
+        let cfg = TrialConfig {
+            intermediate_dim: 40,
+            output_relu: true,
+            batch_size: rows,
+            layer_sparsity_mode: layer,
+            stripe_sparsity_mode: stripe,
+            ..base(600)
+        };
+        check_at(&cfg, 600);
     }
 }
 
@@ -264,8 +288,11 @@ fn fused_updates_equal_the_separate_optimiser_pass() {
             ..routing.clone()
         },
     ];
-    let dim = 37;
-    for cfg in variants {
+    // 600 inputs into 40: weights of 24,000, whose updates and products split across the two
+    // cores ([`crate::sae::duo`]).
+    let wide = TrialConfig { intermediate_dim: 40, output_relu: true, ..routing.clone() };
+    let variants = variants.map(|cfg| (cfg, 37)).into_iter().chain([(wide, 600)]);
+    for (cfg, dim) in variants {
         let mut fused = ModularFast::new(&cfg, dim).unwrap();
         let mut plain = ModularFast::new(&cfg, dim).unwrap();
         for step in 0..3 {
