@@ -117,29 +117,48 @@ fn weight_grad(
 /// Fused weights at least this large split their update across the two cores ([`duo`]).
 const DUO_MIN_ELEMENTS: usize = 16 * 1024;
 
+/// Runs `a(b)` and `b(b)` for every row `b`, as two loops at once ([`duo`]). The sparse
+/// products run only for batches over [`super::FUSE_MAX_ROWS`] rows, long enough for the
+/// handoff.
+fn per_row(rows: usize, a: impl FnMut(usize), b: impl FnMut(usize) + Send) {
+    duo::join(|| (0..rows).for_each(a), || (0..rows).for_each(b));
+}
+
 /// The decoder's gradients over the active codes only (`ws.sparse`): `g_u` (N, out) =
 /// `c^T g_y` and `g_c` = `g_y U^T` at the active codes, zero elsewhere (where every mask
-/// zeroes it anyway). `ws.g` holds `g_y`, `ws.u` the atoms as rows.
+/// zeroes it anyway). `ws.g` holds `g_y`, `ws.u` the atoms as rows. Neither gradient reads
+/// what the other writes, so they run as two loops ([`per_row`]).
 fn sparse_decoder_grads(ws: &mut Work, rows: usize, n: usize, out: usize) {
     let Work { active, active_at, codes, u, g, g_u, g_c, .. } = ws;
+    let codes_of = |b: usize| &active[active_at[b]..active_at[b + 1]];
     g_u.fill(0.0);
     g_c.fill(0.0);
-    for b in 0..rows {
-        let g_y = &g[b * out..(b + 1) * out];
-        for &j in &active[active_at[b]..active_at[b + 1]] {
-            let j = j as usize;
-            let c = codes[b * n + j];
-            if c != 0.0 {
-                axpy(c, g_y, &mut g_u[j * out..(j + 1) * out]);
+    per_row(
+        rows,
+        |b| {
+            let g_y = &g[b * out..(b + 1) * out];
+            for &j in codes_of(b) {
+                let j = j as usize;
+                let c = codes[b * n + j];
+                if c != 0.0 {
+                    axpy(c, g_y, &mut g_u[j * out..(j + 1) * out]);
+                }
             }
-            g_c[b * n + j] = dot(g_y, &u[j * out..(j + 1) * out]);
-        }
-    }
+        },
+        |b| {
+            let g_y = &g[b * out..(b + 1) * out];
+            for &j in codes_of(b) {
+                let j = j as usize;
+                g_c[b * n + j] = dot(g_y, &u[j * out..(j + 1) * out]);
+            }
+        },
+    );
 }
 
 /// The encoder's gradients over the active codes only (`ws.sparse`; `ws.g_c` holds dL/dpre,
 /// zero at every other code): `g_a0 = g_pre W_e`, and the weight's gradient `g_pre^T a0`
-/// (added to what the tied decoder put there).
+/// (added to what the tied decoder put there). The first writes only `g_a0`, the second only
+/// the weight's gradient ([`per_row`]).
 fn sparse_encoder_grads(
     ws: &mut Work,
     enc: &mut Param,
@@ -149,25 +168,35 @@ fn sparse_encoder_grads(
     tied: bool,
 ) {
     let Work { active, active_at, a0, g_c, g_a0, .. } = ws;
+    let codes_of = |b: usize| &active[active_at[b]..active_at[b + 1]];
+    let Param { w, g, .. } = enc;
     if !tied {
-        enc.g.fill(0.0);
+        g.fill(0.0);
     }
     let (mut refs, mut coef) = (Vec::new(), Vec::new());
-    for b in 0..rows {
-        refs.clear();
-        coef.clear();
-        let x = &a0[b * inp..(b + 1) * inp];
-        for &j in &active[active_at[b]..active_at[b + 1]] {
-            let j = j as usize;
-            let gp = g_c[b * n + j];
-            refs.push(&enc.w[j * inp..(j + 1) * inp]);
-            coef.push(gp);
-            if gp != 0.0 {
-                axpy(gp, x, &mut enc.g[j * inp..(j + 1) * inp]);
+    per_row(
+        rows,
+        |b| {
+            refs.clear();
+            coef.clear();
+            for &j in codes_of(b) {
+                let j = j as usize;
+                refs.push(&w[j * inp..(j + 1) * inp]);
+                coef.push(g_c[b * n + j]);
             }
-        }
-        combine_rows(&mut g_a0[b * inp..(b + 1) * inp], &refs, &coef, false);
-    }
+            combine_rows(&mut g_a0[b * inp..(b + 1) * inp], &refs, &coef, false);
+        },
+        |b| {
+            let x = &a0[b * inp..(b + 1) * inp];
+            for &j in codes_of(b) {
+                let j = j as usize;
+                let gp = g_c[b * n + j];
+                if gp != 0.0 {
+                    axpy(gp, x, &mut g[j * inp..(j + 1) * inp]);
+                }
+            }
+        },
+    );
 }
 
 /// The backward pass of the last [`forward`] (training mode) on `x`: gradients of the loss
