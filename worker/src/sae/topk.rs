@@ -131,16 +131,26 @@ pub fn row_topk_mask_into(x: &[f32], cols: usize, k: usize, mask: &mut [f32]) {
         "top-k input of {} elements is not a multiple of {cols} columns",
         x.len()
     );
-    if x.len() >= PARALLEL_MIN_ELEMS {
-        mask.par_chunks_mut(cols).zip(x.par_chunks(cols)).for_each_init(
-            || Vec::with_capacity(cols),
-            |idx, (out, row)| row_mask(row, k, out, idx),
-        );
-    } else {
+    let serial = |mask: &mut [f32], x: &[f32]| {
         let mut idx = Vec::with_capacity(cols);
         for (out, row) in mask.chunks_mut(cols).zip(x.chunks(cols)) {
             row_mask(row, k, out, &mut idx);
         }
+    };
+    let rows = x.len() / cols;
+    if x.len() < PARALLEL_MIN_ELEMS || rows < 2 {
+        serial(mask, x);
+    } else if super::duo::is_the_pool() {
+        // Two halves of the rows, the second on the helper that the step keeps awake: rayon
+        // would wake its threads to compete with it for the two cores.
+        let h = rows / 2 * cols;
+        let (m0, m1) = mask.split_at_mut(h);
+        super::duo::join(|| serial(m0, &x[..h]), || serial(m1, &x[h..]));
+    } else {
+        mask.par_chunks_mut(cols).zip(x.par_chunks(cols)).for_each_init(
+            || Vec::with_capacity(cols),
+            |idx, (out, row)| row_mask(row, k, out, idx),
+        );
     }
 }
 
