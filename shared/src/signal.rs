@@ -117,14 +117,15 @@ mod tests {
     #[test]
     fn process_cpu_seconds_sees_a_few_milliseconds_of_work() {
         let before = process_cpu_seconds();
-        let start = std::time::Instant::now();
+        // A fixed amount of work (a few milliseconds of CPU), not of time: on a busy machine
+        // this thread may wait for a core, and waiting is not CPU.
         let mut x = 1u64;
-        while start.elapsed() < std::time::Duration::from_millis(3) {
+        for _ in 0..4_000_000 {
             x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
         }
         let spent = process_cpu_seconds() - before;
         // Finer than /proc's 10 ms ticks, which would often read 0 here.
-        assert!(spent > 0.0005 && spent < 1.0, "{spent}");
+        assert!(spent > 0.0005, "{spent} s of CPU for the loop");
     }
 
     /// An error that, like many, puts its cause in its message and also returns it.
