@@ -48,7 +48,10 @@ fn add_body(y: &mut [f32], x: &[f32]) {
 }
 
 macro_rules! simd_dispatch {
-    ($name:ident, $body:ident, ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+    ($name:ident, $body:ident, $($rest:tt)*) => {
+        simd_dispatch!(pub(crate) fn $name, $body, $($rest)*);
+    };
+    ($vis:vis fn $name:ident, $body:ident, ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
         #[cfg(target_arch = "x86_64")]
         mod $name {
             use super::*;
@@ -58,7 +61,7 @@ macro_rules! simd_dispatch {
         }
         #[inline]
         #[allow(clippy::too_many_arguments)]
-        pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 // SAFETY: each variant runs only when the CPU reports its features.

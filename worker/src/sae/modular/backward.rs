@@ -6,7 +6,7 @@ use super::forward::DUO_MIN_PASS;
 use super::penalty::penalties;
 use super::{Dims, Fuse, ModularFast, Param, Work, output_t, output_weight, resize, sign, step01};
 use crate::sae::duo;
-use crate::sae::kernels::{axpy, dot};
+use crate::sae::kernels::{axpy, dot, simd_dispatch};
 use crate::sae::linalg::{Mat, join, matmul, matmul_add};
 use crate::sae::optim::StepScalars;
 use crate::sae::skinny::{combine_rows, product_rows};
@@ -199,24 +199,11 @@ fn sparse_encoder_grads(
     );
 }
 
+// The backward pass, also compiled for AVX2+FMA, as the forward pass is.
+simd_dispatch!(pub(super) fn backward, backward_body, (m: &mut ModularFast, ws: &mut Work, x: &[f32], fuse: Option<Fuse>));
+
 /// The backward pass of the last [`forward`] (training mode) on `x`: gradients of the loss
 /// into every parameter's `g`, or with `fuse` the single-product weights updated in place.
-pub(super) fn backward(m: &mut ModularFast, ws: &mut Work, x: &[f32], fuse: Option<Fuse>) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features `backward_v3` is compiled for.
-        return unsafe { backward_v3(m, ws, x, fuse) };
-    }
-    backward_body(m, ws, x, fuse)
-}
-
-/// [`backward`] compiled for AVX2+FMA, as [`super::forward::forward`] is.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn backward_v3(m: &mut ModularFast, ws: &mut Work, x: &[f32], fuse: Option<Fuse>) {
-    backward_body(m, ws, x, fuse)
-}
-
 #[inline(always)]
 fn backward_body(m: &mut ModularFast, ws: &mut Work, x: &[f32], fuse: Option<Fuse>) {
     let cfg = m.cfg.clone();

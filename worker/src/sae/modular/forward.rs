@@ -4,6 +4,7 @@ use msae_shared::config::{LayerSparsityMode, RoutingGate, StripeSparsityMode};
 
 use super::penalty::penalties;
 use super::{Dims, ModularFast, NORM_EPS, TrainState, Work, output_t, relu, resize};
+use crate::sae::kernels::simd_dispatch;
 use crate::sae::linalg::{Mat, matmul};
 use crate::sae::skinny::combine_rows;
 use crate::sae::topk;
@@ -151,40 +152,14 @@ pub(super) fn stripe_means(z: &[f32], d: usize, out: &mut Vec<f32>) {
     out.extend(z.chunks(d).map(|c| c.iter().sum::<f32>() * inv));
 }
 
+// The forward pass, also compiled for AVX2+FMA: its element-wise passes (biases, ReLUs, masks)
+// over the whole batch are a tenth of a batch-256 step, and the portable build runs them 4
+// lanes wide.
+simd_dispatch!(pub(super) fn forward, forward_body, (m: &ModularFast, train: Option<&mut TrainState>, ws: &mut Work, x: &[f32], rows: usize, k: usize) -> f64);
+
 /// The forward pass over `rows` rows of `x`; fills the workspace and returns the loss
 /// (reconstruction MSE plus the weighted penalties). In training (`train` given) the stripe
 /// masks may be distorted and boosted duty cycles move; evaluation reads `m`'s state only.
-pub(super) fn forward(
-    m: &ModularFast,
-    train: Option<&mut TrainState>,
-    ws: &mut Work,
-    x: &[f32],
-    rows: usize,
-    k: usize,
-) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features `forward_v3` is compiled for.
-        return unsafe { forward_v3(m, train, ws, x, rows, k) };
-    }
-    forward_body(m, train, ws, x, rows, k)
-}
-
-/// [`forward`] compiled for AVX2+FMA: its element-wise passes (biases, ReLUs, masks) over the
-/// whole batch are a tenth of a batch-256 step, and the portable build runs them 4 lanes wide.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn forward_v3(
-    m: &ModularFast,
-    train: Option<&mut TrainState>,
-    ws: &mut Work,
-    x: &[f32],
-    rows: usize,
-    k: usize,
-) -> f64 {
-    forward_body(m, train, ws, x, rows, k)
-}
-
 #[inline(always)]
 fn forward_body(
     m: &ModularFast,
