@@ -150,19 +150,6 @@ impl StepScalars {
     }
 }
 
-/// One update of a parameter kept as a plain vector, with its moment buffers (`v` unused by
-/// SGD), at step `t` counted from 1: the rule of [`Optim`] for hand-written trainers.
-pub fn host_update(
-    config: &OptimConfig,
-    t: usize,
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-) {
-    StepScalars::new(config, t).apply(p, g, m, v);
-}
-
 #[inline(always)]
 fn sgd_body(s: &StepScalars, p: &mut [f32], g: &[f32], buf: &mut [f32]) {
     for ((p, &g), b) in p.iter_mut().zip(g).zip(buf.iter_mut()) {
